@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Anything the user can fix (a path, a file, a setting) raises LocaloraError with a message that
+says which file, what is wrong and what to do. The CLI prints it as a single line, without a
+traceback, and exits non-zero. Everything else is a bug and keeps its traceback.
+"""
+
+
+class LocaloraError(Exception):
+    """A problem with the user's input or environment, phrased for the user."""

@@ -1,0 +1,152 @@
+"""The three ways to compose LoRAs at sampling time, as ../shared/notes/methods.md defines them.
+
+Each method takes a loaded pipeline whose adapters are already loaded, and returns the final
+latents; `decode` turns latents into an image. Merge and Switch run the stock diffusers pipeline;
+Composite needs its own denoising loop because it runs the UNet once per LoRA at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from localora.pipeline import set_unet_weights, set_weights
+
+StepCallback = Callable[[int, int], None]  # (step index, total steps)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+    switch_every: int = 5
+
+
+def _generator(seed: int) -> torch.Generator:
+    # Noise is drawn on the CPU so a seed gives the same start on any device.
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _run_pipeline(pipe, s: Sampling, on_step: StepCallback | None, switch: Callable | None = None) -> torch.Tensor:
+    def callback(p, i, t, kwargs):
+        if switch:
+            switch(i)
+        if on_step:
+            on_step(i, s.steps)
+        return {}
+
+    return pipe(
+        prompt=s.prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
+        guidance_scale=s.guidance, width=s.width, height=s.height, generator=_generator(s.seed),
+        output_type="latent", callback_on_step_end=callback,
+    ).images
+
+
+def merge(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+    """LoRA Merge: all adapters active together, W' = W + sum_k w_k B_k A_k (unfused, exact)."""
+    set_weights(pipe, adapters, weights)
+    return _run_pipeline(pipe, s, on_step)
+
+
+def switch_active(step: int, n: int, every: int) -> int:
+    """Index of the LoRA active at denoising step `step` under LoRA Switch.
+
+    The change happens after the scheduler step of steps every, 2*every, ..., so the first LoRA
+    covers steps 0..every (every + 1 steps) and each later turn `every` steps.
+    """
+    return 0 if step == 0 else ((step - 1) // every) % n
+
+
+def switch(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+    """LoRA Switch: one adapter at a time, in the given order, rotating every `s.switch_every` steps.
+
+    The prompt is encoded with only the first adapter active, as in the reference.
+    """
+    set_weights(pipe, [adapters[0]], [weights[0]])
+    current = [0]
+
+    def after_step(i: int) -> None:
+        nxt = switch_active(i + 1, len(adapters), s.switch_every)
+        if nxt != current[0]:
+            set_unet_weights(pipe, [adapters[nxt]], [weights[nxt]])
+            current[0] = nxt
+
+    return _run_pipeline(pipe, s, on_step, switch=after_step)
+
+
+@torch.no_grad()
+def composite(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+    """LoRA Composite: at every step, one UNet pass per adapter alone on [uncond, cond];
+    eps = u + g (c - u) with u, c the means over adapters. Correct for any guidance g."""
+    device = pipe.unet.device
+    set_weights(pipe, adapters, weights)  # the prompt is encoded with every LoRA active
+    cond = _encode(pipe, s, device)
+    generator = _generator(s.seed)
+    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
+                                   device, generator)
+    pipe.scheduler.set_timesteps(s.steps, device=device)
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        x = pipe.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        total = None
+        for name, w in zip(adapters, weights):
+            set_unet_weights(pipe, [name], [w])
+            out = pipe.unet(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=cond["added"],
+                            return_dict=False)[0]
+            total = out if total is None else total + out
+        uncond, text = (total / len(adapters)).chunk(2)
+        eps = uncond + s.guidance * (text - uncond)
+        latents = pipe.scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if on_step:
+            on_step(i, s.steps)
+    return latents
+
+
+def _encode(pipe, s: Sampling, device: torch.device) -> dict:
+    """Prompt embeddings for [uncond, cond], plus SDXL's pooled text and size conditioning."""
+    if hasattr(pipe, "text_encoder_2"):
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            s.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=s.negative_prompt or None)
+        size = (s.height, s.width)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pos.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        added = {"text_embeds": torch.cat([neg_pooled, pooled]).to(device),
+                 "time_ids": torch.cat([time_ids, time_ids]).to(device)}
+        return {"embeds": torch.cat([neg, pos]).to(device), "added": added}
+    pos, neg = pipe.encode_prompt(s.prompt, device, 1, True, negative_prompt=s.negative_prompt or None)
+    return {"embeds": torch.cat([neg, pos]), "added": None}
+
+
+def decode(pipe, latents: torch.Tensor) -> Image.Image:
+    """Latents to a PIL image with the pipeline's VAE (upcast where fp16 would overflow)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(dtype=torch.float32)
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    return pipe.image_processor.postprocess(image.detach(), output_type="pil")[0]
+
+
+METHODS = {"merge": merge, "switch": switch, "composite": composite}

@@ -1,0 +1,150 @@
+"""Loading diffusion pipelines and LoRA adapters through diffusers' own machinery."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from localora import loras as loralib
+from localora import profiles
+from localora.errors import LocaloraError
+from localora.profiles import DiffusionSpec
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _quiet() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def _scheduler(name: str, config: Any):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return DDIMScheduler.from_config(config)
+
+
+def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; on a CPU it is slow or unsupported, so use float32 there.
+    return DTYPES[spec.dtype] if device.type != "cpu" else torch.float32
+
+
+def load_pipeline(spec: DiffusionSpec, device: torch.device):
+    """The diffusers pipeline for `spec`, from local files only, on `device`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    _quiet()
+    cls = StableDiffusionXLPipeline if spec.arch == "sdxl" else StableDiffusionPipeline
+    path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
+    dtype = dtype_for(spec, device)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    if spec.arch == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if spec.vae:
+        vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.is_file():
+            if path.suffix.lower() != ".safetensors":
+                loralib.check_suffix(path)
+                raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
+            pipe = cls.from_single_file(str(path), **kwargs)
+        else:
+            pipe = cls.from_pretrained(path, **kwargs)
+    pipe.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def adapter_name(file_hash: str) -> str:
+    return "lora_" + file_hash[:16]
+
+
+def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
+    """Load one LoRA file as adapter `name`, or fail with one line saying why it does not fit."""
+    info = loralib.inspect(lora.path)
+    if info.arch and info.arch != arch:
+        raise LocaloraError(
+            f"{lora.path}: this is an {loralib.ARCH_NAMES[info.arch]} LoRA ({info.arch_evidence}) but the "
+            f"profile's base is {loralib.ARCH_NAMES[arch]}; use a profile with an {loralib.ARCH_NAMES[info.arch]} base"
+        )
+    before = _lora_layer_count(pipe)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(lora.path), adapter_name=name)
+    except LocaloraError:
+        raise
+    except Exception as e:
+        _unload(pipe, name)
+        raise LocaloraError(
+            f"{lora.path}: does not fit the {loralib.ARCH_NAMES[arch]} base "
+            f"({str(e).splitlines()[0][:160]}); check it was trained for this base model"
+        ) from None
+    if _lora_layer_count(pipe) == before:
+        _unload(pipe, name)
+        raise LocaloraError(
+            f"{lora.path}: none of its layers match the {loralib.ARCH_NAMES[arch]} base; "
+            f"check it was trained for this base model"
+        )
+
+
+def _lora_layer_count(pipe) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for comp in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        if comp is not None:
+            count += sum(len(m.lora_A) for m in comp.modules() if isinstance(m, LoraLayer))
+    return count
+
+
+def _unload(pipe, name: str) -> None:
+    try:
+        pipe.delete_adapters([name])
+    except Exception:
+        pass
+
+
+def set_weights(pipe, names: list[str], weights: list[float]) -> None:
+    """Activate exactly these adapters at these weights, unfused (W x + sum w_k B_k A_k x)."""
+    pipe.set_adapters(names, adapter_weights=weights)
+
+
+def set_unet_weights(pipe, names: list[str], weights: list[float]) -> None:
+    """As set_weights, for the UNet only: the text was already encoded."""
+    pipe.unet.set_adapters(names, weights=weights)
+
+
+def model_identity(spec: DiffusionSpec, device: torch.device) -> dict[str, str]:
+    """What makes renders of this model reproducible: for the render cache key."""
+    from localora import tiny
+
+    ident = {"arch": spec.arch, "source": spec.source, "vae": spec.vae or "", "scheduler": spec.scheduler,
+             "dtype": str(dtype_for(spec, device)), "device": device.type}
+    if profiles.is_tiny(spec.source):
+        ident["build"] = f"tiny-v{tiny.VERSION}-seed{tiny.SEED}"
+    else:
+        # A hub snapshot's folder name is its commit; a local folder is named by path and date.
+        path = profiles.locate(spec.source, spec.name)
+        stamp = max((p.stat().st_mtime_ns for p in [path, *path.glob("*.json")]), default=0)
+        ident["build"] = f"{Path(path).resolve()}@{stamp}"
+    return ident

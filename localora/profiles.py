@@ -1,0 +1,209 @@
+"""Model profiles from models.toml: which diffusion base, VLM and CLIP model a run uses.
+
+This module only reads and checks the file and says where weights are; it loads nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localora import paths
+from localora.errors import LocaloraError
+
+ARCHS = ("sdxl", "sd15")
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
+DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+PLACEMENTS = ("swap", "resident")
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    name: str
+    arch: str
+    source: str
+    scheduler: str = "euler"
+    steps: int = 30
+    guidance: float = 7.0
+    width: int = 1024
+    height: int = 1024
+    dtype: str = "float16"
+    vae: str | None = None
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class VLMSpec:
+    name: str
+    source: str
+    quantization: str = "nf4"
+    dtype: str = "bfloat16"
+    min_pixels: int = 200704
+    max_pixels: int = 401408
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    diffusion: DiffusionSpec
+    vlm: VLMSpec
+    clip: ClipSpec
+    description: str = ""
+    # "swap": at most one model on the accelerator at a time; "resident": keep all of them there.
+    placement: str = "swap"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: Path
+    default_profile: str
+    profiles: dict[str, Profile] = field(default_factory=dict)
+
+    def get(self, name: str | None) -> Profile:
+        name = name or self.default_profile
+        if name not in self.profiles:
+            known = ", ".join(sorted(self.profiles))
+            raise LocaloraError(f"unknown profile '{name}' (in {self.path}); known profiles: {known}")
+        return self.profiles[name]
+
+
+def _build(cls: type, name: str, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise LocaloraError(f"{where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise LocaloraError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    missing = [k for k, f in fields.items() if k not in table and f.default is dataclasses.MISSING]
+    if missing:
+        raise LocaloraError(f"{where}: missing key(s) {', '.join(missing)}")
+    for key, value in table.items():
+        want = fields[key].type
+        ok = {
+            "str": isinstance(value, str),
+            "str | None": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        }.get(str(want), True)
+        if not ok:
+            raise LocaloraError(f"{where}: '{key}' must be {want}, got {value!r}")
+    return cls(name=name, **table)
+
+
+def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise LocaloraError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """Read and check models.toml; every error names the file and the table at fault."""
+    path = Path(path) if path else paths.models_toml()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LocaloraError(f"{path}: models file not found; set LOCALORA_MODELS to a models.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LocaloraError(f"{path}: not valid TOML ({e}); fix the file or restore it from the project") from None
+
+    comps: dict[str, dict[str, Any]] = {}
+    for kind, cls in (("diffusion", DiffusionSpec), ("vlm", VLMSpec), ("clip", ClipSpec)):
+        comps[kind] = {n: _build(cls, n, t, f"{path} [{kind}.{n}]") for n, t in data.get(kind, {}).items()}
+    for n, d in comps["diffusion"].items():
+        _choice(d.arch, ARCHS, f"{path} [diffusion.{n}] arch")
+        _choice(d.scheduler, SCHEDULERS, f"{path} [diffusion.{n}] scheduler")
+        _choice(d.dtype, DTYPES, f"{path} [diffusion.{n}] dtype")
+        if d.steps < 1 or d.width % 8 or d.height % 8:
+            raise LocaloraError(f"{path} [diffusion.{n}]: steps must be >= 1 and width/height multiples of 8")
+    for n, v in comps["vlm"].items():
+        _choice(v.quantization, QUANTIZATIONS, f"{path} [vlm.{n}] quantization")
+        _choice(v.dtype, DTYPES, f"{path} [vlm.{n}] dtype")
+
+    profiles: dict[str, Profile] = {}
+    for pname, table in data.get("profiles", {}).items():
+        where = f"{path} [profiles.{pname}]"
+        if not isinstance(table, dict):
+            raise LocaloraError(f"{where}: expected a table")
+        table = dict(table)
+        resolved = {}
+        for kind in ("diffusion", "vlm", "clip"):
+            ref = table.pop(kind, None)
+            if ref is None:
+                raise LocaloraError(f"{where}: missing key '{kind}'")
+            if ref not in comps[kind]:
+                raise LocaloraError(f"{where}: {kind} '{ref}' is not defined; add a [{kind}.{ref}] table")
+            resolved[kind] = comps[kind][ref]
+        extra = set(table) - {"description", "placement", "device"}
+        if extra:
+            raise LocaloraError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+        _choice(table.get("placement", "swap"), PLACEMENTS, f"{where} placement")
+        profiles[pname] = Profile(name=pname, **resolved, **table)
+
+    default = data.get("default_profile", "tiny")
+    if default not in profiles:
+        raise LocaloraError(f"{path}: default_profile '{default}' is not a defined profile")
+    return Catalog(path=path, default_profile=default, profiles=profiles)
+
+
+def load_profile(name: str | None = None, path: Path | None = None) -> Profile:
+    return load_catalog(path).get(name)
+
+
+# ------------------------------------------------------------------ where the weights are
+
+def is_tiny(source: str) -> bool:
+    return source.startswith("tiny:")
+
+
+def _is_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+
+
+def locate(source: str, what: str) -> Path:
+    """The local path of a model source, or one LocaloraError saying how to get it.
+
+    Never downloads: a hub id must already be in the local HF cache.
+    """
+    if is_tiny(source):
+        from localora import tiny  # builds on first use, so only when asked for
+
+        return tiny.ensure(source.removeprefix("tiny:"))
+    if source.startswith("hf-hub:"):
+        source = source.removeprefix("hf-hub:")
+    if _is_local_path(source):
+        p = Path(source).expanduser()
+        if not p.exists():
+            raise LocaloraError(f"{what}: local path {p} does not exist; fix `source` in models.toml")
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:
+        raise LocaloraError(
+            f"{what}: '{source}' is not in the local Hugging Face cache; fetch it once with "
+            f"`hf download {source}` or set `source` in models.toml to a local folder"
+        ) from None
+
+
+def availability(source: str) -> str:
+    """'ok', 'built on first use' or the reason it is missing; for `localora models`."""
+    if is_tiny(source):
+        from localora import tiny
+
+        return "ok" if tiny.is_built(source.removeprefix("tiny:")) else "built on first use"
+    try:
+        locate(source, source)
+        return "ok"
+    except LocaloraError as e:
+        return "missing: " + str(e).split(": ", 1)[1]

@@ -1,0 +1,207 @@
+"""The renderer: (prompt, LoRAs, weights, method, seed, settings) -> image, never computed twice.
+
+Every render is addressed by a hash of everything that decides its pixels: the model build, the
+LoRA files' contents, the weights, the method and the sampling settings. A render that was made
+before is read back from the cache instead of denoised again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+
+from localora import methods, paths
+from localora.devices import DeviceManager
+from localora.errors import LocaloraError
+from localora.loras import Lora
+from localora.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
+from localora.profiles import Profile
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One image to render. Unset sampling settings come from the profile."""
+
+    prompt: str
+    loras: tuple[Lora, ...]
+    weights: tuple[float, ...]
+    method: str = "merge"
+    seed: int = 0
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    switch_every: int = 5
+
+
+@dataclass(frozen=True)
+class Rendered:
+    image: Image.Image
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class RenderStats:
+    renders: int = 0  # denoised
+    hits: int = 0  # served from the cache
+    steps: int = 0  # denoising steps run
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Renderer:
+    profile: Profile
+    devices: DeviceManager = field(default_factory=DeviceManager)
+    cache_dir: Path = field(default_factory=paths.render_cache_dir)
+    on_step: methods.StepCallback | None = None
+    stats: RenderStats = field(default_factory=RenderStats)
+    _loaded: dict[str, str] = field(default_factory=dict)  # adapter name -> file path
+    _identity: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not self.devices.is_registered("diffusion"):
+            self.devices.register("diffusion", lambda device: load_pipeline(self.profile.diffusion, device))
+
+    # ------------------------------------------------------------ the cache
+
+    def resolve(self, job: RenderJob) -> RenderJob:
+        """The job with every setting filled in from the profile and checked."""
+        d = self.profile.diffusion
+        job = replace(
+            job,
+            negative_prompt=d.negative_prompt if job.negative_prompt is None else job.negative_prompt,
+            steps=job.steps or d.steps, guidance=d.guidance if job.guidance is None else job.guidance,
+            width=job.width or d.width, height=job.height or d.height,
+        )
+        if job.method not in methods.METHODS:
+            raise LocaloraError(f"unknown method '{job.method}'; use one of {', '.join(methods.METHODS)}")
+        if not job.loras:
+            raise LocaloraError("no LoRAs given: pass at least one --lora")
+        if len(job.weights) != len(job.loras):
+            raise LocaloraError(f"{len(job.loras)} LoRAs but {len(job.weights)} weights")
+        if job.width % 8 or job.height % 8 or job.steps < 1 or job.switch_every < 1:
+            raise LocaloraError("width and height must be multiples of 8, steps and --switch-every at least 1")
+        return job
+
+    def key(self, job: RenderJob) -> str:
+        job = self.resolve(job)
+        if self._identity is None:
+            self._identity = model_identity(self.profile.diffusion, self.devices.device)
+        described = asdict(job)
+        described["loras"] = [file_hash(lora.path) for lora in job.loras]
+        described["weights"] = [round(float(w), 6) for w in job.weights]
+        if job.method != "switch":
+            described.pop("switch_every")
+        blob = json.dumps({"format": CACHE_FORMAT, "model": self._identity, "job": described}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def cache_path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.png"
+
+    def cached(self, job: RenderJob) -> Path | None:
+        path = self.cache_path(self.key(job))
+        return path if path.is_file() else None
+
+    # ------------------------------------------------------------ rendering
+
+    def render(self, job: RenderJob) -> Rendered:
+        job = self.resolve(job)
+        key = self.key(job)
+        path = self.cache_path(key)
+        start = time.perf_counter()
+        if path.is_file():
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+                self.stats.hits += 1
+                return Rendered(image, key, path, True, time.perf_counter() - start)
+            except OSError:
+                path.unlink(missing_ok=True)  # a damaged cache entry is rendered again
+        image = self._denoise(job)
+        _atomic_write(path, lambda p: image.save(p, format="PNG"))
+        _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(job), indent=1)))
+        self.stats.renders += 1
+        return Rendered(image, key, path, False, time.perf_counter() - start)
+
+    def render_many(self, job: RenderJob, weight_vectors: Sequence[Sequence[float]]) -> list[Rendered]:
+        """The same prompt and seed under several weight vectors (one image each, in order)."""
+        return [self.render(replace(job, weights=tuple(w))) for w in weight_vectors]
+
+    def _denoise(self, job: RenderJob) -> Image.Image:
+        pipe = self.devices.acquire("diffusion")
+        names = [self._adapter(pipe, lora) for lora in job.loras]
+        sampling = methods.Sampling(
+            prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
+            width=job.width, height=job.height, seed=job.seed, switch_every=job.switch_every,
+        )
+
+        def on_step(i: int, total: int) -> None:
+            self.stats.steps += 1
+            if self.on_step:
+                self.on_step(i, total)
+
+        latents = methods.METHODS[job.method](pipe, names, [float(w) for w in job.weights], sampling, on_step)
+        return methods.decode(pipe, latents)
+
+    def _adapter(self, pipe, lora: Lora) -> str:
+        name = adapter_name(file_hash(lora.path))
+        if name not in self._loaded:
+            load_adapter(pipe, lora, name, self.profile.diffusion.arch)
+            self._loaded[name] = str(lora.path)
+        return name
+
+    def pipeline(self):
+        """The loaded pipeline (for tests and tools that inspect it)."""
+        return self.devices.acquire("diffusion")
+
+    def adapters_for(self, loras: Sequence[Lora]) -> list[str]:
+        """Adapter names of these LoRAs, loading any not loaded yet."""
+        pipe = self.pipeline()
+        return [self._adapter(pipe, lora) for lora in loras]
+
+    def _describe(self, job: RenderJob) -> dict:
+        d = asdict(job)
+        d["loras"] = [{"name": lora.name, "path": str(lora.path), "sha256": file_hash(lora.path)} for lora in job.loras]
+        d["profile"] = self.profile.name
+        return d

@@ -1,0 +1,72 @@
+"""Tiny random-initialised models, built offline and deterministically on first use.
+
+Each part is written once into $LOCALORA_HOME/tiny/v<VERSION>/<name>/ and from then on loaded
+from disk through the same from_pretrained / load_lora_weights path a real model takes. Builds
+go to a temporary folder and are renamed into place, under a file lock, so an interrupted or
+concurrent build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from localora import paths
+
+# Bump when any builder changes what it writes, so old builds are not reused.
+VERSION = 1
+SEED = 0
+
+# name -> "module:function"; the function takes (out_dir: Path, seed: int) and writes the part.
+BUILDERS = {
+    "sdxl": "localora.tiny.diffusion:build_sdxl",
+    "sd15": "localora.tiny.diffusion:build_sd15",
+    "loras-sdxl": "localora.tiny.diffusion:build_demo_loras_sdxl",
+    "loras-sd15": "localora.tiny.diffusion:build_demo_loras_sd15",
+    "qwen2-vl": "localora.tiny.vlm:build",
+    "clip": "localora.tiny.clip:build",
+}
+
+
+def root() -> Path:
+    return paths.home() / "tiny" / f"v{VERSION}"
+
+
+def is_built(name: str) -> bool:
+    return (root() / name / ".complete").exists()
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure(name: str) -> Path:
+    """Path of the built part `name`, building it first if needed."""
+    if name not in BUILDERS:
+        raise KeyError(f"no tiny model named {name!r}; known: {', '.join(BUILDERS)}")
+    target = root() / name
+    if is_built(name):
+        return target
+    with _lock(root() / f".{name}.lock"):
+        if is_built(name):
+            return target
+        module, func = BUILDERS[name].split(":")
+        tmp = root() / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        getattr(importlib.import_module(module), func)(tmp, SEED)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
