@@ -96,7 +96,6 @@ class Renderer:
     cache_dir: Path = field(default_factory=paths.render_cache_dir)
     on_step: methods.StepCallback | None = None
     stats: RenderStats = field(default_factory=RenderStats)
-    _loaded: dict[str, str] = field(default_factory=dict)  # adapter name -> file path
     _identity: dict | None = None
 
     def __post_init__(self) -> None:
@@ -185,10 +184,10 @@ class Renderer:
         return methods.decode(pipe, latents)
 
     def _adapter(self, pipe, lora: Lora) -> str:
+        # The pipeline itself knows what it has loaded; several renderers may share it.
         name = adapter_name(file_hash(lora.path))
-        if name not in self._loaded:
+        if not any(name in names for names in pipe.get_list_adapters().values()):
             load_adapter(pipe, lora, name, self.profile.diffusion.arch)
-            self._loaded[name] = str(lora.path)
         return name
 
     def pipeline(self):

@@ -21,3 +21,28 @@ def localora_home(tmp_path_factory):
         os.environ.pop("LOCALORA_HOME", None)
     else:
         os.environ["LOCALORA_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def sdxl_renderer(localora_home):
+    from localora.profiles import load_profile
+    from localora.render import Renderer
+
+    return Renderer(load_profile("tiny"))
+
+
+@pytest.fixture(scope="session")
+def sd15_renderer(localora_home):
+    from localora.profiles import load_profile
+    from localora.render import Renderer
+
+    return Renderer(load_profile("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def demo_loras(localora_home):
+    """arch -> the demo LoRAs (character, clothing, style) from the tiny build."""
+    from localora import loras, tiny
+
+    return {arch: list(loras.read_catalog(tiny.ensure(f"loras-{arch}") / "catalog.toml").values())
+            for arch in ("sdxl", "sd15")}

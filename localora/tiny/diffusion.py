@@ -113,9 +113,10 @@ def random_lora(unet: torch.nn.Module, rank: int, seed: int, strength: float = 1
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and (".attn1." in name or ".attn2." in name):
-            a = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
-            b = torch.randn(module.out_features, rank, generator=g) * strength / rank**0.5
+        linear = getattr(module, "base_layer", module)  # a UNet that already carries peft adapters
+        if isinstance(linear, torch.nn.Linear) and name.endswith(LORA_TARGETS) and (".attn1." in name or ".attn2." in name):
+            a = torch.randn(rank, linear.in_features, generator=g) / linear.in_features**0.5
+            b = torch.randn(linear.out_features, rank, generator=g) * strength / rank**0.5
             layers[name] = (a, b)
     return layers
 

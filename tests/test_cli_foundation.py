@@ -1,0 +1,124 @@
+"""The generate, models and loras commands, and bad input: one clear line, no traceback."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
+from localora.cli import main
+
+SMALL = ["--steps", "2", "--width", "32", "--height", "32"]
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def one_error_line(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_generate_writes_an_image_then_serves_it_from_cache(tmp_path):
+    out = tmp_path / "a.png"
+    args = ["generate", "a cat", "-l", "demo-character:0.8", "-l", "demo-clothing", "-l", "demo-style:-0.3",
+            "--method", "switch", "--switch-every", "1", "-o", out, *SMALL]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert Image.open(out).size == (32, 32)
+    second = run(*args)
+    assert second.exit_code == 0 and "cache" in second.output
+
+
+def test_models_lists_profiles_and_availability():
+    r = run("models")
+    assert r.exit_code == 0, r.output
+    assert "tiny" in r.output and "sdxl-realistic" in r.output
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in r.output
+
+
+def test_loras_inspect_prints_format_base_rank_and_triggers(demo_loras):
+    path = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-clothing")
+    r = run("loras", "inspect", path)
+    assert r.exit_code == 0, r.output
+    for fragment in ("kohya-ss", "SDXL", "rank      4", "scale 0.5", "demo clothing, blue jacket"):
+        assert fragment in r.output
+
+
+def gen(*loras, profile="tiny", env=None):
+    args = ["generate", "x", "-p", profile, "-o", "/tmp/localora-test-unused.png", *SMALL]
+    for lo in loras:
+        args += ["-l", lo]
+    return run(*args, env=env)
+
+
+def test_missing_lora_file(tmp_path):
+    one_error_line(gen(tmp_path / "nope.safetensors"), "nope.safetensors", "not found")
+
+
+def test_corrupt_and_truncated_safetensors(tmp_path, demo_loras):
+    truncated = tmp_path / "trunc.safetensors"
+    data = demo_loras["sdxl"][0].path.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    one_error_line(gen(truncated), "trunc.safetensors", "corrupt")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all")
+    one_error_line(gen(garbage), "garbage.safetensors")
+
+
+def test_non_lora_safetensors(tmp_path):
+    f = tmp_path / "model.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 4)}, str(f))
+    one_error_line(gen(f), "model.safetensors", "not a LoRA")
+
+
+def test_sd15_lora_on_sdxl_profile(demo_loras, tmp_path):
+    declared = next(lo.path for lo in demo_loras["sd15"] if lo.name == "demo-character")
+    one_error_line(gen(declared), "SD1.5 LoRA", "SDXL")
+    # With no metadata or sidecar, the shapes themselves do not fit.
+    silent = tmp_path / "silent.safetensors"
+    silent.write_bytes(next(lo.path for lo in demo_loras["sd15"] if lo.name == "demo-style").read_bytes())
+    one_error_line(gen(silent), "silent.safetensors", "does not fit")
+
+
+@pytest.mark.parametrize("weight", ["abc", "inf", "nan"])
+def test_bad_weights(weight):
+    one_error_line(gen(f"demo-style:{weight}"), "weight")
+
+
+def test_unknown_profile():
+    one_error_line(gen("demo-style", profile="nope"), "unknown profile 'nope'")
+
+
+def test_malformed_models_toml(tmp_path):
+    bad = tmp_path / "models.toml"
+    bad.write_text("[profiles.tiny\ndiffusion = ")
+    one_error_line(gen("demo-style", env={"LOCALORA_MODELS": str(bad)}), str(bad), "not valid TOML")
+    bad.write_text('default_profile = "tiny"\n[profiles.tiny]\ndiffusion = "x"\nvlm = "y"\nclip = "z"\n')
+    one_error_line(gen("demo-style", env={"LOCALORA_MODELS": str(bad)}), "diffusion 'x' is not defined")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_pickled_loras_are_refused_unopened(tmp_path, suffix):
+    marker = tmp_path / "unpickled"
+    f = tmp_path / f"lora{suffix}"
+    f.write_bytes(pickle.dumps(_Payload(str(marker))))
+    one_error_line(gen(f), "pickle", ".safetensors")
+    assert not marker.exists()
