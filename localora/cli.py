@@ -131,3 +131,130 @@ def loras_inspect(file):
     ]
     for k, v in rows:
         click.echo(f"{k:<9} {v}")
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise LocaloraError(f"--bounds {text}: expected MIN,MAX, e.g. 0,1.5") from None
+    return lo, hi
+
+
+def _run_compose(cfg, prof, run, plain: bool) -> None:
+    from localora import session
+    from localora.tui import LiveUI, PlainUI
+
+    use_plain = plain or not sys.stdout.isatty()
+    ui = PlainUI() if use_plain else LiveUI()
+    try:
+        with ui:
+            final = session.compose(cfg, prof, run, ui)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
+        sys.exit(130)
+    click.echo(f"final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in final.weights.items())
+               + f" (round {final.iteration})")
+    click.echo(f"run folder: {run.path}   image: {run.path / 'final.png'}   report: {run.path / 'report.html'}")
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@profile_option
+@click.option("--lora", "-l", "lora_specs", multiple=True, metavar="NAME_OR_PATH[:START]",
+              help="A LoRA to combine (at least two); an optional start weight. Repeatable.")
+@catalog_option
+@click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
+@click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
+@click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every render (and of VLM sampling).")
+@click.option("--temperature", type=float, default=None, help="VLM sampling temperature (default: greedy).")
+@click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
+@click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Grid levels per LoRA.")
+@click.option("--fewshot-threshold", type=float, default=None,
+              help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--guidance", type=float, default=None)
+@click.option("--width", type=click.IntRange(min=8), default=None)
+@click.option("--height", type=click.IntRange(min=8), default=None)
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of prompt templates overriding prompts/*.txt.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
+@click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder.")
+@click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
+def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, seed, temperature, no_fewshot,
+            fewshot_levels, fewshot_threshold, steps, guidance, width, height, prompts_dir, out, resume, plain):
+    """Search weights for combining LoRAs: render, let the local VLM look, refine.
+
+    Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
+    then a final pick) and writes a run folder with every image, every VLM call, final.png,
+    final.json and report.html. Ctrl-C leaves the folder resumable with --resume.
+    """
+    from localora import session
+    from localora.profiles import load_profile
+    from localora.reflect import ComposeConfig
+
+    if resume:
+        given = None
+        if lora_specs:
+            prof = load_profile(profile)
+            given = [c.lora for c in resolve_loras(prof, lora_specs, catalog)]
+        run, cfg, prof = session.reopen(Path(resume), given)
+        _run_compose(cfg, prof, run, plain)
+        return
+    if not prompt:
+        raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
+    prof = load_profile(profile)
+    choices = resolve_loras(prof, lora_specs, catalog)
+    lo, hi = _float_pair(bounds)
+    starts = None
+    if any(c.weight is not None for c in choices):
+        starts = tuple(min(max(1.0, lo), hi) if c.weight is None else c.weight for c in choices)
+    try:
+        levels = tuple(float(x) for x in fewshot_levels.split(","))
+    except ValueError:
+        raise LocaloraError(f"--fewshot-levels {fewshot_levels}: expected numbers separated by commas") from None
+    cfg = ComposeConfig(
+        prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
+        bounds=(lo, hi), seed=seed, start=starts, fewshot=not no_fewshot, fewshot_levels=levels,
+        fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
+        temperature=temperature, steps=steps, guidance=guidance, width=width, height=height,
+        prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
+    )
+    cfg.check()
+    run = session.start(cfg, prof, Path(out) if out else session.default_out(prompt))
+    _run_compose(cfg, prof, run, plain)
+
+
+@main.command()
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-demo).")
+@click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
+@click.pass_context
+def demo(ctx, out, plain):
+    """Compose the three demo LoRAs on the tiny profile: 2 iterations, 3 candidates.
+
+    Everything is built offline on first use; it shows every step of the real loop in about a
+    minute on a laptop CPU (the tiny models are random, so the images are noise-like).
+    """
+    ctx.invoke(compose, prompt="a portrait of a girl in a garden", profile="tiny",
+               lora_specs=("demo-character", "demo-clothing", "demo-style"), iterations=2, candidates=3,
+               out=out, plain=plain, catalog=(), bounds="0,1.5", seed=0, temperature=None, no_fewshot=False,
+               fewshot_levels="0.4,0.7,1.0", fewshot_threshold=None, steps=None, guidance=None, width=None,
+               height=None, prompts_dir=None, resume=None)
+
+
+@main.command("open")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--launch", is_flag=True, help="Open the report in the default browser.")
+def open_report(run_dir, launch):
+    """Print the path of a run's report.html (writing it if missing), or open it."""
+    from localora import report_html
+    from localora.runlog import RunFolder
+
+    run = RunFolder.open(Path(run_dir))
+    path = run.path / "report.html"
+    if not path.is_file():
+        path = report_html.write(run)
+    click.echo(str(path.resolve()))
+    if launch:
+        click.launch(str(path))

@@ -50,6 +50,9 @@ class VLMSpec:
 class ClipSpec:
     name: str
     source: str
+    # Few-shot selection drops grid images whose weakest LoRA scores under this CLIP-T cosine;
+    # where a LoRA "shows" depends on the CLIP model, so the threshold belongs to it.
+    fewshot_threshold: float = 0.18
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,9 @@ before is read back from the cache instead of denoised again.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from PIL import Image
 from localora import methods, paths
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
+from localora.files import atomic_write, file_hash, stable_hash
 from localora.loras import Lora
 from localora.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import Profile
@@ -59,34 +57,6 @@ class RenderStats:
     renders: int = 0  # denoised
     hits: int = 0  # served from the cache
     steps: int = 0  # denoising steps run
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[memo] = h.hexdigest()
-    return _HASHES[memo]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -132,8 +102,7 @@ class Renderer:
         described["weights"] = [round(float(w), 6) for w in job.weights]
         if job.method != "switch":
             described.pop("switch_every")
-        blob = json.dumps({"format": CACHE_FORMAT, "model": self._identity, "job": described}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return stable_hash({"format": CACHE_FORMAT, "model": self._identity, "job": described})
 
     def cache_path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.png"
@@ -158,8 +127,8 @@ class Renderer:
             except OSError:
                 path.unlink(missing_ok=True)  # a damaged cache entry is rendered again
         image = self._denoise(job)
-        _atomic_write(path, lambda p: image.save(p, format="PNG"))
-        _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(job), indent=1)))
+        atomic_write(path, lambda p: image.save(p, format="PNG"))
+        atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(job), indent=1)))
         self.stats.renders += 1
         return Rendered(image, key, path, False, time.perf_counter() - start)
 

@@ -1,0 +1,3 @@
+from localora.cli import main
+
+main()

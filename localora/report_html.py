@@ -1,0 +1,149 @@
+"""report.html for a run folder: one self-contained page, images embedded, nothing fetched."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from localora.files import atomic_write
+from localora.runlog import RunFolder
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+.row{display:flex;flex-wrap:wrap;gap:14px}
+figure{margin:0;width:180px}figure img{width:180px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
+figcaption{font-size:12px;color:#444;word-break:break-word}
+.final img{width:320px;border:3px solid #2a7}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em;border-radius:4px}
+table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}
+"""
+
+
+def _thumb(path: Path, size: int = 256) -> str:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(path: Path | None, caption: str, cls: str = "") -> str:
+    img = f'<img src="{_thumb(path)}" alt="{html.escape(caption)}">' if path and path.is_file() else "<p>(image missing)</p>"
+    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _weights(w: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in w.items())
+
+
+def _plot(rounds: list[dict[str, float]]) -> str:
+    """Weights over iterations as an inline SVG (matplotlib, no external resources)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8), dpi=100)
+    names = list(rounds[0]) if rounds else []
+    xs = list(range(len(rounds)))
+    for name in names:
+        ax.plot(xs, [r[name] for r in rounds], marker="o", label=name)
+    ax.set_xticks(xs, ["start"] + [str(i) for i in xs[1:]])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("weight")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def build(run: RunFolder) -> str:
+    events = run.events()
+    by_id = {e["id"]: e for e in events if "id" in e}
+    settings = run.settings
+    final = json.loads((run.path / "final.json").read_text()) if (run.path / "final.json").is_file() else None
+    img = lambda rel: run.path / rel  # noqa: E731
+    out: list[str] = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>localora run</title>"
+                      f"<style>{CSS}</style></head><body>"]
+    out.append(f"<h1>localora compose</h1><p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
+    out.append("<table><tr><th>LoRA</th><th>category</th><th>trigger words</th><th>file</th></tr>")
+    for lo in settings.get("loras", []):
+        out.append(f"<tr><td>{html.escape(lo['name'])}</td><td>{html.escape(str(lo['category']))}</td>"
+                   f"<td>{html.escape(lo['triggers'])}</td><td>{html.escape(Path(lo['path']).name)}</td></tr>")
+    out.append("</table>")
+    out.append(f"<p>{settings.get('iterations')} iterations x {settings.get('candidates')} candidates, bounds "
+               f"{settings.get('bounds')}, seed {settings.get('seed')}, method {settings.get('method')}, profile "
+               f"{html.escape(str(settings.get('profile', '')))}</p>")
+
+    if final:
+        out.append("<h2>Final pick</h2><div class=row>")
+        out.append(_figure(img(final["image"]), f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
+        out.append("</div>")
+
+    refs = [e for e in events if e.get("type") == "render" and e.get("role") == "reference"]
+    out.append("<h2>Each LoRA alone</h2><div class=row>")
+    for e, lo in zip(refs, settings.get("loras", [])):
+        out.append(_figure(img(e["image"]), lo["name"]))
+    out.append("</div>")
+
+    shots = by_id.get("fewshot")
+    out.append("<h2>Few-shot examples</h2>")
+    if shots is None:
+        out.append("<p>Few-shot selection was off for this run.</p>")
+    else:
+        how = "reused from the library" if shots.get("reused") else f"{len(shots['scored'])} grid images scored"
+        out.append(f"<p>{len(shots['kept'])} kept ({how}; threshold {shots['threshold']}).</p><div class=row>")
+        names = [lo["name"] for lo in settings.get("loras", [])]
+        for s in shots["kept"]:
+            path = img(s["image"]) if img(s["image"]).is_file() else Path(shots.get("library", "")) / s["image"]
+            out.append(_figure(path, f"{_weights(dict(zip(names, s['weights'])))}; CLIP-T {s['prompt_score']:.3f}"))
+        out.append("</div>")
+
+    rounds = []
+    start = by_id.get("start")
+    if start:
+        rounds.append(start["weights"])
+    r = 1
+    while f"iter{r}/generate" in by_id or f"iter{r}/cand1" in by_id:
+        out.append(f"<h2>Iteration {r}</h2><h3>Candidates</h3><div class=row>")
+        scores = by_id.get(f"iter{r}/scores", {}).get("clip_t", [])
+        j = 1
+        while f"iter{r}/cand{j}" in by_id:
+            e = by_id[f"iter{r}/cand{j}"]
+            score = f"; CLIP-T {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
+            out.append(_figure(img(e["image"]), f"{j}: {_weights(e['weights'])}{score}"))
+            j += 1
+        out.append("</div>")
+        fb = by_id.get(f"iter{r}/feedback")
+        if fb:
+            out.append(f"<h3>Feedback</h3><pre>{html.escape(fb['value']['feedback'])}</pre>")
+        ref = by_id.get(f"iter{r}/refine")
+        if ref:
+            out.append(f"<h3>Refine</h3><pre>{html.escape(ref['value']['feedback'])}</pre>")
+        refined = by_id.get(f"iter{r}/refined")
+        if refined:
+            out.append("<div class=row>" + _figure(img(refined["image"]), f"refined: {_weights(refined['weights'])}") + "</div>")
+            rounds.append(refined["weights"])
+        r += 1
+    if len(rounds) > 1:
+        out.append("<h2>Weights over iterations</h2>" + _plot(rounds))
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write(run: RunFolder) -> Path:
+    path = run.path / "report.html"
+    page = build(run)
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
+    return path

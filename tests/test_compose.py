@@ -1,0 +1,235 @@
+"""The self-reflection loop end to end on the tiny profile: run folder, resume, TUI, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from localora import fewshot
+from localora.cli import main
+from localora.tui import LiveUI, PlainUI, describe
+
+
+def localora(*args, home: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`localora demo` from a clean LOCALORA_HOME, then a second demo in the same home."""
+    home = tmp_path_factory.mktemp("clean-home")
+    first, second = home.parent / "demo-1", home.parent / "demo-2"
+    for out in (first, second):
+        proc = localora("demo", "--out", out, home=home)
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output
+    return home, first, second
+
+
+def test_demo_writes_a_complete_run_folder(demo):
+    _, run, _ = demo
+    for name in ("run.json", "events.jsonl", "final.png", "final.json", "report.html"):
+        assert (run / name).is_file(), name
+    ev = events(run)
+    calls = Counter(e["step"] for e in ev if e["type"] == "vlm")
+    assert calls == {"generate": 2, "feedback": 2, "refine": 2, "select": 1}
+    named = [e["image"] for e in ev if "image" in e] + [i for e in ev if e["type"] == "vlm" for i in e["images"]]
+    assert named and all((run / p).is_file() for p in named)
+    for e in ev:
+        if e["type"] == "vlm":
+            assert e["prompt"] and e["system"] and "raw" in e and "value" in e
+    final = json.loads((run / "final.json").read_text())
+    assert set(final["weights"]) == {"demo-character", "demo-clothing", "demo-style"}
+    assert all(0.0 <= w <= 1.5 for w in final["weights"].values())
+    settings = json.loads((run / "run.json").read_text())
+    assert all(len(lo["sha256"]) == 64 for lo in settings["config"]["loras"]) and "torch" in settings["versions"]
+
+
+def test_no_weight_vector_is_rendered_twice(demo):
+    _, run, _ = demo
+    denoised = Counter(e["key"] for e in events(run) if e["type"] == "render" and not e["cached"])
+    assert denoised and max(denoised.values()) == 1
+
+
+def test_fewshot_library_is_reused_by_a_second_run(demo):
+    _, first, second = demo
+    one = next(e for e in events(first) if e["type"] == "fewshot")
+    two = next(e for e in events(second) if e["type"] == "fewshot")
+    assert not one["reused"] and len(one["scored"]) == 27
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "image"} for r in rows]  # noqa: E731
+    assert two["reused"] and strip(two["kept"]) == strip(one["kept"])
+    assert not any(e.get("role") == "grid" for e in events(second))
+    assert json.loads((first / "final.json").read_text())["weights"] == json.loads((second / "final.json").read_text())["weights"]
+
+
+def test_fewshot_selection_filters_unbalanced_and_keeps_the_best():
+    S = fewshot.Scored
+    table = [
+        S((0.4, 0.4), 0.30, (0.20, 0.25)),
+        S((0.4, 1.0), 0.35, (0.05, 0.30)),  # second LoRA barely shows: dropped despite its score
+        S((1.0, 0.4), 0.28, (0.22, 0.21)),
+        S((1.0, 1.0), 0.31, (0.19, 0.30)),
+        S((0.7, 0.7), 0.26, (0.21, 0.24)),
+        S((0.7, 1.0), 0.29, (0.15, 0.26)),  # at the threshold: kept
+        S((1.0, 0.7), 0.25, (0.30, 0.30)),
+    ]
+    kept = fewshot.select(table, threshold=0.15, keep=5)
+    assert [k.weights for k in kept] == [(1.0, 1.0), (0.4, 0.4), (0.7, 1.0), (1.0, 0.4), (0.7, 0.7)]
+    assert fewshot.select(table, threshold=0.5) == []
+    assert len(fewshot.grid(3, (0.4, 0.7, 1.0))) == 27
+
+
+def test_report_is_self_contained_html_showing_every_iteration(demo):
+    _, run, _ = demo
+    page = (run / "report.html").read_text()
+
+    class Check(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.sources, self.stack = [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.sources += [v for k, v in a.items() if k in ("src", "href", "xlink:href") and v]
+
+    checker = Check()
+    checker.feed(page)
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert checker.sources and all(s.startswith(("data:image/png;base64,", "#")) for s in checker.sources)
+    # The only URLs are the SVG namespace names, which are never fetched.
+    assert "http://" not in page.replace("http://www.w3.org/", "") and "https://" not in page
+    assert "Iteration 1" in page and "Iteration 2" in page and "<svg" in page and "Final pick" in page
+
+
+def test_plain_mode_prints_one_line_per_event(demo):
+    _, run, _ = demo
+    ev = events(run)
+    console = Console(record=True, width=200)
+    ui = PlainUI(console)
+    for e in ev:
+        ui.event(e)
+    lines = console.export_text().splitlines()
+    assert len(lines) == len(ev)
+    assert any("iter1/generate" in ln for ln in lines)
+
+
+def test_live_view_renders_progress_candidates_and_feedback(demo):
+    _, run, _ = demo
+    console = Console(record=True, width=120, force_terminal=True)
+    ui = LiveUI(console)
+    with ui:
+        for e in events(run):
+            ui.event(e)
+            if e.get("id") == "iter2/scores":
+                console.print(ui.view())
+    text = console.export_text()
+    for fragment in ("iterations", "renders", "iteration 2 candidates", "CLIP-T", "latest feedback", "ETA"):
+        assert fragment in text
+
+
+def _copy_models(src_home: Path, dst_home: Path) -> None:
+    shutil.copytree(src_home / "tiny", dst_home / "tiny")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_result(demo, tmp_path, sig):
+    home, _, _ = demo
+    args = ["compose", "a girl", "-l", "demo-character", "-l", "demo-style", "-n", "2", "-c", "2",
+            "--fewshot-levels", "0.5,1.0", "--seed", "3", "--plain"]
+    ref_home, cut_home = tmp_path / "ref-home", tmp_path / "cut-home"
+    _copy_models(home, ref_home)
+    _copy_models(home, cut_home)
+    reference = localora(*args, "--out", tmp_path / "ref", home=ref_home)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    total = len(events(tmp_path / "ref"))
+
+    stop_after = random.Random(int(sig)).randint(3, total - 3)
+    proc = localora(*args, "--out", tmp_path / "cut", home=cut_home)
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("["):
+            seen += 1
+            if seen == stop_after:
+                proc.send_signal(sig)
+                break
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    before = events(tmp_path / "cut")
+    done_before = {e["id"] for e in before if "id" in e}
+    assert 0 < len(done_before) and not (tmp_path / "cut" / "final.json").exists()
+
+    resumed = localora("compose", "--resume", tmp_path / "cut", "--plain", home=cut_home)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    after = events(tmp_path / "cut")[len(before):]
+    assert after[0]["type"] == "resume"
+    redone = {e["id"] for e in after if "id" in e} & done_before
+    assert redone == set()
+    ref_final = json.loads((tmp_path / "ref" / "final.json").read_text())
+    cut_final = json.loads((tmp_path / "cut" / "final.json").read_text())
+    assert cut_final["weights"] == ref_final["weights"]
+    assert (tmp_path / "cut" / "final.png").read_bytes() == (tmp_path / "ref" / "final.png").read_bytes()
+
+
+# ------------------------------------------------------------------ bad input
+
+def one_error_line(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def compose(*args):
+    return CliRunner().invoke(main, ["compose", *map(str, args)])
+
+
+def test_one_lora_is_nothing_to_combine(tmp_path):
+    one_error_line(compose("x", "-l", "demo-style", "--out", tmp_path / "r"), "at least 2 LoRAs")
+
+
+def test_zero_iterations(tmp_path):
+    one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "-n", "0", "--out", tmp_path / "r"),
+                   "--iterations")
+
+
+def test_bounds_min_above_max(tmp_path):
+    one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--bounds", "1.5,0", "--out", tmp_path / "r"),
+                   "--bounds", "min <= max")
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--out", blocker / "run"),
+                   "cannot write the run folder")
+
+
+def test_resume_a_folder_that_is_not_a_run(tmp_path):
+    one_error_line(compose("--resume", tmp_path), "not a localora run folder")
+
+
+def test_resume_with_other_loras(demo):
+    _, run, _ = demo
+    one_error_line(compose("--resume", run, "-l", "demo-style", "-l", "demo-character"), "used the LoRAs")
