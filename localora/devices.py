@@ -127,6 +127,19 @@ class DeviceManager:
 
 
 def _move(model: Any, device: torch.device) -> Any:
-    # Pipelines and nn.Modules both return themselves from .to(); pin CPU copies for fast reloads.
+    """Move a pipeline or module; CPU copies are pinned so the way back to the GPU is fast."""
     moved = model.to(device)
-    return moved if moved is not None else model
+    moved = moved if moved is not None else model
+    if device.type == "cpu" and torch.cuda.is_available():
+        _pin(moved)
+    return moved
+
+
+def _pin(model: Any) -> None:
+    modules = [m for m in getattr(model, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    for module in modules or [model]:
+        for t in list(module.parameters()) + list(module.buffers()):
+            try:
+                t.data = t.data.pin_memory()
+            except RuntimeError:
+                return  # pinning is an optimisation; without enough page-locked memory, skip it

@@ -195,7 +195,8 @@ class LiveUI:
         bar("iterations", s.iterations_done, s.iterations)
         bar("renders", s.renders_done, s.renders_planned)
         bar("denoising", *s.step)
-        cands = Table(title=f"iteration {s.iteration} candidates", expand=False, title_justify="left")
+        title = f"iteration {s.iteration} candidates" if s.iteration else "candidates (from iteration 1)"
+        cands = Table(title=title, expand=False, title_justify="left")
         cands.add_column("#", justify="right")
         cands.add_column("weights")
         cands.add_column("CLIP-T", justify="right")

@@ -11,21 +11,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from localora.cli import main
+from support import one_error_line
 
 SMALL = ["--steps", "2", "--width", "32", "--height", "32"]
 
 
 def run(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
-
-
-def one_error_line(result, *fragments):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_generate_writes_an_image_then_serves_it_from_cache(tmp_path):

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from localora import fewshot
 from localora.cli import main
+from support import one_error_line
 from localora.tui import LiveUI, PlainUI, describe
 
 
@@ -191,15 +192,6 @@ def test_killed_run_resumes_to_the_same_result(demo, tmp_path, sig):
 
 
 # ------------------------------------------------------------------ bad input
-
-def one_error_line(result, *fragments):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
 
 def compose(*args):
     return CliRunner().invoke(main, ["compose", *map(str, args)])
