@@ -124,7 +124,7 @@ def loras_inspect(file):
         ("format", "kohya-ss" if info.format == "kohya" else "diffusers/peft"),
         ("base", f"{loralib.ARCH_NAMES[info.arch]} ({info.arch_evidence})" if info.arch else f"unknown ({info.arch_evidence})"),
         ("rank", str(info.rank)),
-        ("alpha", f"{info.alpha:g} (scale {info.alpha / info.rank:g})" if info.alpha is not None else f"= rank (scale 1)"),
+        ("alpha", f"{info.alpha:g} (scale {info.alpha / info.rank:g})" if info.alpha is not None else "= rank (scale 1)"),
         ("layers", f"{info.layers} in {', '.join(info.components)}"),
         ("targets", ", ".join(info.targets)),
         ("triggers", info.triggers or "(none found in header or sidecar)"),
@@ -153,7 +153,7 @@ def _run_compose(cfg, prof, run, plain: bool) -> None:
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
         sys.exit(130)
-    click.echo(f"final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in final.weights.items())
+    click.echo("final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in final.weights.items())
                + f" (round {final.iteration})")
     click.echo(f"run folder: {run.path}   image: {run.path / 'final.png'}   report: {run.path / 'report.html'}")
 
@@ -258,3 +258,17 @@ def open_report(run_dir, launch):
     click.echo(str(path.resolve()))
     if launch:
         click.launch(str(path))
+
+
+def _register() -> None:
+    # The VLM and evaluation commands live beside the modules they drive.
+    from localora import cli_eval, cli_vlm
+
+    for command in cli_vlm.COMMANDS + cli_eval.COMMANDS:
+        main.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

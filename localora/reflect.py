@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 import zlib
+from pathlib import Path
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from PIL import Image
 
 from localora import fewshot, prompts, schemas
 from localora.errors import LocaloraError
@@ -90,8 +90,6 @@ class ComposeConfig:
 
     @classmethod
     def from_settings(cls, d: dict[str, Any]) -> ComposeConfig:
-        from pathlib import Path
-
         d = dict(d)
         d["loras"] = tuple(Lora(x["name"], Path(x["path"]), x["category"], x["triggers"],
                                 tuple(Path(r) for r in x.get("references", []))) for x in d["loras"])
@@ -277,8 +275,6 @@ class Loop:
 
     def _template(self, name: str, **fields: str) -> str:
         lo, hi = self.cfg.bounds
-        from pathlib import Path
-
         base = {"prompt": self._prompt, "loras": self._loras_text(), "lo": f"{lo:.2f}", "hi": f"{hi:.2f}"}
         override = Path(self.cfg.prompts_dir) if self.cfg.prompts_dir else None
         return prompts.render(name, override, **base, **fields)

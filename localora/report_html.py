@@ -7,7 +7,6 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 

@@ -8,6 +8,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny models gain nothing from a second thread, and on a shared 2-core machine two OpenMP
+# threads that spin-wait for each other make every op many times slower. Set before torch loads;
+# subprocesses of the tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from localora import fewshot
 from localora.cli import main
 from support import one_error_line
-from localora.tui import LiveUI, PlainUI, describe
+from localora.tui import LiveUI, PlainUI
 
 
 def localora(*args, home: Path, **kw) -> subprocess.Popen:

@@ -1,0 +1,232 @@
+"""The local VLM: images and a question in, an answer out, optionally under a grammar.
+
+    vlm = VLM(profile.vlm, devices=manager)        # nothing heavy happens yet
+    a = vlm.chat(system, [img1, "b.png"], "Picture 1 is ... Which is better?", schema=schemas.choice(2))
+    a.value                                        # 1 or 2, always
+
+Weights load on the first chat, through the DeviceManager (so under "swap" the diffusion
+pipeline leaves the accelerator first), with the processor capped at the spec's min/max pixels.
+Decoding is greedy unless a temperature is given; sampling is seeded (default seed 0), so every
+answer can be reproduced. With a schema, xgrammar masks the logits at every step, so the answer
+always parses; the grammar is compiled once per VLM and grammar string.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from localora import profiles
+from localora.devices import DeviceManager
+from localora.errors import LocaloraError
+from localora.profiles import VLMSpec
+from localora.schemas import Schema
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 512
+# Qwen2-VL's image processor refuses more extreme shapes.
+_MAX_ASPECT = 200
+
+ImageLike = Image.Image | str | Path
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    value: Any = None  # the parsed answer for schema calls, else None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """An RGB PIL image, or a LocaloraError naming the file that is missing or unreadable."""
+    if isinstance(image, Image.Image):
+        img, where = image, "image"
+    else:
+        path = Path(image).expanduser()
+        where = f"image {path}"
+        if not path.is_file():
+            raise LocaloraError(f"{where}: no such file")
+        try:
+            with Image.open(path) as opened:
+                img = opened.convert("RGB")  # reads the pixels, so a truncated file fails here
+        except (UnidentifiedImageError, OSError) as e:
+            raise LocaloraError(f"{where}: not an image file that can be read ({e})") from None
+    if max(img.size) > _MAX_ASPECT * min(img.size):
+        raise LocaloraError(f"{where}: aspect ratio {img.width}x{img.height} is too extreme (over {_MAX_ASPECT}:1)")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _require_xgrammar() -> None:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        raise LocaloraError(
+            "xgrammar is not installed, and localora needs it to make the VLM's answers parse; "
+            "install it with `pip install xgrammar`"
+        ) from None
+
+
+def _quantization_config(quantization: str) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class VLM:
+    """A Qwen2-VL-family model described by a VLMSpec, loaded on first use."""
+
+    def __init__(self, spec: VLMSpec, devices: DeviceManager | None = None, name: str = "vlm"):
+        _require_xgrammar()
+        self.spec = spec
+        self.path = profiles.locate(spec.source, f"VLM '{spec.name}'")
+        self.name = name
+        self.devices = devices or DeviceManager(placement="resident")
+        # What was actually loaded: "none" after a fallback from a quantization the device lacks.
+        self.quantization: str | None = None
+        self._processor = None
+        self._compiler = None
+        self._compiled: dict[str, Any] = {}
+        # bitsandbytes weights cannot be moved off the device, only dropped and reloaded.
+        self.devices.register(name, self._load, movable=spec.quantization == "none")
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, device: torch.device) -> torch.nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        dtype = getattr(torch, self.spec.dtype)
+        common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True)
+        if self.spec.quantization != "none":
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(
+                    self.path, quantization_config=_quantization_config(self.spec.quantization), **common
+                )
+                self.quantization = self.spec.quantization
+                return model.eval()
+            except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
+                log.warning(
+                    "VLM '%s': %s quantization does not work on %s here (%s); loading %s weights instead",
+                    self.spec.name, self.spec.quantization, device, str(e).splitlines()[0], self.spec.dtype,
+                )
+        model = AutoModelForImageTextToText.from_pretrained(self.path, **common)
+        self.quantization = "none"
+        return model.eval()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model, resident on the accelerator (loading it, or evicting others, if needed)."""
+        return self.devices.acquire(self.name)
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            size = {"shortest_edge": self.spec.min_pixels, "longest_edge": self.spec.max_pixels}
+            self._processor = AutoProcessor.from_pretrained(self.path, size=size, local_files_only=True)
+        return self._processor
+
+    def compiled(self, schema: Schema) -> Any:
+        """The xgrammar grammar of `schema` for this model's tokenizer, compiled once."""
+        if schema.grammar not in self._compiled:
+            self._compiled[schema.grammar] = self._grammar_compiler().compile_grammar(schema.grammar)
+        return self._compiled[schema.grammar]
+
+    def _grammar_compiler(self) -> Any:
+        if self._compiler is None:
+            import xgrammar as xgr
+            from transformers import AutoConfig
+
+            # The model's vocabulary is padded beyond the tokenizer's; the mask must cover it all.
+            vocab_size = AutoConfig.from_pretrained(self.path, local_files_only=True).get_text_config().vocab_size
+            info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    # ------------------------------------------------------------------ asking
+
+    def prompt(self, system: str | None, n_images: int, text: str) -> str:
+        """The chat-templated prompt; images become "Picture 1: <image>" etc., in order."""
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, add_vision_id=n_images > 0
+        )
+
+    def chat(
+        self,
+        system: str | None,
+        images: list[ImageLike],
+        text: str,
+        schema: Schema | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Answer:
+        """One answer to `text` about `images` (kept in order). Greedy unless `temperature` > 0;
+        with `schema`, the answer follows its grammar and `Answer.value` holds the parsed value."""
+        pictures = [load_image(i) for i in images]
+        budget = DEFAULT_MAX_NEW_TOKENS
+        if schema is not None:
+            # A token is at least one byte and a character at most four, plus the stop token:
+            # within this budget the grammar can always finish.
+            budget = 4 * schema.max_chars + 1
+            if max_new_tokens is not None and max_new_tokens < budget:
+                raise ValueError(f"max_new_tokens={max_new_tokens} may cut the answer short; the schema needs {budget}")
+        max_new_tokens = max_new_tokens or budget
+
+        prompt = self.prompt(system, len(pictures), text)
+        model = self.model
+        inputs = self.processor(text=[prompt], images=pictures or None, return_tensors="pt").to(model.device)
+        tokenizer = self.processor.tokenizer
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0
+        )
+        if schema is not None:
+            import xgrammar as xgr
+
+            compiled = self.compiled(schema)
+            # A fresh processor per generate(): it holds the matcher state of one answer.
+            kwargs["logits_processor"] = [xgr.contrib.hf.LogitsProcessor(compiled)]
+            kwargs["eos_token_id"] = list(compiled.tokenizer_info.stop_token_ids)
+        else:
+            kwargs["eos_token_id"] = model.generation_config.eos_token_id or tokenizer.eos_token_id
+        sampling = temperature is not None and temperature > 0
+        if sampling:
+            # Plain temperature sampling: the model's own top-k/top-p defaults would make it near-greedy.
+            kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False)
+
+        devices = [model.device] if model.device.type == "cuda" else []
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(0 if seed is None else seed)
+            out = model.generate(**inputs, **kwargs)
+        seconds = time.perf_counter() - start
+
+        n_prompt = inputs["input_ids"].shape[1]
+        new = out[0, n_prompt:]
+        answer = tokenizer.decode(new, skip_special_tokens=True)
+        value = None
+        if schema is not None:
+            try:
+                value = schema.parse(answer)
+            except ValueError as e:  # the grammar should make this impossible
+                raise RuntimeError(f"constrained answer does not match its schema: {answer!r} ({e})") from e
+        return Answer(text=answer, value=value, prompt_tokens=n_prompt, new_tokens=len(new), seconds=seconds)
