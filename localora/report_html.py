@@ -20,7 +20,7 @@ h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
 figure{margin:0;width:180px}figure img{width:180px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
 figcaption{font-size:12px;color:#444;word-break:break-word}
 .final img{width:320px;border:3px solid #2a7}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em;border-radius:4px}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:.6em;border-radius:4px}
 table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}
 """
 
@@ -70,7 +70,7 @@ def _plot(rounds: list[dict[str, float]]) -> str:
 def build(run: RunFolder) -> str:
     events = run.events()
     by_id = {e["id"]: e for e in events if "id" in e}
-    settings = run.settings
+    settings = run.settings["config"]
     final = json.loads((run.path / "final.json").read_text()) if (run.path / "final.json").is_file() else None
     img = lambda rel: run.path / rel  # noqa: E731
     out: list[str] = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>localora run</title>"
@@ -83,7 +83,7 @@ def build(run: RunFolder) -> str:
     out.append("</table>")
     out.append(f"<p>{settings.get('iterations')} iterations x {settings.get('candidates')} candidates, bounds "
                f"{settings.get('bounds')}, seed {settings.get('seed')}, method {settings.get('method')}, profile "
-               f"{html.escape(str(settings.get('profile', '')))}</p>")
+               f"{html.escape(str(run.settings.get('profile', '')))}</p>")
 
     if final:
         out.append("<h2>Final pick</h2><div class=row>")

@@ -118,6 +118,9 @@ def test_report_is_self_contained_html_showing_every_iteration(demo):
     # The only URLs are the SVG namespace names, which are never fetched.
     assert "http://" not in page.replace("http://www.w3.org/", "") and "https://" not in page
     assert "Iteration 1" in page and "Iteration 2" in page and "<svg" in page and "Final pick" in page
+    assert "a portrait of a girl in a garden" in page
+    for name in ("demo-character", "demo-clothing", "demo-style"):
+        assert f"<td>{name}</td>" in page and f"<figcaption>{name}</figcaption>" in page  # table, reference
 
 
 def test_plain_mode_prints_one_line_per_event(demo):
