@@ -1,0 +1,175 @@
+"""The bench report: report.md and PNG plots, from a bench folder's SQLite rows.
+
+    report.md                 the paper-style table (CLIP-I, CLIP-T per method, mean ± std over
+                              sets and seeds) and win / tie / loss rates vs the baseline
+    winrate.png               win / tie / loss per judge dimension, each method vs the baseline
+    winrate_by_elements.png   the same per number of elements, when the folder holds several
+
+The win / tie / loss counts come from judge.aggregate over the stored scores, so the report and
+the judge can never count differently.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from localora import judge
+from localora.bench import METHODS, Store
+from localora.errors import LocaloraError
+from localora.files import atomic_write
+
+REPORT = "report.md"
+WINRATE_PNG = "winrate.png"
+BY_ELEMENTS_PNG = "winrate_by_elements.png"
+OUTCOMES = (("wins", "Win", "#4c9a5a"), ("ties", "Tie", "#b0b0b0"), ("losses", "Loss", "#c8553d"))
+
+Rows = list[dict[str, Any]]
+
+
+def write(folder: Path) -> list[Path]:
+    """Write the report and its plots into `folder`; returns their paths."""
+    folder = Path(folder)
+    store = Store.open(folder)
+    results, pairs, settings = store.results(), store.pairs(), store.settings()
+    if not results:
+        raise LocaloraError(f"{folder}: the bench has no finished rows yet; run `localora bench --out {folder}` first")
+    baseline = settings["baseline"]
+    pairs = [p for p in pairs if p["baseline"] == baseline]
+    sizes = sorted({r["elements"] for r in results})
+    plots = []
+    if pairs:
+        _save(_winrate_figure([("", winrates(pairs))], baseline), folder / WINRATE_PNG)
+        plots.append(WINRATE_PNG)
+        if len(sizes) > 1:
+            groups = [(f"{n} elements", winrates([p for p in pairs if p["elements"] == n])) for n in sizes]
+            _save(_winrate_figure(groups, baseline), folder / BY_ELEMENTS_PNG)
+            plots.append(BY_ELEMENTS_PNG)
+    text = markdown(results, pairs, settings, plots)
+    atomic_write(folder / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
+    return [folder / REPORT] + [folder / name for name in plots]
+
+
+# ------------------------------------------------------------------ numbers
+
+def methods_in(rows: Rows) -> list[str]:
+    """The methods present, in the paper's order."""
+    present = {r["method"] for r in rows}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def clip_table(results: Rows) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """method -> {"clip_i"/"clip_t": (mean, sample std, n)} over every set and seed."""
+    out = {}
+    for m in methods_in(results):
+        rows = [r for r in results if r["method"] == m]
+        out[m] = {k: _mean_std([r[k] for r in rows]) for k in ("clip_i", "clip_t")}
+    return out
+
+
+def winrates(pairs: Rows) -> dict[str, dict[str, judge.Counts]]:
+    """method -> judge dimension -> win / tie / loss counts of the method against the baseline."""
+    out = {}
+    for m in methods_in(pairs):
+        scores = [judge.PairScores({d: p[f"{d}_a"] for d in judge.DIMENSIONS}, {d: p[f"{d}_b"] for d in judge.DIMENSIONS})
+                  for p in pairs if p["method"] == m]
+        out[m] = judge.aggregate(scores)
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+# ------------------------------------------------------------------ report.md
+
+def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str]) -> str:
+    baseline = settings["baseline"]
+    sizes = sorted({r["elements"] for r in results})
+    per_size = ", ".join(f"{len({r['set_id'] for r in results if r['elements'] == n})} of {n} elements" for n in sizes)
+    seeds = sorted({r["seed"] for r in results})
+    setup = (f"Testbed `{settings['testbed']}`, profile `{settings['profile']}`, LoRA scale "
+             f"{settings['lora_scale']:g} for the baselines; composition sets: {per_size}; seed(s) "
+             f"{', '.join(map(str, seeds))}. reflect: {settings['iterations']} iteration(s) x "
+             f"{settings['candidates']} candidates, few-shot {'on' if settings['fewshot'] else 'off'}. "
+             f"Judge: each method vs {baseline}, both orders, {settings['repeats']} repeat(s).")
+    clip_note = ("Mean ± sample standard deviation over composition sets and seeds; raw cosine similarity. "
+                 "CLIP-T: image vs the set's prompt; CLIP-I: image vs a reference image of each LoRA, "
+                 "averaged over the LoRAs.")
+    lines = [f"# Bench report: {settings['testbed']}", "", setup, "", "## CLIP scores", "",
+             *_clip_lines(results), "", clip_note]
+    if len({cols["clip_i"][2] for cols in clip_table(results).values()}) > 1:
+        lines.append("The methods ran on different numbers of sets (n); compare them within one size below.")
+    if len(sizes) > 1:
+        for n in sizes:
+            lines += ["", f"### {n} elements", "", *_clip_lines([r for r in results if r["elements"] == n])]
+    lines += ["", f"## Pairwise judge: each method vs {baseline}", ""]
+    if not pairs:
+        lines.append("No judged pairs yet.")
+    else:
+        lines += _judge_lines(pairs, baseline)
+        lines += ["", "Win rate = wins / pairs; a pair's scores are averaged over both orders before the verdict."]
+        if WINRATE_PNG in plots:
+            lines += ["", f"![win / tie / loss vs {baseline}]({WINRATE_PNG})"]
+        if len(sizes) > 1:
+            lines += ["", "### By number of elements"]
+            for n in sizes:
+                subset = [p for p in pairs if p["elements"] == n]
+                lines += ["", f"#### {n} elements", ""]
+                lines += _judge_lines(subset, baseline) if subset else ["No judged pairs."]
+            if BY_ELEMENTS_PNG in plots:
+                lines += ["", f"![win / tie / loss vs {baseline} by number of elements]({BY_ELEMENTS_PNG})"]
+    return "\n".join(lines) + "\n"
+
+
+def _clip_lines(results: Rows) -> list[str]:
+    lines = ["| Method | CLIP-I | CLIP-T | n |", "|---|---|---|---|"]
+    for m, cols in clip_table(results).items():
+        (i_mean, i_std, n), (t_mean, t_std, _) = cols["clip_i"], cols["clip_t"]
+        lines.append(f"| {m} | {i_mean:.4f} ± {i_std:.4f} | {t_mean:.4f} ± {t_std:.4f} | {n} |")
+    return lines
+
+
+def _judge_lines(pairs: Rows, baseline: str) -> list[str]:
+    lines = [f"| Method vs {baseline} | Dimension | Win | Tie | Loss | Pairs | Mean score (method / {baseline}) |",
+             "|---|---|---|---|---|---|---|"]
+    for m, dims in winrates(pairs).items():
+        for d, c in dims.items():
+            rates = " | ".join(f"{getattr(c, key) / c.pairs:.1%} ({getattr(c, key)})" for key, _, _ in OUTCOMES)
+            lines.append(f"| {m} | {d} | {rates} | {c.pairs} | {c.mean_a:.2f} / {c.mean_b:.2f} |")
+    return lines
+
+
+# ------------------------------------------------------------------ plots
+
+def _winrate_figure(groups: list[tuple[str, dict[str, dict[str, judge.Counts]]]], baseline: str):
+    """Stacked horizontal bars, one per method vs the baseline; a row of panels per group."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    # Every panel lists the same methods in the same places, so panels compare at a glance.
+    methods = [m for m in METHODS if any(m in g for _, g in groups)]
+    methods += sorted({m for _, g in groups for m in g} - set(methods))
+    fig = Figure(figsize=(5 * len(judge.DIMENSIONS), 0.6 + (0.5 + 0.45 * len(methods)) * len(groups)),
+                 layout="constrained")
+    axes = fig.subplots(len(groups), len(judge.DIMENSIONS), squeeze=False)
+    for row, (title, counts) in enumerate(groups):
+        for col, d in enumerate(judge.DIMENSIONS):
+            ax = axes[row][col]
+            left = [0.0] * len(methods)
+            for key, label, color in OUTCOMES:
+                share = [100 * getattr(counts[m][d], key) / counts[m][d].pairs if m in counts else 0.0 for m in methods]
+                bars = ax.barh([f"{m} vs {baseline}" for m in methods], share, left=left, color=color, label=label)
+                ax.bar_label(bars, labels=[f"{s:.0f}%" if s >= 8 else "" for s in share], label_type="center", fontsize=8)
+                left = [a + b for a, b in zip(left, share)]
+            ax.set_xlim(0, 100)
+            ax.invert_yaxis()
+            ax.set_title(f"{d}" + (f" ({title})" if title else ""), fontsize=10)
+            ax.set_xlabel("% of pairs")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(OUTCOMES), fontsize=8)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))

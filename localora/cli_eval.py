@@ -1,0 +1,132 @@
+"""The evaluation commands: `score` and `judge` on images the user already has, `bench` over a
+testbed's composition sets, and `report` on a bench folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from localora import judge as judging
+from localora import profiles
+from localora.errors import LocaloraError
+
+_image = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.argument("image", type=_image)
+@click.option("--profile", "profile_name", default=None, help="Profile whose CLIP model scores (default: the default profile).")
+@click.option("--prompt", required=True, help="The text prompt, for CLIP-T.")
+@click.option("--reference", "references", multiple=True, type=_image, help="A reference image of a LoRA concept, for CLIP-I; repeatable.")
+def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...]) -> None:
+    """CLIP-T of IMAGE against --prompt, and CLIP-I against the --reference images (cosines)."""
+    from localora.clipscore import ClipScorer
+
+    profile = profiles.load_profile(profile_name)
+    scorer = ClipScorer.load(profile.clip, device=profile.device)
+    click.echo(f"CLIP-T {scorer.clip_t(image, prompt):.4f}  (cosine, {profile.clip.name})")
+    if references:
+        n = len(references)
+        click.echo(f"CLIP-I {scorer.clip_i(image, references):.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})")
+
+
+@click.command()
+@click.argument("image_a", type=_image)
+@click.argument("image_b", type=_image)
+@click.option("--profile", "profile_name", default=None, help="Profile whose VLM judges (default: the default profile).")
+@click.option("--element", "elements", multiple=True, required=True, help="'category (Name): trigger, words'; one per element, repeatable.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Times to ask each order, with seeds seed, seed+1, ...")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=None, type=click.FloatRange(min=0), help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
+@click.option("--prompts", "prompts_dir", default=None, type=click.Path(file_okay=False, path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
+def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
+          temperature: float | None, prompts_dir: Path | None) -> None:
+    """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, averaged) and give the verdict."""
+    parsed = [judging.parse_element(e) for e in elements]
+    profile = profiles.load_profile(profile_name)
+    model = _load_vlm(profile)
+    result = judging.judge_pair(
+        model, image_a, image_b, parsed, repeats=repeats, seed=seed, temperature=temperature, prompts_dir=prompts_dir
+    )
+    width = max(len(str(image_a)), len(str(image_b)))
+    click.echo(f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS))
+    for tag, path, scores in (("A", image_a, result.scores.a), ("B", image_b, result.scores.b)):
+        click.echo(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
+    verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
+    click.echo(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
+
+
+def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
+    # The one place that knows the VLM backend's entry point; weights load on the first chat.
+    from localora.devices import DeviceManager, pick_device
+    from localora.vlm import VLM
+
+    return VLM(profile.vlm, devices=DeviceManager(device=pick_device(profile.device), placement=profile.placement))
+
+
+def _csv(text: str, option: str, kind: type = str) -> tuple:
+    try:
+        items = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LocaloraError(f"{option} {text}: expected values separated by commas, e.g. 1,2,3") from None
+    if not items:
+        raise LocaloraError(f"{option}: give at least one value")
+    return items
+
+
+@click.command()
+@click.option("--testbed", required=True, help="A shipped testbed (tiny, composlora-anime, composlora-realistic) or a .toml file.")
+@click.option("--methods", default="merge,switch,composite,reflect", show_default=True, help="Methods to run, comma-separated.")
+@click.option("--elements", default=3, show_default=True, type=int, help="LoRAs per composition set (one character + N-1 categories).")
+@click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
+@click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's).")
+@click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
+@click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files.")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order.")
+@click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds.")
+@click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round.")
+@click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
+@click.option("--profile", "profile_name", default=None, help="Profile from models.toml (default: the testbed's).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
+@click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
+def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
+          lora_dir: str | None, repeats: int, iterations: int, candidates: int, no_fewshot: bool,
+          profile_name: str | None, out: Path, plain: bool) -> None:
+    """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
+
+    Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
+    saved as soon as it is made: rerun the same command to go on after an interruption. Runs with
+    other --elements, --seeds or --methods add to the same folder. Then: localora report OUT.
+    """
+    from localora import bench as benching
+
+    cfg = benching.BenchConfig(
+        testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
+        seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
+        repeats=repeats, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
+    )
+    ui = benching.PlainProgress(click.echo) if plain or not sys.stdout.isatty() else benching.LiveProgress()
+    try:
+        with ui:
+            summary = benching.run(cfg, ui)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; finished rows are saved in {out / benching.DB_FILE}. Rerun the same command to go on.",
+                   err=True)
+        sys.exit(130)
+    click.echo(f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
+               f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls. Report: localora report {out}")
+
+
+@click.command()
+@click.argument("bench_dir", type=click.Path(path_type=Path))
+def report(bench_dir: Path) -> None:
+    """Write report.md and PNG plots in a bench folder: CLIP table, win / tie / loss vs the baseline."""
+    from localora import bench_report
+
+    for path in bench_report.write(bench_dir):
+        click.echo(str(path))
+
+
+COMMANDS = [score, judge, bench, report]

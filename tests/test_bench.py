@@ -1,0 +1,280 @@
+"""The bench end to end on the tiny testbed (real renderer, VLM, CLIP and judge): SQLite rows,
+kill and resume, accumulating sizes, the report, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from rich.console import Console
+
+from localora import bench, bench_report, judge
+from localora.cli import main
+from support import one_error_line
+
+SETS = ("demo-character_demo-clothing", "demo-character_demo-style")  # the tiny testbed's 2-element sets
+METHODS = ("merge", "switch", "composite", "reflect")
+ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--methods", ",".join(METHODS),
+        "--iterations", "1", "--candidates", "2", "--no-fewshot")
+KILL_AFTER = 9  # set 1 complete (4 rows + 3 pairs), then set 2's merge and switch
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def localora(*args) -> subprocess.Popen:
+    # LOCALORA_HOME is the session's (conftest), so the tiny models are built once for all tests.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def table(out: Path, name: str) -> dict[tuple, dict]:
+    """A bench table keyed by (set, seed, method), every column including rowid."""
+    with sqlite3.connect(out / bench.DB_FILE) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute(f"SELECT rowid, * FROM {name}")]
+    return {(r["set_id"], r["seed"], r["method"]): r for r in rows}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, localora_home):
+    """A bench killed (SIGKILL) after KILL_AFTER finished rows, then rerun with the same arguments."""
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    proc = localora(*ARGS, "--out", out)
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("["):
+            seen += 1
+            if seen == KILL_AFTER:
+                proc.kill()
+                break
+    first_output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -9, first_output
+    before = {"results": table(out, "results"), "pairs": table(out, "pairs")}
+    images = {k: (out / r["image"]).stat().st_mtime_ns for k, r in before["results"].items()}
+    loop_logs = {p.parent.name: p.read_bytes() for p in (out / "runs").glob("*/events.jsonl")}
+
+    proc = localora(*ARGS, "--out", out)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    return out, before, images, loop_logs, output
+
+
+def test_a_finished_bench_holds_every_row(resumed):
+    out = resumed[0]
+    results, pairs = table(out, "results"), table(out, "pairs")
+    assert set(results) == {(s, 0, m) for s in SETS for m in METHODS}
+    assert set(pairs) == {(s, 0, m) for s in SETS for m in METHODS if m != "merge"}
+    for (set_id, _, method), r in results.items():
+        ids = set_id.split("_")
+        assert json.loads(r["loras"]) == ids and r["elements"] == 2
+        assert r["prompt"] == "best quality, " + ", ".join(
+            {"demo-character": "demo character, red hair", "demo-clothing": "demo clothing, blue jacket",
+             "demo-style": "demo style, watercolor"}[i] for i in ids)
+        weights = json.loads(r["weights"])
+        assert set(weights) == set(ids) == set(json.loads(r["clip_i_each"]))
+        if method == "reflect":
+            assert all(0.0 <= w <= 1.5 for w in weights.values()) and r["vlm_calls"] == 3  # generate, feedback, refine
+            assert (out / "runs" / f"{set_id}-s0" / "final.json").is_file()
+        else:
+            assert set(weights.values()) == {0.8} and r["vlm_calls"] == 0
+        assert -1 <= r["clip_t"] <= 1 and -1 <= r["clip_i"] <= 1
+        assert r["clip_i"] == pytest.approx(statistics.fmean(json.loads(r["clip_i_each"]).values()))
+        assert (out / r["image"]).read_bytes().startswith(PNG_SIGNATURE)
+    for p in pairs.values():
+        assert p["baseline"] == "merge" and p["vlm_calls"] == 2  # both orders, one repeat
+        answers = json.loads(p["answers"])
+        assert sorted(a["first"] for a in answers) == ["a", "b"]
+        scores = judge.PairScores({d: p[f"{d}_a"] for d in judge.DIMENSIONS}, {d: p[f"{d}_b"] for d in judge.DIMENSIONS})
+        assert {d: p[d] for d in judge.DIMENSIONS} == judge.verdict(scores)
+    # The single-LoRA CLIP-I references were saved beside the outputs.
+    assert sorted(p.name for p in (out / "images" / SETS[0]).glob("s0-ref-*.png")) == [
+        "s0-ref-demo-character.png", "s0-ref-demo-clothing.png"]
+
+
+def test_a_killed_bench_resumes_without_redoing_finished_rows(resumed):
+    out, before, images, loop_logs, output = resumed
+    results, pairs = table(out, "results"), table(out, "pairs")
+    done = len(before["results"]) + len(before["pairs"])
+    assert KILL_AFTER <= done < 2 * (2 * len(METHODS) - 1)
+    # Finished rows are untouched: same rowid, timestamp, session and values; their images too.
+    for name, now in (("results", results), ("pairs", pairs)):
+        assert all(now[k] == row for k, row in before[name].items())
+    assert all((out / results[k]["image"]).stat().st_mtime_ns == t for k, t in images.items())
+    finished_loops = {f"{s}-s0" for s, _, m in before["results"] if m == "reflect"}
+    for name in finished_loops:
+        assert (out / "runs" / name / "events.jsonl").read_bytes() == loop_logs[name]
+    new = [r for k, r in results.items() if k not in before["results"]]
+    new_pairs = [r for k, r in pairs.items() if k not in before["pairs"]]
+    sessions = {r["session"] for r in [*before["results"].values(), *before["pairs"].values()]}
+    assert len(sessions) == 1 and {r["session"] for r in new + new_pairs} == {max(sessions) + 1}
+    # The rerun's own totals (renderer and VLM counters, not the rows) are exactly the new rows'
+    # work: nothing was rendered, scored or judged again for a finished row.
+    lines = output.splitlines()
+    assert lines[0] == f"bench: {len(new) + len(new_pairs)} rows to make, {done} already done"
+    assert sum(line.startswith("[") for line in lines) == len(new) + len(new_pairs)
+    m = re.fullmatch(r"bench: (\d+) rows made, (\d+) already done; (\d+) renders \((\d+) from the cache\), "
+                     r"(\d+) VLM calls\. Report: .*", lines[-1])
+    assert m, lines[-1]
+    made, skipped, renders, hits, calls = map(int, m.groups())
+    assert (made, skipped) == (len(new) + len(new_pairs), done)
+    assert renders == sum(r["renders"] for r in new) and hits == sum(r["cache_hits"] for r in new)
+    assert calls == sum(r["vlm_calls"] for r in new + new_pairs)
+
+
+def test_a_complete_bench_reruns_as_a_no_op(resumed):
+    out = resumed[0]
+    result = cli(*ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "0 rows to make, 14 already done" in result.output and "0 VLM calls" in result.output
+
+
+def test_a_folder_refuses_a_bench_with_other_settings(resumed):
+    out = resumed[0]
+    args = [a if a != "2" or prev != "--candidates" else "3" for prev, a in zip(("",) + ARGS, ARGS)]
+    one_error_line(cli(*args, "--out", out), str(out), "other settings", "candidates 2 there, 3 now")
+
+
+# ------------------------------------------------------------------ the report
+
+@pytest.fixture(scope="module")
+def reported(resumed):
+    """The 2-element bench plus a 3-element one in the same folder, then `localora report`."""
+    out = resumed[0]
+    result = cli("bench", "--testbed", "tiny", "--elements", "3", "--methods", "merge,switch", "--iterations", "1",
+                 "--candidates", "2", "--no-fewshot", "--out", out)
+    assert result.exit_code == 0, result.output
+    result = cli("report", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def _md_table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after `heading`."""
+    lines = iter(text.split(heading + "\n", 1)[1].splitlines())
+    rows = [next(ln for ln in lines if ln.startswith("|"))]
+    rows += itertools.takewhile(lambda ln: ln.startswith("|"), lines)
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows[2:]]  # past header and rule
+
+
+def _mean_std(values):
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def test_report_table_matches_the_database(reported):
+    out, _ = reported
+    text = (out / "report.md").read_text()
+    results = list(table(out, "results").values())
+    assert sorted({r["elements"] for r in results}) == [2, 3]
+    for heading, rows in (("## CLIP scores", results),
+                          ("### 2 elements", [r for r in results if r["elements"] == 2]),
+                          ("### 3 elements", [r for r in results if r["elements"] == 3])):
+        expected = []
+        for m in METHODS:
+            mine = [r for r in rows if r["method"] == m]
+            if mine:
+                expected.append([m, _mean_std([r["clip_i"] for r in mine]), _mean_std([r["clip_t"] for r in mine]),
+                                 str(len(mine))])
+        assert _md_table(text, heading) == expected, heading
+    pairs = list(table(out, "pairs").values())
+    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    for m in ("switch", "composite", "reflect"):
+        for d in judge.DIMENSIONS:
+            verdicts = [p[d] for p in pairs if p["method"] == m]
+            row = next(r for r in judged if r[:2] == [m, d])
+            counts = [int(re.search(r"\((\d+)\)", cell)[1]) for cell in row[2:5]]
+            assert counts == [verdicts.count("win"), verdicts.count("tie"), verdicts.count("loss")]
+            assert int(row[5]) == len(verdicts)
+    assert "#### 2 elements" in text and "#### 3 elements" in text
+
+
+def test_report_plots_are_png_files(reported):
+    out, printed = reported
+    for name in (bench_report.WINRATE_PNG, bench_report.BY_ELEMENTS_PNG):
+        path = out / name
+        assert path.read_bytes().startswith(PNG_SIGNATURE) and f"]({name})" in (out / "report.md").read_text()
+        with Image.open(path) as im:
+            im.verify()
+        assert str(path) in printed
+
+
+def test_report_counts_wins_ties_and_losses():
+    # The tiny judge only ties; a constructed table checks the arithmetic and a mixed plot.
+    def pair(method, comp, qual, n=2):
+        return {"method": method, "baseline": "merge", "elements": n, "composition_a": comp[0],
+                "composition_b": comp[1], "quality_a": qual[0], "quality_b": qual[1]}
+
+    pairs = [pair("reflect", (7, 5), (6, 6)), pair("reflect", (4, 5), (7, 6)), pair("reflect", (8, 6), (5, 5)),
+             pair("switch", (5, 5), (3, 4), n=3)]
+    results = [{"method": m, "set_id": f"s{i}", "seed": 0, "elements": 2, "clip_i": 0.5 + i / 10, "clip_t": 0.3}
+               for m in ("merge", "reflect") for i in range(2)]
+    settings = {"testbed": "t", "profile": "p", "lora_scale": 0.8, "baseline": "merge", "iterations": 1,
+                "candidates": 2, "fewshot": False, "repeats": 1}
+    text = bench_report.markdown(results, pairs, settings, [])
+    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    assert judged[0] == ["switch", "composition", "0.0% (0)", "100.0% (1)", "0.0% (0)", "1", "5.00 / 5.00"]
+    assert judged[2] == ["reflect", "composition", "66.7% (2)", "0.0% (0)", "33.3% (1)", "3", "6.33 / 5.33"]
+    assert judged[3] == ["reflect", "quality", "33.3% (1)", "66.7% (2)", "0.0% (0)", "3", "6.00 / 5.67"]
+    assert _md_table(text, "## CLIP scores")[0] == ["merge", "0.5500 ± 0.0707", "0.3000 ± 0.0000", "2"]
+
+
+# ------------------------------------------------------------------ progress
+
+def test_live_progress_shows_bar_eta_current_step_and_rows():
+    console = Console(record=True, width=160, force_terminal=True)
+    ui = bench.LiveProgress(console)
+    with ui:
+        ui.start(4, 2)
+        ui.working("demo-character_demo-style seed 0 reflect iter1/generate")
+        ui.finished("demo-character_demo-style seed 0 merge     CLIP-T 0.1000 CLIP-I 0.2000")
+        console.print(ui.bar.get_renderable())
+    text = console.export_text()
+    for fragment in ("4 rows to make, 2 already done", "1/4", "ETA", "reflect iter1/generate", "CLIP-T 0.1000"):
+        assert fragment in text
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_report_on_an_empty_folder(tmp_path):
+    one_error_line(cli("report", tmp_path), "not a bench folder", "empty")
+
+
+def test_report_on_a_folder_that_is_not_a_bench(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    one_error_line(cli("report", tmp_path), "not a bench folder", bench.DB_FILE)
+    (tmp_path / bench.DB_FILE).write_text("not sqlite")
+    one_error_line(cli("report", tmp_path), "not a localora bench database")
+
+
+def test_bench_with_an_unknown_method(tmp_path):
+    one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge,lora-blend", "--out", tmp_path / "b"),
+                   "unknown method", "lora-blend", "merge, switch, composite, reflect")
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_with_more_elements_than_categories(tmp_path):
+    one_error_line(cli("bench", "--testbed", "tiny", "--elements", "4", "--out", tmp_path / "b"),
+                   "composition size 4", "1 to 3")
+
+
+def test_bench_baseline_must_be_one_of_the_methods(tmp_path):
+    one_error_line(cli("bench", "--testbed", "tiny", "--methods", "switch,reflect", "--out", tmp_path / "b"),
+                   "--judge-baseline merge")
+
+
+def test_bench_into_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge", "--out", tmp_path), "not a bench folder")
