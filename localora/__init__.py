@@ -11,3 +11,13 @@ _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 # Progress bars of model loading would garble the live view and logs; localora shows its own.
 _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def package_version(package: str) -> str:
+    """An installed package's version, or "not installed"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"

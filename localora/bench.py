@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ from PIL import Image
 from localora import judge, testbeds
 from localora.errors import LocaloraError
 from localora.files import atomic_write, file_hash
-from localora.loras import Lora, switch_order, with_triggers
+from localora.loras import Lora, switch_order
 from localora.profiles import Profile, load_profile
 from localora.testbeds import Testbed, TestbedLora
 
@@ -364,7 +364,7 @@ class _Runner:
     scorer: Any
     session: int
     have: dict[tuple[str, int, str], dict[str, Any]]
-    _refs: dict[Case, dict[str, list]] = field(default_factory=dict)
+    _refs: tuple[Case, dict[str, list]] | None = None
 
     @property
     def out(self) -> Path:
@@ -447,7 +447,9 @@ class _Runner:
         from localora.runlog import RunFolder
 
         c, profile = self.plan.cfg, self.plan.profile
-        cfg = ComposeConfig(prompt=self.plan.testbed.prompt_for(case.combo), loras=tuple(self._loras(case)),
+        # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
+        # single-LoRA references with that LoRA's words only.
+        cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=tuple(self._loras(case)),
                             iterations=c.iterations, candidates=c.candidates, seed=case.seed, fewshot=c.fewshot,
                             fewshot_threshold=profile.clip.fewshot_threshold,
                             negative_prompt=self.plan.testbed.negative_prompt)
@@ -471,22 +473,21 @@ class _Runner:
         The single-LoRA render is the reflect loop's own reference render (same prompt, weight,
         method and seed), so the render cache serves it to both.
         """
-        if case not in self._refs:
-            from localora.render import RenderJob
+        if self._refs is None or self._refs[0] != case:  # only the current case is kept
+            from localora.reflect import reference_job
 
-            prompt = self.plan.testbed.prompt_for(case.combo)
             refs = {}
             for lora in self._loras(case):
                 if lora.references:
                     refs[lora.name] = list(lora.references)
                     continue
-                job = RenderJob(prompt=with_triggers(prompt, [lora]), loras=(lora,), weights=(1.0,), method="merge",
-                                seed=case.seed, negative_prompt=self.plan.testbed.negative_prompt)
+                job = reference_job(self.plan.testbed.prompt, lora, method="merge", seed=case.seed,
+                                    negative_prompt=self.plan.testbed.negative_prompt)
                 image = self.renderer.render(job).image
                 self._save(image, case, f"ref-{lora.name}")
                 refs[lora.name] = [image]
-            self._refs[case] = refs
-        return self._refs[case]
+            self._refs = (case, refs)
+        return self._refs[1]
 
     def _save(self, image: Image.Image, case: Case, name: str) -> str:
         rel = f"images/{case.set_id}/s{case.seed}-{name}.png"

@@ -195,6 +195,15 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     from localora.reflect import ComposeConfig
 
     if resume:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        ignored = [p.opts[0] if p.opts else p.name for p in ctx.command.params
+                   if p.name not in ("resume", "plain", "lora_specs", "catalog", "profile")
+                   and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if ignored:
+            raise LocaloraError(f"--resume continues with the settings in the run's run.json; "
+                                f"drop {', '.join(ignored)}")
         given = None
         if lora_specs:
             prof = load_profile(profile)
@@ -207,9 +216,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     prof = load_profile(profile)
     choices = resolve_loras(prof, lora_specs, catalog)
     lo, hi = _float_pair(bounds)
-    starts = None
-    if any(c.weight is not None for c in choices):
-        starts = tuple(min(max(1.0, lo), hi) if c.weight is None else c.weight for c in choices)
+    starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     try:
         levels = tuple(float(x) for x in fewshot_levels.split(","))
     except ValueError:
@@ -221,7 +228,6 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         temperature=temperature, steps=steps, guidance=guidance, width=width, height=height,
         prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
     )
-    cfg.check()
     run = session.start(cfg, prof, Path(out) if out else session.default_out(prompt))
     _run_compose(cfg, prof, run, plain)
 

@@ -60,10 +60,10 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tupl
 
 def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
     # The one place that knows the VLM backend's entry point; weights load on the first chat.
-    from localora.devices import DeviceManager, pick_device
+    from localora.devices import DeviceManager
     from localora.vlm import VLM
 
-    return VLM(profile.vlm, devices=DeviceManager(device=pick_device(profile.device), placement=profile.placement))
+    return VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
 
 
 def _csv(text: str, option: str, kind: type = str) -> tuple:

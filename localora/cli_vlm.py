@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import platform
 import struct
-from importlib import metadata
 from pathlib import Path
 
 import click
 
-from localora import profiles, schemas
+from localora import package_version, profiles, schemas
 from localora.errors import LocaloraError
 
 JSON_KINDS = ("weights", "candidates", "choice", "judge", "feedback", "refine")
@@ -66,7 +65,7 @@ def _quiet_transformers() -> None:
 def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options, max_chars, temperature, seed,
         max_new_tokens, stats) -> None:
     """Ask the profile's VLM QUESTION about the --image files; Picture 1 is the first --image."""
-    from localora.devices import DeviceManager, pick_device
+    from localora.devices import DeviceManager
     from localora.vlm import VLM, load_image
 
     schema = None
@@ -76,7 +75,7 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
     pictures = [load_image(p) for p in images]  # bad files fail before any model loads
     profile = profiles.load_profile(profile_name)
     _quiet_transformers()
-    vlm = VLM(profile.vlm, devices=DeviceManager(device=pick_device(profile.device), placement=profile.placement))
+    vlm = VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
     answer = vlm.chat(system, pictures, question, schema=schema, temperature=temperature, seed=seed,
                       max_new_tokens=max_new_tokens)
     click.echo(answer.text)
@@ -109,13 +108,6 @@ CUDA_CONTEXT_GIB = 0.5
 BASIS = (f"parameters (published counts, or the local safetensors headers) x bytes per parameter "
          f"(fp32 4, fp16/bf16 2, int8 1.1, nf4 0.6; CLIP in fp32), x{ACTIVATIONS} for activations, "
          f"+{CUDA_CONTEXT_GIB} GiB CUDA context; swap: the largest model, resident: the sum")
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _safetensors_params(path: Path) -> int:
@@ -180,7 +172,7 @@ def doctor(profile_name) -> None:
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     click.echo(f"torch {torch.__version__} ({cuda}; CUDA available: {'yes' if torch.cuda.is_available() else 'no'})")
     for package in ("transformers", "diffusers", "bitsandbytes", "xgrammar", "open_clip_torch"):
-        click.echo(f"{package} {_version(package)}")
+        click.echo(f"{package} {package_version(package)}")
     click.echo(f"GPU: {_gpu_line()}")
 
     click.echo(f"profile {profile.name} (placement {profile.placement}, device {profile.device})")

@@ -168,9 +168,3 @@ class ClipScorer:
             return []
         sims = self.image_embeddings(images) @ self.image_embeddings(references).T
         return sims.mean(dim=1).tolist()
-
-
-def load(spec: ClipSpec, manager: DeviceManager | None = None, device: str | torch.device = "auto") -> ClipScorer:
-    """Shorthand for ClipScorer.load."""
-    return ClipScorer.load(spec, manager=manager, device=device)
-

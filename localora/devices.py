@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +55,11 @@ class DeviceManager:
     history: list[Placement] = field(default_factory=list)
     _components: dict[str, _Component] = field(default_factory=dict)
 
+    @classmethod
+    def for_profile(cls, profile: Any, log: Callable[[Placement], None] | None = None) -> DeviceManager:
+        """The device and placement a profile asks for."""
+        return cls(pick_device(profile.device), profile.placement, log=log)
+
     def register(self, name: str, load: Callable[[torch.device], Any], *, movable: bool = True) -> None:
         """`load(device)` builds the component on `device`; it is called on first use only,
         and again after a drop. `movable=False` for models that cannot leave the device."""
@@ -86,15 +90,6 @@ class DeviceManager:
         comp.on_device = True
         self._record(name, action, start)
         return comp.model
-
-    @contextmanager
-    def use(self, name: str) -> Iterator[Any]:
-        yield self.acquire(name)
-
-    def release_all(self) -> None:
-        for name, comp in self._components.items():
-            if comp.model is not None:
-                self._drop(name, comp)
 
     def _evict(self, name: str, comp: _Component) -> None:
         if not comp.movable:

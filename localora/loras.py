@@ -262,9 +262,10 @@ def read_catalog(path: Path) -> dict[str, Lora]:
         category = t.get("category")
         if category is not None and category not in CATEGORIES:
             raise LocaloraError(f"{where}: category '{category}' is not one of {', '.join(CATEGORIES)}")
-        base = Path(path).parent
-        file = (base / Path(t["file"]).expanduser())
-        refs = tuple(base / r for r in t.get("references", []))
+        base = Path(path).resolve().parent
+        file = (base / Path(t["file"]).expanduser()).resolve()
+        check_suffix(file)
+        refs = tuple((base / r).resolve() for r in t.get("references", []))
         out[name] = Lora(name=name, path=file, category=category, triggers=str(t.get("triggers", "")), references=refs)
     return out
 
@@ -283,7 +284,10 @@ def parse_choice(text: str, catalog: dict[str, Lora]) -> LoraChoice:
             if not math.isfinite(weight):
                 raise LocaloraError(f"--lora {text}: weight must be a finite number, got '{tail}'")
     if target in catalog:
-        return LoraChoice(catalog[target], weight)
+        lora = catalog[target]
+        if not lora.path.is_file():
+            raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
+        return LoraChoice(lora, weight)
     path = Path(target).expanduser()
     check_suffix(path)
     if path.suffix.lower() == ".safetensors" or path.exists():

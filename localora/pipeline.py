@@ -59,15 +59,21 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     if spec.vae:
         vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
         kwargs["vae"] = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if path.is_file():
-            if path.suffix.lower() != ".safetensors":
-                loralib.check_suffix(path)
-                raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
-            pipe = cls.from_single_file(str(path), **kwargs)
-        else:
-            pipe = cls.from_pretrained(path, **kwargs)
+    if path.is_file() and path.suffix.lower() != ".safetensors":
+        loralib.check_suffix(path)
+        raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.is_file():
+                pipe = cls.from_single_file(str(path), **kwargs)
+            else:
+                pipe = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise LocaloraError(
+            f"{path}: cannot load the {spec.arch.upper()} pipeline of '{spec.name}' ({str(e).splitlines()[0][:160]}); "
+            f"check the folder is a complete diffusers model or fetch it again"
+        ) from None
     pipe.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -39,7 +39,7 @@ class ComposeConfig:
     candidates: int = 5
     bounds: tuple[float, float] = (0.0, 1.5)
     seed: int = 0
-    start: tuple[float, ...] | None = None  # default: 1.0 each
+    start: tuple[float | None, ...] | None = None  # None (or a None entry): 1.0, inside the bounds
     method: str = "merge"
     fewshot: bool = True
     fewshot_levels: tuple[float, ...] = (0.4, 0.7, 1.0)
@@ -66,10 +66,15 @@ class ComposeConfig:
         if self.start is not None:
             if len(self.start) != len(self.loras):
                 raise LocaloraError(f"--start has {len(self.start)} weights for {len(self.loras)} LoRAs")
-            if any(not lo <= w <= hi for w in self.start):
+            if any(w is not None and not lo <= w <= hi for w in self.start):
                 raise LocaloraError(f"--start weights must lie within the bounds {lo:g}..{hi:g}")
         if len({lo.name for lo in self.loras}) != len(self.loras):
             raise LocaloraError("the same LoRA name is given twice; each LoRA once")
+
+    def sampling(self) -> dict[str, Any]:
+        """The render settings every image of the run shares."""
+        return {"seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps,
+                "guidance": self.guidance, "width": self.width, "height": self.height}
 
     @property
     def names(self) -> list[str]:
@@ -78,7 +83,8 @@ class ComposeConfig:
     @property
     def start_weights(self) -> tuple[float, ...]:
         lo, hi = self.bounds
-        return self.start or tuple(min(max(1.0, lo), hi) for _ in self.loras)
+        default = min(max(1.0, lo), hi)
+        return tuple(default if w is None else w for w in (self.start or [None] * len(self.loras)))
 
     def settings(self) -> dict[str, Any]:
         """What run.json stores: enough to resume, and to tell what ran."""
@@ -97,6 +103,15 @@ class ComposeConfig:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def reference_job(base_prompt: str, lora: Lora, **settings: Any) -> RenderJob:
+    """A LoRA alone at weight 1.0, with only its own trigger words: what its element looks like.
+
+    The loop shows these to the VLM and the bench scores CLIP-I against them; both build them
+    here so the render cache serves one to the other.
+    """
+    return RenderJob(prompt=with_triggers(base_prompt, [lora]), loras=(lora,), weights=(1.0,), **settings)
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,8 @@ class Loop:
         cfg = self.cfg
         self._event({"type": "start", "iterations": cfg.iterations, "candidates": cfg.candidates,
                      "loras": cfg.names, "grid": len(fewshot.grid(len(cfg.loras), cfg.fewshot_levels)) if cfg.fewshot else 0})
-        refs = [self.render(f"ref/{i}", "reference", self._alone(i), prompt=with_triggers(cfg.prompt, [lo]), only=i)
+        refs = [self.render(f"ref/{i}", "reference", self._alone(i),
+                            job=reference_job(cfg.prompt, lo, method=cfg.method, **cfg.sampling()))
                 for i, lo in enumerate(cfg.loras)]
         examples = self.examples() if cfg.fewshot else []
         weights = cfg.start_weights
@@ -161,10 +177,7 @@ class Loop:
     def examples(self) -> list[str]:
         """Few-shot example lines, from the library or by scoring a grid."""
         cfg = self.cfg
-        key = {"prompt": self._prompt, "loras": [file_hash(lo.path) for lo in cfg.loras],
-               "model": self.renderer.profile.diffusion.source, "clip": self.renderer.profile.clip.source,
-               "levels": list(cfg.fewshot_levels), "threshold": cfg.fewshot_threshold, "seed": cfg.seed,
-               "method": cfg.method, "size": [cfg.width, cfg.height, cfg.steps, cfg.guidance]}
+        key = self.library_key()
         done = self.run.completed.get("fewshot")
         if done is None:
             stored = fewshot.load_library(key)
@@ -183,70 +196,82 @@ class Loop:
                 for s in done["kept"]]
         return [fewshot.describe(e, self.cfg.names) for e in kept]
 
+    def library_key(self) -> dict[str, Any]:
+        """What decides the few-shot examples: the grid's render keys (model, LoRA bytes, every
+        setting) and how the images are scored."""
+        cfg = self.cfg
+        return {"renders": [self.renderer.key(self.job(w)) for w in fewshot.grid(len(cfg.loras), cfg.fewshot_levels)],
+                "texts": self._score_texts(), "clip": asdict(self.renderer.profile.clip),
+                "threshold": cfg.fewshot_threshold, "keep": cfg.fewshot_keep}
+
     def _score_grid(self):
         cfg = self.cfg
         vectors = fewshot.grid(len(cfg.loras), cfg.fewshot_levels)
         paths = [self.render(f"grid/{i}", "grid", w) for i, w in enumerate(vectors)]
         images = {p: self.run.image(p) for p in paths}
-        pictures = [images[p] for p in paths]
-        full = self.scorer.clip_t_batch(pictures, self._prompt)
-        per_lora = [self.scorer.clip_t_batch(pictures, lo.triggers or lo.name) for lo in cfg.loras]
-        scored = [fewshot.Scored(w, float(full[i]), tuple(float(s[i]) for s in per_lora), paths[i])
-                  for i, w in enumerate(vectors)]
+        # Each image is embedded once and compared with the prompt and every LoRA's trigger words.
+        cosines = (self.scorer.image_embeddings([images[p] for p in paths])
+                   @ self.scorer.text_embeddings(self._score_texts()).T).tolist()
+        scored = [fewshot.Scored(w, row[0], tuple(row[1:]), paths[i]) for i, (w, row) in enumerate(zip(vectors, cosines))]
         return fewshot.select(scored, cfg.fewshot_threshold, cfg.fewshot_keep), scored, images
+
+    def _score_texts(self) -> list[str]:
+        return [self._prompt, *(lo.triggers or lo.name for lo in self.cfg.loras)]
 
     def generate(self, r: int, weights, current: str, refs: list[str], examples: list[str]) -> list[tuple[float, ...]]:
         cfg = self.cfg
         lo, hi = cfg.bounds
-        text = self._template("generate", current=self._fmt(weights), last_reference=str(1 + len(refs)),
+        schema = schemas.candidates(cfg.names, cfg.candidates, lo, hi)
+        text = self._template("generate", schema, current=self._fmt(weights), last_reference=str(1 + len(refs)),
                               examples="\n".join(examples) or "(none)", candidates=str(cfg.candidates))
-        value = self.ask(f"iter{r}/generate", "generate", [current, *refs], text,
-                         schemas.candidates(cfg.names, cfg.candidates, lo, hi))
+        value = self.ask(f"iter{r}/generate", "generate", [current, *refs], text, schema)
         return [tuple(float(v[n]) for n in cfg.names) for v in value]
 
     def feedback(self, r: int, vectors, cands: list[str], refs: list[str]) -> str:
         m = len(cands)
-        text = self._template("feedback", candidates=str(m), candidate_list=self._list(vectors),
+        schema = schemas.feedback(self.cfg.feedback_chars)
+        text = self._template("feedback", schema, candidates=str(m), candidate_list=self._list(vectors),
                               first_reference=str(m + 1), last_reference=str(m + len(refs)))
-        value = self.ask(f"iter{r}/feedback", "feedback", [*cands, *refs], text, schemas.feedback(self.cfg.feedback_chars))
+        value = self.ask(f"iter{r}/feedback", "feedback", [*cands, *refs], text, schema)
         return value["feedback"]
 
     def refine(self, r: int, vectors, cands: list[str], notes: str) -> tuple[float, ...]:
         lo, hi = self.cfg.bounds
-        text = self._template("refine", candidates=str(len(cands)), candidate_list=self._list(vectors),
+        schema = schemas.refine(self.cfg.names, lo, hi, self.cfg.feedback_chars)
+        text = self._template("refine", schema, candidates=str(len(cands)), candidate_list=self._list(vectors),
                               feedback=notes.strip() or "(none)")
-        value = self.ask(f"iter{r}/refine", "refine", cands, text,
-                         schemas.refine(self.cfg.names, lo, hi, self.cfg.feedback_chars))
+        value = self.ask(f"iter{r}/refine", "refine", cands, text, schema)
         return tuple(float(value["weights"][n]) for n in self.cfg.names)
 
     def select(self, refined: list[tuple[tuple[float, ...], str]]) -> int:
         if len(refined) == 1:
             return 1  # one refined image: nothing to choose
-        text = self._template("select", count=str(len(refined)),
+        schema = schemas.choice(len(refined))
+        text = self._template("select", schema, count=str(len(refined)),
                               image_list=self._list([w for w, _ in refined], label="round"))
-        return int(self.ask("select", "select", [p for _, p in refined], text, schemas.choice(len(refined))))
+        return int(self.ask("select", "select", [p for _, p in refined], text, schema))
 
     # ------------------------------------------------------------ memoized actions
 
-    def render(self, step: str, role: str, weights, prompt: str | None = None, only: int | None = None,
-               iteration: int | None = None) -> str:
-        """Render (or recall) one image; returns its path in the run folder."""
+    def render(self, step: str, role: str, weights, job: RenderJob | None = None, iteration: int | None = None) -> str:
+        """Render (or recall) one image, by default the composition at `weights`; returns its
+        path in the run folder."""
         done = self.run.completed.get(step)
         if done:
             return done["image"]
         cfg = self.cfg
-        loras, w = cfg.loras, tuple(weights)
-        if only is not None:  # a reference: that LoRA alone, not the others at weight 0
-            loras, w = (cfg.loras[only],), (1.0,)
-        job = RenderJob(prompt=prompt or self._prompt, loras=loras, weights=w, method=cfg.method, seed=cfg.seed,
-                        negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                        width=cfg.width, height=cfg.height)
+        job = job or self.job(weights)
         out = self.renderer.render(job)
         rel = self.run.save_image(out.image, out.key)
         self._event({"type": "render", "id": step, "role": role, "iteration": iteration,
                      "weights": dict(zip(cfg.names, weights)), "key": out.key, "cached": out.cached,
                      "image": rel, "seconds": round(out.seconds, 3)})
         return rel
+
+    def job(self, weights) -> RenderJob:
+        cfg = self.cfg
+        return RenderJob(prompt=self._prompt, loras=cfg.loras, weights=tuple(weights), method=cfg.method,
+                         **cfg.sampling())
 
     def score(self, step: str, vectors, images: list[str], iteration: int) -> list[float]:
         done = self.run.completed.get(step)
@@ -262,7 +287,7 @@ class Loop:
         done = self.run.completed.get(step)
         if done:
             return done["value"]
-        system = self._template("system")
+        system = self._template("system", None)
         seed = self.cfg.seed * 7919 + zlib.crc32(step.encode()) % 7919
         answer = self.vlm.chat(system, [self.run.path / p for p in images], text, schema=schema,
                                temperature=self.cfg.temperature, seed=seed)
@@ -273,9 +298,11 @@ class Loop:
 
     # ------------------------------------------------------------ text
 
-    def _template(self, name: str, **fields: str) -> str:
+    def _template(self, name: str, schema, **fields: str) -> str:
+        """prompts/NAME.txt filled in; {answer_format} shows the shape the grammar will enforce."""
         lo, hi = self.cfg.bounds
-        base = {"prompt": self._prompt, "loras": self._loras_text(), "lo": f"{lo:.2f}", "hi": f"{hi:.2f}"}
+        base = {"prompt": self._prompt, "loras": self._loras_text(), "lo": f"{lo:.2f}", "hi": f"{hi:.2f}",
+                "answer_format": schema.describe() if schema is not None else ""}
         override = Path(self.cfg.prompts_dir) if self.cfg.prompts_dir else None
         return prompts.render(name, override, **base, **fields)
 

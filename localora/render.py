@@ -62,13 +62,15 @@ class RenderStats:
 @dataclass
 class Renderer:
     profile: Profile
-    devices: DeviceManager = field(default_factory=DeviceManager)
+    devices: DeviceManager | None = None  # default: the device and placement the profile asks for
     cache_dir: Path = field(default_factory=paths.render_cache_dir)
     on_step: methods.StepCallback | None = None
     stats: RenderStats = field(default_factory=RenderStats)
     _identity: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.devices is None:
+            self.devices = DeviceManager.for_profile(self.profile)
         if not self.devices.is_registered("diffusion"):
             self.devices.register("diffusion", lambda device: load_pipeline(self.profile.diffusion, device))
 
@@ -106,10 +108,6 @@ class Renderer:
 
     def cache_path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.png"
-
-    def cached(self, job: RenderJob) -> Path | None:
-        path = self.cache_path(self.key(job))
-        return path if path.is_file() else None
 
     # ------------------------------------------------------------ rendering
 

@@ -45,12 +45,10 @@ def _weights(w: dict[str, float]) -> str:
 
 def _plot(rounds: list[dict[str, float]]) -> str:
     """Weights over iterations as an inline SVG (matplotlib, no external resources)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.8), dpi=100)
+    fig = Figure(figsize=(6, 2.8), dpi=100)
+    ax = fig.subplots()
     names = list(rounds[0]) if rounds else []
     xs = list(range(len(rounds)))
     for name in names:
@@ -62,7 +60,6 @@ def _plot(rounds: list[dict[str, float]]) -> str:
     fig.tight_layout()
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
-    plt.close(fig)
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]
 

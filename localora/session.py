@@ -6,14 +6,15 @@ the only place that knows how they are wired together on one device.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from localora import __version__, report_html
-from localora.devices import DeviceManager, pick_device
+from localora import __version__, package_version, report_html
+from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Profile, load_profile
@@ -35,8 +36,7 @@ def components(profile: Profile, ui: Any = None) -> Components:
     from localora.clipscore import ClipScorer
     from localora.vlm import VLM
 
-    devices = DeviceManager(pick_device(profile.device), profile.placement,
-                            log=getattr(ui, "placement", None))
+    devices = DeviceManager.for_profile(profile, log=getattr(ui, "placement", None))
     renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None))
     return Components(devices, renderer, VLM(profile.vlm, devices=devices), ClipScorer.load(profile.clip, devices))
 
@@ -47,15 +47,8 @@ def default_out(prompt: str) -> Path:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"localora": __version__}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "xgrammar", "open_clip_torch", "bitsandbytes"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    packages = ("torch", "diffusers", "transformers", "peft", "xgrammar", "open_clip_torch", "bitsandbytes")
+    return {"localora": __version__, **{p: package_version(p) for p in packages}}
 
 
 def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
@@ -77,7 +70,11 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
     for stored, lo in zip(run.settings["config"]["loras"], cfg.loras):
         if not lo.path.is_file() or file_hash(lo.path) != stored["sha256"]:
             raise LocaloraError(f"{lo.path}: this LoRA file changed or is gone since the run started; cannot resume")
-    return run, cfg, load_profile(run.settings["profile"])
+    profile = load_profile(run.settings["profile"])
+    if json.loads(json.dumps(asdict(profile))) != run.settings.get("profile_spec"):
+        raise LocaloraError(f"{path}: profile '{profile.name}' in models.toml changed since this run started; "
+                            f"resuming would mix two settings (start a new run instead)")
+    return run, cfg, profile
 
 
 def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any) -> Final:

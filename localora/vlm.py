@@ -187,7 +187,7 @@ class VLM:
             # within this budget the grammar can always finish.
             budget = 4 * schema.max_chars + 1
             if max_new_tokens is not None and max_new_tokens < budget:
-                raise ValueError(f"max_new_tokens={max_new_tokens} may cut the answer short; the schema needs {budget}")
+                raise LocaloraError(f"--max-new-tokens {max_new_tokens} may cut the answer short; this answer format needs {budget}")
         max_new_tokens = max_new_tokens or budget
 
         prompt = self.prompt(system, len(pictures), text)

@@ -57,6 +57,15 @@ def test_missing_lora_file(tmp_path):
     one_error_line(gen(tmp_path / "nope.safetensors"), "nope.safetensors", "not found")
 
 
+def test_catalog_entry_whose_file_is_missing(tmp_path):
+    cat = tmp_path / "cat.toml"
+    cat.write_text('[loras.gone]\nfile = "missing.safetensors"\ncategory = "style"\n')
+    result = run("generate", "x", "--catalog", cat, "-l", "gone", "-o", tmp_path / "x.png", *SMALL)
+    one_error_line(result, "missing.safetensors", "catalog entry 'gone'")
+    cat.write_text('[loras.pickled]\nfile = "old.ckpt"\n')
+    one_error_line(run("generate", "x", "--catalog", cat, "-l", "pickled", *SMALL), "old.ckpt", "pickle")
+
+
 def test_corrupt_and_truncated_safetensors(tmp_path, demo_loras):
     truncated = tmp_path / "trunc.safetensors"
     data = demo_loras["sdxl"][0].path.read_bytes()

@@ -81,6 +81,22 @@ def test_fewshot_library_is_reused_by_a_second_run(demo):
     assert json.loads((first / "final.json").read_text())["weights"] == json.loads((second / "final.json").read_text())["weights"]
 
 
+def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_loras, sdxl_renderer, tmp_path):
+    from localora.reflect import ComposeConfig, Loop
+    from localora.runlog import RunFolder
+
+    def key(**changes):
+        cfg = ComposeConfig("a girl", tuple(demo_loras["sdxl"][:2]), **{"fewshot_threshold": 0.02, **changes})
+        run = RunFolder.create(tmp_path / f"run{len(list(tmp_path.iterdir()))}", {})
+        return Loop(cfg, run, sdxl_renderer, vlm=None, scorer=None).library_key()
+
+    base = key()
+    assert key() == base
+    for change in ({"negative_prompt": "blurry"}, {"steps": 3}, {"seed": 1}, {"fewshot_keep": 3},
+                   {"fewshot_threshold": 0.05}, {"fewshot_levels": (0.5, 1.0)}):
+        assert key(**change) != base, change
+
+
 def test_fewshot_selection_filters_unbalanced_and_keeps_the_best():
     S = fewshot.Scored
     table = [
@@ -223,6 +239,21 @@ def test_unwritable_output_folder(tmp_path):
 
 def test_resume_a_folder_that_is_not_a_run(tmp_path):
     one_error_line(compose("--resume", tmp_path), "not a localora run folder")
+
+
+def test_resume_refuses_a_changed_profile(demo, tmp_path):
+    _, run, _ = demo
+    from localora import paths
+
+    changed = tmp_path / "models.toml"
+    changed.write_text(paths.models_toml().read_text().replace("steps = 4\n", "steps = 3\n", 1))
+    result = CliRunner().invoke(main, ["compose", "--resume", str(run)], env={"LOCALORA_MODELS": str(changed)})
+    one_error_line(result, "profile 'tiny'", "changed since this run started")
+
+
+def test_resume_refuses_options_it_would_ignore(demo):
+    _, run, _ = demo
+    one_error_line(compose("--resume", run, "--iterations", "3", "--seed", "2"), "--iterations", "--seed")
 
 
 def test_resume_with_other_loras(demo):

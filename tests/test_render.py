@@ -51,6 +51,14 @@ def test_any_change_of_input_changes_the_key(demo_loras, sdxl_renderer):
     assert sdxl_renderer.key(base) == sdxl_renderer.key(RenderJob(**{**base.__dict__, "switch_every": 2}))
 
 
+def test_renderer_places_models_as_the_profile_asks(sdxl_renderer):
+    from dataclasses import replace
+
+    profile = replace(sdxl_renderer.profile, device="cpu", placement="resident")
+    renderer = Renderer(profile)
+    assert renderer.devices.placement == "resident" and renderer.devices.device.type == "cpu"
+
+
 def test_render_many_gives_one_image_per_weight_vector_in_order(demo_loras, sdxl_renderer):
     vectors = [(1.0, 1.0, 1.0), (0.2, 1.0, 1.0), (1.0, 1.0, 1.0)]
     out = sdxl_renderer.render_many(job(demo_loras["sdxl"], seed=21), vectors)

@@ -102,7 +102,7 @@ def test_sampling_is_seeded(vlm, pictures):
 
 
 def test_schema_budget_cannot_be_cut_short(vlm, pictures):
-    with pytest.raises(ValueError, match="cut the answer short"):
+    with pytest.raises(LocaloraError, match="cut the answer short"):
         vlm.chat(None, pictures[:1], "w?", schema=schemas.weights(["a"]), max_new_tokens=3)
 
 
@@ -237,6 +237,7 @@ def test_doctor(cli):
     (["--json", "weights", "--loras", "0", "--image", "{ok}", "q"], "at least one LoRA name"),
     (["--json", "weights", "--image", "{ok}", "q"], "needs --loras"),
     (["--json", "weights", "--loras", "2", "--lo", "1", "--hi", "0", "q"], "lo <= hi"),
+    (["--json", "weights", "--loras", "2", "--max-new-tokens", "3", "--image", "{ok}", "q"], "cut the answer short"),
 ])
 def test_ask_user_errors_are_one_line(cli, pictures, tmp_path, args, message):
     text = tmp_path / "notes.png"
