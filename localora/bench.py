@@ -31,6 +31,7 @@ from PIL import Image
 
 from localora import judge, testbeds
 from localora.errors import LocaloraError
+from localora.files import open_image
 from localora.files import atomic_write, file_hash
 from localora.loras import Lora, switch_order
 from localora.profiles import Profile, load_profile
@@ -378,7 +379,7 @@ class _Runner:
         for method in judged:
             for m in (method, base):
                 if m not in images:  # a finished row: its saved image, not a new render
-                    images[m] = _load(self.out / self.have[(case.set_id, case.seed, m)]["image"])
+                    images[m] = open_image(self.out / self.have[(case.set_id, case.seed, m)]["image"])
             self.pair(case, method, images[method], images[base])
 
     # ------------------------------------------------------------ one row each
@@ -496,11 +497,3 @@ class _Runner:
 
     def _work(self) -> tuple[int, int, int]:
         return self.renderer.stats.renders, self.renderer.stats.hits, self.vlm.calls
-
-
-def _load(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError:
-        raise LocaloraError(f"{path}: a finished row's image is missing or unreadable; restore it or use a new --out") from None

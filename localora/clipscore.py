@@ -25,6 +25,7 @@ from PIL import Image
 from localora import profiles
 from localora.devices import DeviceManager, pick_device
 from localora.errors import LocaloraError
+from localora.files import open_image
 from localora.profiles import ClipSpec
 
 ImageLike = Union[Image.Image, str, Path]
@@ -62,19 +63,6 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> torch.nn.Modul
     return model.eval().requires_grad_(False)
 
 
-def _open_image(image: ImageLike) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise LocaloraError(f"{path}: image not found") from None
-    except OSError as e:
-        raise LocaloraError(f"{path}: not a readable image ({e})") from None
-
-
 class ClipScorer:
     """Embeds images and texts with one open_clip model and scores them by cosine.
 
@@ -94,8 +82,8 @@ class ClipScorer:
             self._tokenizer = open_clip.get_tokenizer(f"local-dir:{self.path}")
         except Exception as e:  # a hub-tokenizer config (SigLIP) fails here offline
             raise LocaloraError(f"{self.path}: cannot build the CLIP tokenizer offline ({e})") from None
-        if manager is not None and not manager.is_registered(COMPONENT):
-            manager.register(COMPONENT, lambda dev: load_model(self.path, dev))
+        if manager is not None:
+            manager.register(COMPONENT, lambda dev: load_model(self.path, dev), source=str(self.path))
 
     @classmethod
     def load(cls, spec: ClipSpec, manager: DeviceManager | None = None, device: str | torch.device = "auto") -> ClipScorer:
@@ -127,7 +115,7 @@ class ClipScorer:
         preprocess = self._transform(model)
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(_open_image(im)) for im in images[i : i + batch_size]])
+            pixels = torch.stack([preprocess(open_image(im)) for im in images[i : i + batch_size]])
             emb = model.encode_image(pixels.to(param.device, param.dtype)).float()
             out.append(F.normalize(emb, dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, 0)

@@ -33,6 +33,7 @@ class Placement:
 class _Component:
     load: Callable[[torch.device], Any]
     movable: bool
+    source: str
     model: Any = None
     on_device: bool = False
 
@@ -60,13 +61,20 @@ class DeviceManager:
         """The device and placement a profile asks for."""
         return cls(pick_device(profile.device), profile.placement, log=log)
 
-    def register(self, name: str, load: Callable[[torch.device], Any], *, movable: bool = True) -> None:
+    def register(self, name: str, load: Callable[[torch.device], Any], *, movable: bool = True,
+                 source: str = "") -> None:
         """`load(device)` builds the component on `device`; it is called on first use only,
-        and again after a drop. `movable=False` for models that cannot leave the device."""
-        self._components[name] = _Component(load=load, movable=movable)
+        and again after a drop. `movable=False` for models that cannot leave the device.
 
-    def is_registered(self, name: str) -> bool:
-        return name in self._components
+        Registering the same name and source again keeps what is loaded (several renderers may
+        share one pipeline); another source replaces it, so a model is never silently reused.
+        """
+        old = self._components.get(name)
+        if old is not None and old.source == source:
+            return
+        if old is not None and old.model is not None:
+            self._drop(name, old)
+        self._components[name] = _Component(load=load, movable=movable, source=source)
 
     def resident(self) -> tuple[str, ...]:
         return tuple(n for n, c in self._components.items() if c.on_device)

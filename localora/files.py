@@ -10,6 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
+from localora.errors import LocaloraError
+
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
@@ -45,3 +49,17 @@ def write_json(path: Path, data: Any) -> None:
 
 def stable_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image from an image or a path; one LocaloraError naming a missing or bad file."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise LocaloraError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")  # reads the pixels, so a truncated file fails here
+    except (UnidentifiedImageError, OSError) as e:
+        raise LocaloraError(f"image {path}: not an image file that can be read ({e})") from None

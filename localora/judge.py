@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from localora import prompts, schemas
 from localora.errors import LocaloraError
+from localora.files import open_image
 
 DIMENSIONS = schemas.JUDGE_DIMENSIONS  # ("composition", "quality")
 SCORE_MIN, SCORE_MAX = 0.0, 10.0
@@ -222,7 +223,7 @@ def judge_pair(
     text = judge_prompt(elements, prompts_dir)
     schema = judge_schema()
     # Opened once here rather than by the VLM on each of the 2 * repeats calls.
-    a, b = _as_image(image_a), _as_image(image_b)
+    a, b = open_image(image_a), open_image(image_b)
     answers = []
     for r in range(repeats):
         for first, images in (("a", [a, b]), ("b", [b, a])):
@@ -231,15 +232,3 @@ def judge_pair(
             answers.append(Asked(first, seed + r, p1, p2))
     scores = debias(answers)
     return Judgement(scores, verdict(scores, margin), tuple(answers))
-
-
-def _as_image(image: Any) -> Any:
-    if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        path = Path(image)
-        if not path.is_file():
-            raise LocaloraError(f"{path}: image not found")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    return image

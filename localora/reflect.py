@@ -262,7 +262,7 @@ class Loop:
         cfg = self.cfg
         job = job or self.job(weights)
         out = self.renderer.render(job)
-        rel = self.run.save_image(out.image, out.key)
+        rel = self.run.save_image(out)
         self._event({"type": "render", "id": step, "role": role, "iteration": iteration,
                      "weights": dict(zip(cfg.names, weights)), "key": out.key, "cached": out.cached,
                      "image": rel, "seconds": round(out.seconds, 3)})

@@ -71,8 +71,8 @@ class Renderer:
     def __post_init__(self) -> None:
         if self.devices is None:
             self.devices = DeviceManager.for_profile(self.profile)
-        if not self.devices.is_registered("diffusion"):
-            self.devices.register("diffusion", lambda device: load_pipeline(self.profile.diffusion, device))
+        spec = self.profile.diffusion
+        self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec))
 
     # ------------------------------------------------------------ the cache
 

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from localora.errors import LocaloraError
-from localora.files import atomic_write, write_json
+from localora.files import atomic_write, open_image, write_json
 
 FORMAT = "localora-run/1"
 
@@ -85,17 +85,17 @@ class RunFolder:
         if "id" in event:
             self.completed[event["id"]] = event
 
-    def save_image(self, image: Image.Image, key: str) -> str:
-        """Store an image under images/ by its render key; returns the path relative to the run."""
-        rel = f"images/{key[:20]}.png"
+    def save_image(self, rendered) -> str:
+        """Store a render under images/ by its key (a copy of the cached PNG); returns the path
+        relative to the run."""
+        rel = f"images/{rendered.key[:20]}.png"
         target = self.path / rel
         if not target.is_file():
-            atomic_write(target, lambda p: image.save(p, format="PNG"))
+            atomic_write(target, lambda p: shutil.copyfile(rendered.path, p))
         return rel
 
     def image(self, rel: str) -> Image.Image:
-        with Image.open(self.path / rel) as im:
-            return im.convert("RGB")
+        return open_image(self.path / rel)
 
     def write_json(self, name: str, data: Any) -> None:
         write_json(self.path / name, data)

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from localora import profiles
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
+from localora.files import open_image
 from localora.profiles import VLMSpec
 from localora.schemas import Schema
 
@@ -48,21 +49,11 @@ class Answer:
 
 def load_image(image: ImageLike) -> Image.Image:
     """An RGB PIL image, or a LocaloraError naming the file that is missing or unreadable."""
-    if isinstance(image, Image.Image):
-        img, where = image, "image"
-    else:
-        path = Path(image).expanduser()
-        where = f"image {path}"
-        if not path.is_file():
-            raise LocaloraError(f"{where}: no such file")
-        try:
-            with Image.open(path) as opened:
-                img = opened.convert("RGB")  # reads the pixels, so a truncated file fails here
-        except (UnidentifiedImageError, OSError) as e:
-            raise LocaloraError(f"{where}: not an image file that can be read ({e})") from None
+    img = open_image(image)
     if max(img.size) > _MAX_ASPECT * min(img.size):
+        where = "image" if isinstance(image, Image.Image) else f"image {image}"
         raise LocaloraError(f"{where}: aspect ratio {img.width}x{img.height} is too extreme (over {_MAX_ASPECT}:1)")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img
 
 
 def _require_xgrammar() -> None:
@@ -101,7 +92,7 @@ class VLM:
         self._compiler = None
         self._compiled: dict[str, Any] = {}
         # bitsandbytes weights cannot be moved off the device, only dropped and reloaded.
-        self.devices.register(name, self._load, movable=spec.quantization == "none")
+        self.devices.register(name, self._load, movable=spec.quantization == "none", source=repr(spec))
 
     # ------------------------------------------------------------------ loading
 

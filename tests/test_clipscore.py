@@ -151,7 +151,7 @@ def test_bad_model_folders_are_one_clear_error(tmp_path):
 def test_clip_i_without_references_and_missing_image_are_errors(scorer, tmp_path):
     with pytest.raises(LocaloraError, match="at least one reference"):
         scorer.clip_i(_pattern(1), [])
-    with pytest.raises(LocaloraError, match="image not found"):
+    with pytest.raises(LocaloraError, match="missing.png: no such file"):
         scorer.clip_t(tmp_path / "missing.png", "x")
 
 
