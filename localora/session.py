@@ -82,7 +82,10 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any) -> Fi
     parts = components(profile, ui)
     emit = ui.event if ui is not None else (lambda e: None)
     if run.completed:
-        event = {"type": "resume", "completed": len(run.completed)}
+        done = list(run.completed.values())
+        event = {"type": "resume", "completed": len(done),
+                 "renders": sum(e["type"] == "render" for e in done), "calls": sum(e["type"] == "vlm" for e in done),
+                 "iterations_done": sum(e.get("role") == "refined" for e in done)}
         run.log(event)
         emit(event)
     loop = Loop(cfg, run, parts.renderer, parts.vlm, parts.scorer, emit=emit)

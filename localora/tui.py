@@ -158,6 +158,10 @@ class LiveUI:
                 s.render_seconds.append(event.get("seconds", 0.0))
             if event.get("role") == "candidate":
                 s.table.append((event["weights"], None))
+        elif kind == "resume":  # recalled steps are not replayed as events; count them here
+            s.renders_done += event.get("renders", 0)
+            s.calls_done += event.get("calls", 0)
+            s.iterations_done += event.get("iterations_done", 0)
         elif kind == "fewshot" and event.get("reused"):
             s.grid = 0
         elif kind == "scores":

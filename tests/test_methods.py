@@ -83,14 +83,25 @@ def four_sdxl_loras(demo_loras, sdxl_renderer, tmp_path_factory):
 def test_switch_follows_reference_timing(every, n, four_sdxl_loras, sdxl_renderer):
     names = sdxl_renderer.adapters_for(four_sdxl_loras[:n])
     pipe = sdxl_renderer.pipeline()
-    active = []
-    hook = pipe.unet.register_forward_pre_hook(lambda m, args: active.append(tuple(pipe.get_active_adapters())))
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    unit = {}
+    for name in names:  # the layer's scaling of each adapter at weight 1 (alpha / rank)
+        set_unet_weights(pipe, [name], [1.0])
+        unit[name] = layer.scaling[name]
+    weights = [0.5, 0.9, 1.2, 0.7][:n]
+    seen = []
+
+    def record(m, args):
+        (name,) = pipe.get_active_adapters()
+        seen.append((name, round(layer.scaling[name] / unit[name], 6)))
+
+    hook = pipe.unet.register_forward_pre_hook(record)
     steps = 2 * every * n + 1
     try:
-        methods.switch(pipe, names, [1.0] * n, sampling(steps=steps, every=every))
+        methods.switch(pipe, names, weights, sampling(steps=steps, every=every))
     finally:
         hook.remove()
-    assert active == [(names[i],) for i in reference_switch_schedule(steps, n, every)]
+    assert seen == [(names[i], weights[i]) for i in reference_switch_schedule(steps, n, every)]
 
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5, 6.0])
@@ -129,11 +140,13 @@ def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_
         torch.testing.assert_close(eps[step], u + guidance * (c - u), rtol=1e-5, atol=1e-6)
 
 
-def test_composite_of_one_lora_is_merge_of_it(demo_loras, sdxl_renderer):
-    lora = demo_loras["sdxl"][0]
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_composite_of_one_lora_is_merge_of_it(arch, demo_loras, sdxl_renderer, sd15_renderer):
+    renderer = sdxl_renderer if arch == "sdxl" else sd15_renderer
+    lora = demo_loras[arch][0]
     job = RenderJob("a portrait", (lora,), (0.9,), seed=5, steps=3, **SMALL)
-    merged = np.asarray(sdxl_renderer.render(job).image, dtype=np.int16)
-    composed = np.asarray(sdxl_renderer.render(RenderJob(**{**job.__dict__, "method": "composite"})).image, dtype=np.int16)
+    merged = np.asarray(renderer.render(job).image, dtype=np.int16)
+    composed = np.asarray(renderer.render(RenderJob(**{**job.__dict__, "method": "composite"})).image, dtype=np.int16)
     assert np.abs(merged - composed).max() <= 1  # the same computation, up to float rounding
 
 
