@@ -180,7 +180,7 @@ def _run_compose(cfg, prof, run, plain: bool) -> None:
 @click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of prompt templates overriding prompts/*.txt.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
-@click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder.")
+@click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
 def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, seed, temperature, no_fewshot,
             fewshot_levels, fewshot_threshold, steps, guidance, width, height, prompts_dir, out, resume, plain):
