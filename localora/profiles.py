@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from localora import paths
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, check_keys
 
 ARCHS = ("sdxl", "sd15")
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
@@ -85,12 +85,7 @@ def _build(cls: type, name: str, table: Any, where: str) -> Any:
     if not isinstance(table, dict):
         raise LocaloraError(f"{where}: expected a table, got {type(table).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise LocaloraError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-    missing = [k for k, f in fields.items() if k not in table and f.default is dataclasses.MISSING]
-    if missing:
-        raise LocaloraError(f"{where}: missing key(s) {', '.join(missing)}")
+    check_keys(table, fields, [k for k, f in fields.items() if f.default is dataclasses.MISSING], where)
     for key, value in table.items():
         want = fields[key].type
         ok = {

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from localora import loras
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, check_keys
 from localora.judge import Element
 
 CATEGORIES = loras.CATEGORIES  # character, clothing, style, background, object: the Switch order
@@ -169,12 +169,7 @@ def load(name_or_path: str | Path) -> Testbed:
 
 
 def _parse(data: dict[str, Any], path: Path) -> Testbed:
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise LocaloraError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
-    missing = [k for k in _REQUIRED_TOP if k not in data]
-    if missing:
-        raise LocaloraError(f"{path}: missing key(s) {', '.join(missing)}")
+    check_keys(data, _TOP_KEYS, _REQUIRED_TOP, str(path))
     scale = data.get("lora_scale", 0.8)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise LocaloraError(f"{path}: lora_scale must be a positive number, got {scale!r}")
@@ -203,12 +198,7 @@ def _parse_lora(table: Any, path: Path, index: int) -> TestbedLora:
     if not isinstance(table, dict):
         raise LocaloraError(f"{where}: expected a table")
     where = f"{path} [[lora]] '{table.get('id', index)}'"
-    unknown = sorted(set(table) - _LORA_KEYS)
-    if unknown:
-        raise LocaloraError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_LORA_KEYS))}")
-    missing = [k for k in _REQUIRED_LORA if k not in table]
-    if missing:
-        raise LocaloraError(f"{where}: missing key(s) {', '.join(missing)}")
+    check_keys(table, _LORA_KEYS, _REQUIRED_LORA, where)
     if table["category"] not in CATEGORIES:
         raise LocaloraError(f"{where}: unknown category '{table['category']}'; use one of {', '.join(CATEGORIES)}")
     triggers = table["triggers"]
