@@ -35,6 +35,17 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def fresh_scheduler(pipe):
+    """Give the pipeline a new scheduler built from its config, and return it.
+
+    Schedulers keep state between renders: Euler's `init_noise_sigma` is the largest sigma of the
+    last `set_timesteps`, DPM++ keeps its previous model outputs and the step index. A new one per
+    render makes every render independent of whatever ran before it in the process.
+    """
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return pipe.scheduler
+
+
 def _run_pipeline(pipe, s: Sampling, on_step: StepCallback | None, switch: Callable | None = None) -> torch.Tensor:
     def callback(p, i, t, kwargs):
         if switch:
@@ -43,6 +54,7 @@ def _run_pipeline(pipe, s: Sampling, on_step: StepCallback | None, switch: Calla
             on_step(i, s.steps)
         return {}
 
+    fresh_scheduler(pipe)
     return pipe(
         prompt=s.prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
         guidance_scale=s.guidance, width=s.width, height=s.height, generator=_generator(s.seed),
@@ -90,14 +102,17 @@ def composite(pipe, adapters: list[str], weights: list[float], s: Sampling, on_s
     set_weights(pipe, adapters, weights)  # the prompt is encoded with every LoRA active
     cond = _encode(pipe, s, device)
     generator = _generator(s.seed)
+    scheduler = fresh_scheduler(pipe)
+    # Timesteps first: prepare_latents scales the noise by init_noise_sigma, which Euler-type
+    # schedulers derive from the schedule that is set.
+    scheduler.set_timesteps(s.steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
     latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
                                    device, generator)
-    pipe.scheduler.set_timesteps(s.steps, device=device)
-    if hasattr(pipe.scheduler, "set_begin_index"):
-        pipe.scheduler.set_begin_index(0)
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
-    for i, t in enumerate(pipe.scheduler.timesteps):
-        x = pipe.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         total = None
         for name, w in zip(adapters, weights):
             set_unet_weights(pipe, [name], [w])
@@ -106,7 +121,7 @@ def composite(pipe, adapters: list[str], weights: list[float], s: Sampling, on_s
             total = out if total is None else total + out
         uncond, text = (total / len(adapters)).chunk(2)
         eps = uncond + s.guidance * (text - uncond)
-        latents = pipe.scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if on_step:
             on_step(i, s.steps)
     return latents

@@ -8,6 +8,9 @@ before is read back from the cache instead of denoised again.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +26,10 @@ from localora.loras import Lora
 from localora.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import Profile
 
-CACHE_FORMAT = 1
+# 2: Composite on Euler-type schedulers drew its starting noise from the previous render's
+# schedule in format 1, so format-1 images may be wrong; they are never read again.
+CACHE_FORMAT = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Renderer:
     def __post_init__(self) -> None:
         if self.devices is None:
             self.devices = DeviceManager.for_profile(self.profile)
+        retire_old_entries(self.cache_dir)
         spec = self.profile.diffusion
         self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec))
 
@@ -107,7 +114,7 @@ class Renderer:
         return stable_hash({"format": CACHE_FORMAT, "model": self._identity, "job": described})
 
     def cache_path(self, key: str) -> Path:
-        return self.cache_dir / key[:2] / f"{key}.png"
+        return self.cache_dir / f"v{CACHE_FORMAT}" / key[:2] / f"{key}.png"
 
     # ------------------------------------------------------------ rendering
 
@@ -171,3 +178,16 @@ class Renderer:
         d["loras"] = [{"name": lora.name, "path": str(lora.path), "sha256": file_hash(lora.path)} for lora in job.loras]
         d["profile"] = self.profile.name
         return d
+
+
+def retire_old_entries(cache_dir: Path) -> int:
+    """Delete render-cache entries of format 1 (stored as DIR/xx/KEY.png, before formats had
+    their own folder); says so once, since afterwards there are none. Returns how many."""
+    old = [d for d in cache_dir.glob("??") if d.is_dir() and re.fullmatch(r"[0-9a-f]{2}", d.name)]
+    count = sum(1 for d in old for _ in d.glob("*.png"))
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)  # another process may be retiring them too
+    if count:
+        log.warning("render cache %s: removed %d image(s) made by an older localora (Composite on SDXL could "
+                    "start from the wrong noise there); they are rendered again when needed", cache_dir, count)
+    return count

@@ -106,7 +106,8 @@ def test_switch_follows_reference_timing(every, n, four_sdxl_loras, sdxl_rendere
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5, 6.0])
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
-def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_loras, sdxl_renderer, sd15_renderer):
+def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_loras, sdxl_renderer, sd15_renderer,
+                                                            monkeypatch):
     renderer = sdxl_renderer if arch == "sdxl" else sd15_renderer
     names = renderer.adapters_for(demo_loras[arch])
     weights = [1.0, 0.6, 1.2]
@@ -114,18 +115,19 @@ def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_
     inputs, eps = [], []
     hook = pipe.unet.register_forward_pre_hook(
         lambda m, args, kwargs: inputs.append((args[0].clone(), args[1], kwargs)), with_kwargs=True)
-    original_step = pipe.scheduler.step
+    cls = type(pipe.scheduler)  # each render builds its own scheduler of this class
+    original_step = cls.step
 
-    def recording_step(model_output, *args, **kwargs):
+    def recording_step(self, model_output, *args, **kwargs):
         eps.append(model_output.clone())
-        return original_step(model_output, *args, **kwargs)
+        return original_step(self, model_output, *args, **kwargs)
 
-    pipe.scheduler.step = recording_step
+    monkeypatch.setattr(cls, "step", recording_step)
     try:
         methods.composite(pipe, names, weights, sampling(steps=3, guidance=guidance))
     finally:
         hook.remove()
-        del pipe.scheduler.step
+        monkeypatch.undo()
     assert len(inputs) == 3 * len(names)  # one UNet pass per LoRA per step
     for step in range(3):
         x, t, kw = inputs[step * len(names)]
