@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The project's own editable files (models.toml, prompts/) sit next to the package.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The shipped models.toml and prompts/ are package data.
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def home() -> Path:
@@ -19,10 +19,10 @@ def render_cache_dir() -> Path:
 
 
 def prompts_dir() -> Path:
-    return PROJECT_ROOT / "prompts"
+    return PACKAGE_DIR / "prompts"
 
 
 def models_toml() -> Path:
     """$LOCALORA_MODELS if set, else the models.toml shipped with the project."""
     env = os.environ.get("LOCALORA_MODELS")
-    return Path(env).expanduser() if env else PROJECT_ROOT / "models.toml"
+    return Path(env).expanduser() if env else PACKAGE_DIR / "models.toml"

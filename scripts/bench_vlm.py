@@ -33,8 +33,9 @@ def main() -> None:
     from PIL import Image
     from transformers.utils import logging as hf_logging
 
-    from localora import profiles, schemas
-    from localora.vlm import VLM
+    from localora import profiles
+    from localora.vlm import schemas
+    from localora.vlm.model import VLM
 
     hf_logging.disable_progress_bar()
     vlm = VLM(profiles.load_profile(args.profile).vlm)

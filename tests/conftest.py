@@ -30,7 +30,7 @@ def localora_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sdxl_renderer(localora_home):
     from localora.profiles import load_profile
-    from localora.render import Renderer
+    from localora.diffusion.render import Renderer
 
     return Renderer(load_profile("tiny"))
 
@@ -38,7 +38,7 @@ def sdxl_renderer(localora_home):
 @pytest.fixture(scope="session")
 def sd15_renderer(localora_home):
     from localora.profiles import load_profile
-    from localora.render import Renderer
+    from localora.diffusion.render import Renderer
 
     return Renderer(load_profile("tiny-sd15"))
 
@@ -46,7 +46,8 @@ def sd15_renderer(localora_home):
 @pytest.fixture(scope="session")
 def demo_loras(localora_home):
     """arch -> the demo LoRAs (character, clothing, style) from the tiny build."""
-    from localora import loras, tiny
+    from localora import tiny
+    from localora.diffusion import loras
 
     return {arch: list(loras.read_catalog(tiny.ensure(f"loras-{arch}") / "catalog.toml").values())
             for arch in ("sdxl", "sd15")}

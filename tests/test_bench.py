@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from PIL import Image
 from rich.console import Console
 
-from localora import bench, bench_report, judge
+from localora.bench import runner as bench, report as bench_report
+from localora.scoring import judge
 from localora.cli import main
 from support import one_error_line
 

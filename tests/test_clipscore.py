@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from localora import clipscore, profiles, tiny
-from localora.clipscore import ClipScorer
+from localora import profiles, tiny
+from localora.scoring import clip as clipscore
+from localora.scoring.clip import ClipScorer
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.profiles import ClipSpec
@@ -156,7 +157,7 @@ def test_clip_i_without_references_and_missing_image_are_errors(scorer, tmp_path
 
 
 def test_score_command_prints_clip_t_and_clip_i(scorer, tmp_path):
-    from localora.cli_eval import score
+    from localora.cli.evaluate import score
 
     image, ref = tmp_path / "img.png", tmp_path / "ref.png"
     _pattern(5).save(image)

@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from localora import fewshot
+from localora.search import fewshot
 from localora.cli import main
 from support import one_error_line
-from localora.tui import LiveUI, PlainUI
+from localora.ui.live import LiveUI, PlainUI
 
 
 def localora(*args, home: Path, **kw) -> subprocess.Popen:
@@ -82,8 +82,8 @@ def test_fewshot_library_is_reused_by_a_second_run(demo):
 
 
 def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_loras, sdxl_renderer, tmp_path):
-    from localora.reflect import ComposeConfig, Loop
-    from localora.runlog import RunFolder
+    from localora.search.gpt4lora import ComposeConfig, Loop
+    from localora.runs.folder import RunFolder
 
     def key(**changes):
         cfg = ComposeConfig("a girl", tuple(demo_loras["sdxl"][:2]), **{"fewshot_threshold": 0.02, **changes})

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from localora import judge, schemas
+from localora.scoring import judge
+from localora.vlm import schemas
 from localora.errors import LocaloraError
-from localora.judge import Element, PairScores
+from localora.scoring.judge import Element, PairScores
 
 ELEMENTS = [
     Element("character", "Kamado Nezuko", "kamado nezuko, black hair, pink eyes, forehead"),
@@ -144,7 +145,7 @@ def test_judge_command_with_the_tiny_vlm(tmp_path):
     """End to end through the real tiny Qwen2-VL under the judge grammar."""
     from click.testing import CliRunner
 
-    from localora.cli_eval import judge as judge_cmd
+    from localora.cli.evaluate import judge as judge_cmd
 
     IMG_A.resize((64, 64)).save(tmp_path / "a.png")
     IMG_B.resize((64, 64)).save(tmp_path / "b.png")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from localora import loras
+from localora.diffusion import loras
 from localora.errors import LocaloraError
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from localora import methods
-from localora.loras import Lora
-from localora.pipeline import set_unet_weights
-from localora.render import RenderJob
+from localora.diffusion import methods
+from localora.diffusion.loras import Lora
+from localora.diffusion.pipeline import set_unet_weights
+from localora.diffusion.render import RenderJob
 from localora.tiny.diffusion import random_lora, save_diffusers_lora, save_kohya_lora
 
 SMALL = dict(width=32, height=32)

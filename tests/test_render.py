@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from localora.profiles import load_profile
-from localora.render import Renderer, RenderJob
+from localora.diffusion.render import Renderer, RenderJob
 
 
 def job(loras, **kw):

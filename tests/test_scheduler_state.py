@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from localora import methods
+from localora.diffusion import methods
 from localora.files import file_hash, stable_hash
-from localora.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
+from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import load_profile
-from localora.render import Renderer, RenderJob
+from localora.diffusion.render import Renderer, RenderJob
 
 CPU = torch.device("cpu")
 WEIGHTS = [0.9, 0.6, 1.2]

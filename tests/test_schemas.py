@@ -13,9 +13,10 @@ import pytest
 import xgrammar as xgr
 from PIL import Image
 
-from localora import profiles, schemas
+from localora import profiles
+from localora.vlm import schemas
 from localora.errors import LocaloraError
-from localora.vlm import VLM
+from localora.vlm.model import VLM
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from localora import testbeds, tiny
+from localora import tiny
+from localora.bench import testbeds
 from localora.errors import LocaloraError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "composlora"

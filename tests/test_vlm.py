@@ -11,11 +11,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from localora import cli_vlm, profiles, schemas
+from localora import profiles
+from localora.cli import vlm as cli_vlm
+from localora.vlm import schemas
 from localora.cli import main
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
-from localora.vlm import VLM, load_image
+from localora.vlm.model import VLM, load_image
 
 
 @pytest.fixture(scope="module")
@@ -144,14 +146,14 @@ def test_bitsandbytes_loading(spec, pictures, quantization, layer, capsys):
 
 
 def test_quantization_the_device_lacks_falls_back_with_a_note(spec, pictures, monkeypatch, caplog):
-    import localora.vlm
+    import localora.vlm.model
 
     def unsupported(quantization):
         raise ImportError("bitsandbytes has no backend for this device")
 
-    monkeypatch.setattr(localora.vlm, "_quantization_config", unsupported)
+    monkeypatch.setattr(localora.vlm.model, "_quantization_config", unsupported)
     vlm = VLM(dataclasses.replace(spec, quantization="nf4"))
-    with caplog.at_level("WARNING", logger="localora.vlm"):
+    with caplog.at_level("WARNING", logger="localora.vlm.model"):
         vlm.chat(None, pictures[:1], "?", max_new_tokens=2)
     assert vlm.quantization == "none"
     assert "nf4 quantization does not work" in caplog.text and "no backend" in caplog.text

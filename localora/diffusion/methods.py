@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from localora.pipeline import set_unet_weights, set_weights
+from localora.diffusion.pipeline import set_unet_weights, set_weights
 
 StepCallback = Callable[[int, int], None]  # (step index, total steps)
 

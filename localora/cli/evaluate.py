@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from localora import judge as judging
+from localora.scoring import judge as judging
 from localora import profiles
 from localora.errors import LocaloraError
 
@@ -22,7 +22,7 @@ _image = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--reference", "references", multiple=True, type=_image, help="A reference image of a LoRA concept, for CLIP-I; repeatable.")
 def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...]) -> None:
     """CLIP-T of IMAGE against --prompt, and CLIP-I against the --reference images (cosines)."""
-    from localora.clipscore import ClipScorer
+    from localora.scoring.clip import ClipScorer
 
     profile = profiles.load_profile(profile_name)
     scorer = ClipScorer.load(profile.clip, device=profile.device)
@@ -61,7 +61,7 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tupl
 def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
     # The one place that knows the VLM backend's entry point; weights load on the first chat.
     from localora.devices import DeviceManager
-    from localora.vlm import VLM
+    from localora.vlm.model import VLM
 
     return VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
 
@@ -100,7 +100,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     saved as soon as it is made: rerun the same command to go on after an interruption. Runs with
     other --elements, --seeds or --methods add to the same folder. Then: localora report OUT.
     """
-    from localora import bench as benching
+    from localora.bench import runner as benching
 
     cfg = benching.BenchConfig(
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
@@ -123,7 +123,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
 @click.argument("bench_dir", type=click.Path(path_type=Path))
 def report(bench_dir: Path) -> None:
     """Write report.md and PNG plots in a bench folder: CLIP table, win / tie / loss vs the baseline."""
-    from localora import bench_report
+    from localora.bench import report as bench_report
 
     for path in bench_report.write(bench_dir):
         click.echo(str(path))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from localora import package_version, profiles, schemas
+from localora import package_version, profiles
+from localora.vlm import schemas
 from localora.errors import LocaloraError
 
 JSON_KINDS = ("weights", "candidates", "choice", "judge", "feedback", "refine")
@@ -66,7 +67,7 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
         max_new_tokens, stats) -> None:
     """Ask the profile's VLM QUESTION about the --image files; Picture 1 is the first --image."""
     from localora.devices import DeviceManager
-    from localora.vlm import VLM, load_image
+    from localora.vlm.model import VLM, load_image
 
     schema = None
     if kind:

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-from localora import fewshot, prompts, schemas
+from localora.search import fewshot
+from localora.vlm import prompts, schemas
 from localora.errors import LocaloraError
 from localora.files import file_hash
-from localora.loras import Lora, with_triggers
-from localora.render import Renderer, RenderJob
-from localora.runlog import RunFolder
+from localora.diffusion.loras import Lora, with_triggers
+from localora.diffusion.render import Renderer, RenderJob
+from localora.runs.folder import RunFolder
 
 Emit = Callable[[dict[str, Any]], None]
 

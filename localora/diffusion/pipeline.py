@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from localora import loras as loralib
+from localora.diffusion import loras as loralib
 from localora import profiles
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec

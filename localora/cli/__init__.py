@@ -33,7 +33,8 @@ def _weights_for(choices, default: float) -> list[float]:
 
 def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...]):
     """--lora NAME_OR_PATH[:WEIGHT] options -> LoraChoice list."""
-    from localora import loras, profiles
+    from localora import profiles
+    from localora.diffusion import loras
 
     known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
                               [Path(c) for c in catalogs])
@@ -68,9 +69,9 @@ def generate(prompt, profile, lora_specs, catalog, method, seed, steps, guidance
     Weights default to 1.0. Switch runs the LoRAs character first, then clothing, style,
     background, object. Identical requests are served from the render cache.
     """
-    from localora import loras
+    from localora.diffusion import loras
     from localora.profiles import load_profile
-    from localora.render import Renderer, RenderJob
+    from localora.diffusion.render import Renderer, RenderJob
 
     prof = load_profile(profile)
     choices = resolve_loras(prof, lora_specs, catalog)
@@ -116,7 +117,7 @@ def loras():
 @click.argument("file", type=click.Path())
 def loras_inspect(file):
     """Print a LoRA file's format, base architecture, rank, alpha, targets and trigger words."""
-    from localora import loras as loralib
+    from localora.diffusion import loras as loralib
 
     info = loralib.inspect(Path(file))
     rows = [
@@ -142,8 +143,8 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 
 def _run_compose(cfg, prof, run, plain: bool) -> None:
-    from localora import session
-    from localora.tui import LiveUI, PlainUI
+    from localora.runs import session
+    from localora.ui.live import LiveUI, PlainUI
 
     use_plain = plain or not sys.stdout.isatty()
     ui = PlainUI() if use_plain else LiveUI()
@@ -190,9 +191,9 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     then a final pick) and writes a run folder with every image, every VLM call, final.png,
     final.json and report.html. Ctrl-C leaves the folder resumable with --resume.
     """
-    from localora import session
+    from localora.runs import session
     from localora.profiles import load_profile
-    from localora.reflect import ComposeConfig
+    from localora.search.gpt4lora import ComposeConfig
 
     if resume:
         from click.core import ParameterSource
@@ -254,8 +255,8 @@ def demo(ctx, out, plain):
 @click.option("--launch", is_flag=True, help="Open the report in the default browser.")
 def open_report(run_dir, launch):
     """Print the path of a run's report.html (writing it if missing), or open it."""
-    from localora import report_html
-    from localora.runlog import RunFolder
+    from localora.runs import report as report_html
+    from localora.runs.folder import RunFolder
 
     run = RunFolder.open(Path(run_dir))
     path = run.path / "report.html"
@@ -268,7 +269,7 @@ def open_report(run_dir, launch):
 
 def _register() -> None:
     # The VLM and evaluation commands live beside the modules they drive.
-    from localora import cli_eval, cli_vlm
+    from localora.cli import evaluate as cli_eval, vlm as cli_vlm
 
     for command in cli_vlm.COMMANDS + cli_eval.COMMANDS:
         main.add_command(command)

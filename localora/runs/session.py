@@ -13,14 +13,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from localora import __version__, package_version, report_html
+from localora import __version__, package_version
+from localora.runs import report as report_html
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Profile, load_profile
-from localora.reflect import ComposeConfig, Final, Loop
-from localora.render import Renderer
-from localora.runlog import RunFolder
+from localora.search.gpt4lora import ComposeConfig, Final, Loop
+from localora.diffusion.render import Renderer
+from localora.runs.folder import RunFolder
 
 
 @dataclass
@@ -33,8 +34,8 @@ class Components:
 
 def components(profile: Profile, ui: Any = None) -> Components:
     """Renderer, VLM and CLIP scorer for `profile`, sharing one device under its placement."""
-    from localora.clipscore import ClipScorer
-    from localora.vlm import VLM
+    from localora.scoring.clip import ClipScorer
+    from localora.vlm.model import VLM
 
     devices = DeviceManager.for_profile(profile, log=getattr(ui, "placement", None))
     renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from localora import prompts, schemas
+from localora.vlm import prompts, schemas
 from localora.errors import LocaloraError
 from localora.files import open_image
 

@@ -29,13 +29,14 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from localora import judge, testbeds
+from localora.scoring import judge
+from localora.bench import testbeds
 from localora.errors import LocaloraError
 from localora.files import open_image
 from localora.files import atomic_write, file_hash
-from localora.loras import Lora, switch_order
+from localora.diffusion.loras import Lora, switch_order
 from localora.profiles import Profile, load_profile
-from localora.testbeds import Testbed, TestbedLora
+from localora.bench.testbeds import Testbed, TestbedLora
 
 METHODS = ("merge", "switch", "composite", "reflect")
 DB_FILE = "bench.sqlite"
@@ -344,7 +345,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     if not work:
         return Summary(0, skipped, 0, 0, 0)
 
-    from localora import session
+    from localora.runs import session
 
     parts = session.components(p.profile)
     runner = _Runner(p, store, progress, parts.renderer, _CountingVLM(parts.vlm), parts.scorer,
@@ -431,7 +432,7 @@ class _Runner:
         return [self.plan.loras[x.id] for x in case.combo]
 
     def _baseline(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float]]:
-        from localora.render import RenderJob
+        from localora.diffusion.render import RenderJob
 
         loras = self._loras(case)
         if method == "switch":
@@ -443,9 +444,9 @@ class _Runner:
         return self.renderer.render(job).image, {lo.name: scale for lo in loras}
 
     def _reflect(self, case: Case) -> tuple[Image.Image, dict[str, float]]:
-        from localora import session
-        from localora.reflect import ComposeConfig, Loop
-        from localora.runlog import RunFolder
+        from localora.runs import session
+        from localora.search.gpt4lora import ComposeConfig, Loop
+        from localora.runs.folder import RunFolder
 
         c, profile = self.plan.cfg, self.plan.profile
         # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
@@ -475,7 +476,7 @@ class _Runner:
         method and seed), so the render cache serves it to both.
         """
         if self._refs is None or self._refs[0] != case:  # only the current case is kept
-            from localora.reflect import reference_job
+            from localora.search.gpt4lora import reference_job
 
             refs = {}
             for lora in self._loras(case):

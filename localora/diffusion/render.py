@@ -18,12 +18,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from localora import methods, paths
+from localora import paths
+from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import atomic_write, file_hash, stable_hash
-from localora.loras import Lora
-from localora.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
+from localora.diffusion.loras import Lora
+from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import Profile
 
 # 2: Composite on Euler-type schedulers drew its starting noise from the previous render's

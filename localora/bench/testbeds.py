@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localora import loras
+from localora.diffusion import loras
 from localora.errors import LocaloraError, check_keys
-from localora.judge import Element
+from localora.scoring.judge import Element
 
 CATEGORIES = loras.CATEGORIES  # character, clothing, style, background, object: the Switch order
 SHIPPED_DIR = Path(__file__).resolve().parent / "testbeds"

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from localora.files import atomic_write
-from localora.runlog import RunFolder
+from localora.runs.folder import RunFolder
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}

@@ -27,7 +27,7 @@ from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import open_image
 from localora.profiles import VLMSpec
-from localora.schemas import Schema
+from localora.vlm.schemas import Schema
 
 log = logging.getLogger(__name__)
 

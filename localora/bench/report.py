@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localora import judge
-from localora.bench import METHODS, Store
+from localora.scoring import judge
+from localora.bench.runner import METHODS, Store
 from localora.errors import LocaloraError
 from localora.files import atomic_write
 
