@@ -82,8 +82,9 @@ def test_fewshot_library_is_reused_by_a_second_run(demo):
 
 
 def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_loras, sdxl_renderer, tmp_path):
-    from localora.search.gpt4lora import ComposeConfig, Loop
+    from localora.diffusion.sampling import Sampling
     from localora.runs.folder import RunFolder
+    from localora.search.gpt4lora import ComposeConfig, Loop
 
     def key(**changes):
         cfg = ComposeConfig("a girl", tuple(demo_loras["sdxl"][:2]), **{"fewshot_threshold": 0.02, **changes})
@@ -92,7 +93,8 @@ def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_l
 
     base = key()
     assert key() == base
-    for change in ({"negative_prompt": "blurry"}, {"steps": 3}, {"seed": 1}, {"fewshot_keep": 3},
+    for change in ({"sampling": Sampling(negative_prompt="blurry")}, {"sampling": Sampling(steps=3)},
+                   {"sampling": Sampling(seed=1)}, {"fewshot_keep": 3},
                    {"fewshot_threshold": 0.05}, {"fewshot_levels": (0.5, 1.0)}):
         assert key(**change) != base, change
 

@@ -11,14 +11,17 @@ from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.diffusion.pipeline import set_unet_weights
 from localora.diffusion.render import RenderJob
+from localora.diffusion.sampling import Sampling
 from localora.tiny.diffusion import random_lora, save_diffusers_lora, save_kohya_lora
 
 SMALL = dict(width=32, height=32)
 
 
+PROMPT = "a portrait, demo character"
+
+
 def sampling(steps=4, guidance=5.0, every=5, seed=3):
-    return methods.Sampling(prompt="a portrait, demo character", negative_prompt="", steps=steps,
-                            guidance=guidance, seed=seed, switch_every=every, **SMALL)
+    return Sampling(negative_prompt="", steps=steps, guidance=guidance, seed=seed, switch_every=every, **SMALL)
 
 
 def lora_delta(path, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -43,7 +46,7 @@ def test_merge_equals_weighted_sum_of_lora_products(arch, demo_loras, sdxl_rende
     hook = layer.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
     weights = [0.7, -0.4, 1.3]  # negative weights are legal
     try:
-        methods.merge(pipe, names, weights, sampling(steps=1))
+        methods.merge(pipe, names, weights, PROMPT, sampling(steps=1))
     finally:
         hook.remove()
     x, out = seen[0]
@@ -98,7 +101,7 @@ def test_switch_follows_reference_timing(every, n, four_sdxl_loras, sdxl_rendere
     hook = pipe.unet.register_forward_pre_hook(record)
     steps = 2 * every * n + 1
     try:
-        methods.switch(pipe, names, weights, sampling(steps=steps, every=every))
+        methods.switch(pipe, names, weights, PROMPT, sampling(steps=steps, every=every))
     finally:
         hook.remove()
     assert seen == [(names[i], weights[i]) for i in reference_switch_schedule(steps, n, every)]
@@ -124,7 +127,7 @@ def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_
 
     monkeypatch.setattr(cls, "step", recording_step)
     try:
-        methods.composite(pipe, names, weights, sampling(steps=3, guidance=guidance))
+        methods.composite(pipe, names, weights, PROMPT, sampling(steps=3, guidance=guidance))
     finally:
         hook.remove()
         monkeypatch.undo()
@@ -146,7 +149,7 @@ def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_
 def test_composite_of_one_lora_is_merge_of_it(arch, demo_loras, sdxl_renderer, sd15_renderer):
     renderer = sdxl_renderer if arch == "sdxl" else sd15_renderer
     lora = demo_loras[arch][0]
-    job = RenderJob("a portrait", (lora,), (0.9,), seed=5, steps=3, **SMALL)
+    job = RenderJob("a portrait", (lora,), (0.9,), sampling=Sampling(seed=5, steps=3, **SMALL))
     merged = np.asarray(renderer.render(job).image, dtype=np.int16)
     composed = np.asarray(renderer.render(RenderJob(**{**job.__dict__, "method": "composite"})).image, dtype=np.int16)
     assert np.abs(merged - composed).max() <= 1  # the same computation, up to float rounding
@@ -159,17 +162,17 @@ def test_kohya_and_diffusers_copies_render_identically(sdxl_renderer, tmp_path):
     save_diffusers_lora(diffusers_copy, {n: (a, b * 0.5) for n, (a, b) in layers.items()})
     images = []
     for path in (kohya, diffusers_copy):
-        job = RenderJob("a cat", (Lora(path.stem, path),), (0.8,), seed=2, steps=3, **SMALL)
+        job = RenderJob("a cat", (Lora(path.stem, path),), (0.8,), sampling=Sampling(seed=2, steps=3, **SMALL))
         images.append(np.asarray(sdxl_renderer.render(job).image))
-    baseline = RenderJob("a cat", (Lora("k", kohya),), (0.0,), seed=2, steps=3, **SMALL)
+    baseline = RenderJob("a cat", (Lora("k", kohya),), (0.0,), sampling=Sampling(seed=2, steps=3, **SMALL))
     assert np.array_equal(images[0], images[1])
     assert not np.array_equal(images[0], np.asarray(sdxl_renderer.render(baseline).image))
 
 
 @pytest.mark.parametrize("method", ["merge", "switch", "composite"])
 def test_sd15_renders_every_method(method, demo_loras, sd15_renderer):
-    job = RenderJob("a cat", tuple(demo_loras["sd15"]), (1.0, 0.5, 0.8), method=method, seed=1, steps=3,
-                    switch_every=1, **SMALL)
+    job = RenderJob("a cat", tuple(demo_loras["sd15"]), (1.0, 0.5, 0.8), method=method,
+                    sampling=Sampling(seed=1, steps=3, switch_every=1, **SMALL))
     image = sd15_renderer.render(job).image
     assert image.size == (32, 32)
     assert np.asarray(image).std() > 0

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from localora.profiles import load_profile
 from localora.diffusion.render import Renderer, RenderJob
+from localora.diffusion.sampling import Sampling
 
 
-def job(loras, **kw):
-    return RenderJob("a cat", tuple(loras), kw.pop("weights", (1.0, 0.5, 0.8)), seed=kw.pop("seed", 4), steps=3,
-                     width=32, height=32, **kw)
+def job(loras, weights=(1.0, 0.5, 0.8), seed=4, method="merge", **sampling):
+    return RenderJob("a cat", tuple(loras), weights, method,
+                     Sampling(seed=seed, steps=3, width=32, height=32, **sampling))
 
 
 def test_same_inputs_give_identical_images_across_renderers(demo_loras, tmp_path):
@@ -43,17 +46,15 @@ def test_any_change_of_input_changes_the_key(demo_loras, sdxl_renderer):
     variants = [
         job(demo_loras["sdxl"], seed=5), job(demo_loras["sdxl"], weights=(1.0, 0.5, 0.81)),
         job(demo_loras["sdxl"], method="composite"), job(demo_loras["sdxl"][::-1]),
-        RenderJob(**{**base.__dict__, "prompt": "a dog"}), RenderJob(**{**base.__dict__, "guidance": 2.0}),
+        replace(base, prompt="a dog"), job(demo_loras["sdxl"], guidance=2.0),
     ]
     keys = {sdxl_renderer.key(v) for v in variants} | {sdxl_renderer.key(base)}
     assert len(keys) == len(variants) + 1
     # switch_every only matters to Switch.
-    assert sdxl_renderer.key(base) == sdxl_renderer.key(RenderJob(**{**base.__dict__, "switch_every": 2}))
+    assert sdxl_renderer.key(base) == sdxl_renderer.key(job(demo_loras["sdxl"], switch_every=2))
 
 
 def test_renderer_places_models_as_the_profile_asks(sdxl_renderer):
-    from dataclasses import replace
-
     profile = replace(sdxl_renderer.profile, device="cpu", placement="resident")
     renderer = Renderer(profile)
     assert renderer.devices.placement == "resident" and renderer.devices.device.type == "cpu"

@@ -18,14 +18,17 @@ from localora.files import file_hash, stable_hash
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import load_profile
 from localora.diffusion.render import Renderer, RenderJob
+from localora.diffusion.sampling import Sampling
 
 CPU = torch.device("cpu")
 WEIGHTS = [0.9, 0.6, 1.2]
 
 
+PROMPT = "a portrait, demo character"
+
+
 def sampling(steps=4, width=32, height=32):
-    return methods.Sampling(prompt="a portrait, demo character", negative_prompt="", steps=steps, guidance=5.0,
-                            width=width, height=height, seed=7, switch_every=1)
+    return Sampling(negative_prompt="", steps=steps, guidance=5.0, width=width, height=height, seed=7, switch_every=1)
 
 
 def fresh_pipeline(spec, loras):
@@ -47,14 +50,14 @@ def test_latents_do_not_depend_on_earlier_renders(profile, scheduler, method, de
     spec = load_profile(profile).diffusion
     spec = replace(spec, scheduler=scheduler or spec.scheduler)
     pipe, names = fresh_pipeline(spec, demo_loras[spec.arch])
-    run = methods.METHODS[method]
-    on_fresh = run(pipe, names, WEIGHTS, sampling())
+    run = methods.METHODS[method].run
+    on_fresh = run(pipe, names, WEIGHTS, PROMPT, sampling())
     # A render with another step count leaves another schedule (and init_noise_sigma) behind...
-    methods.merge(pipe, names, WEIGHTS, sampling(steps=9))
-    after_steps = run(pipe, names, WEIGHTS, sampling())
+    methods.merge(pipe, names, WEIGHTS, PROMPT, sampling(steps=9))
+    after_steps = run(pipe, names, WEIGHTS, PROMPT, sampling())
     # ...and one with another size leaves other state (DPM++ keeps its last model outputs).
-    methods.composite(pipe, names, WEIGHTS, sampling(steps=2, width=48, height=40))
-    after_size = run(pipe, names, WEIGHTS, sampling())
+    methods.composite(pipe, names, WEIGHTS, PROMPT, sampling(steps=2, width=48, height=40))
+    after_size = run(pipe, names, WEIGHTS, PROMPT, sampling())
     assert torch.equal(on_fresh, after_steps)
     assert torch.equal(on_fresh, after_size)
 
@@ -63,15 +66,15 @@ def test_latents_do_not_depend_on_earlier_renders(profile, scheduler, method, de
 def test_composite_starts_from_the_stock_pipelines_noise(scheduler, demo_loras):
     spec = replace(load_profile("tiny").diffusion, scheduler=scheduler)
     pipe, names = fresh_pipeline(spec, demo_loras["sdxl"])
-    methods.merge(pipe, names, WEIGHTS, sampling(steps=2))  # leave a 2-step schedule behind
+    methods.merge(pipe, names, WEIGHTS, PROMPT, sampling(steps=2))  # leave a 2-step schedule behind
     s = sampling(steps=4)
     first_inputs = []
     hook = pipe.unet.register_forward_pre_hook(lambda m, args: first_inputs.append(args[0].clone()))
     try:
-        methods.composite(pipe, names, WEIGHTS, s)
+        methods.composite(pipe, names, WEIGHTS, PROMPT, s)
         composite_first = first_inputs[0]
         first_inputs.clear()
-        pipe(prompt=s.prompt, num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width,
+        pipe(prompt=PROMPT, num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width,
              height=s.height, generator=torch.Generator("cpu").manual_seed(s.seed), output_type="latent")
         stock_first = first_inputs[0]
     finally:
@@ -90,11 +93,11 @@ def test_a_render_cached_by_the_previous_format_is_not_reused(demo_loras, tmp_pa
     profile = load_profile("tiny")
     renderer = Renderer(profile, cache_dir=tmp_path)
     job = renderer.resolve(RenderJob("a cat", tuple(demo_loras["sdxl"]), tuple(WEIGHTS), method="composite",
-                                     seed=3, steps=3, width=32, height=32))
+                                     sampling=Sampling(seed=3, steps=3, width=32, height=32)))
     # Where format 1 stored this job: the key as that version computed it, DIR/xx/KEY.png.
-    described = asdict(job)
-    described["loras"] = [file_hash(lora.path) for lora in job.loras]
-    described["weights"] = [round(float(w), 6) for w in job.weights]
+    described = {"prompt": job.prompt, "loras": [file_hash(lora.path) for lora in job.loras],
+                 "weights": [round(float(w), 6) for w in job.weights], "method": job.method,
+                 **asdict(job.sampling)}
     described.pop("switch_every")
     old_key = stable_hash({"format": 1, "model": model_identity(profile.diffusion, CPU), "job": described})
     old = tmp_path / old_key[:2] / f"{old_key}.png"

@@ -34,11 +34,12 @@ from localora.bench import testbeds
 from localora.errors import LocaloraError
 from localora.files import open_image
 from localora.files import atomic_write, file_hash
-from localora.diffusion.loras import Lora, switch_order
+from localora.diffusion import methods
+from localora.diffusion.loras import Lora
 from localora.profiles import Profile, load_profile
 from localora.bench.testbeds import Testbed, TestbedLora
 
-METHODS = ("merge", "switch", "composite", "reflect")
+METHODS = (*methods.METHODS, "reflect")
 DB_FILE = "bench.sqlite"
 FORMAT = "localora-bench/1"
 
@@ -434,13 +435,10 @@ class _Runner:
     def _baseline(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float]]:
         from localora.diffusion.render import RenderJob
 
-        loras = self._loras(case)
-        if method == "switch":
-            loras = [loras[i] for i in switch_order(loras)]
         scale = self.plan.testbed.lora_scale
-        job = RenderJob(prompt=self.plan.testbed.prompt_for(case.combo), loras=tuple(loras),
-                        weights=(scale,) * len(loras), method=method, seed=case.seed,
-                        negative_prompt=self.plan.testbed.negative_prompt)
+        loras, weights = methods.arrange(method, self._loras(case), (scale,) * len(case.combo))
+        job = RenderJob(prompt=self.plan.testbed.prompt_for(case.combo), loras=loras, weights=weights,
+                        method=method, sampling=self._sampling(case))
         return self.renderer.render(job).image, {lo.name: scale for lo in loras}
 
     def _reflect(self, case: Case) -> tuple[Image.Image, dict[str, float]]:
@@ -452,9 +450,8 @@ class _Runner:
         # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
         # single-LoRA references with that LoRA's words only.
         cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=tuple(self._loras(case)),
-                            iterations=c.iterations, candidates=c.candidates, seed=case.seed, fewshot=c.fewshot,
-                            fewshot_threshold=profile.clip.fewshot_threshold,
-                            negative_prompt=self.plan.testbed.negative_prompt)
+                            iterations=c.iterations, candidates=c.candidates, sampling=self._sampling(case),
+                            fewshot=c.fewshot, fewshot_threshold=profile.clip.fewshot_threshold)
         folder = self.out / "runs" / f"{case.set_id}-s{case.seed}"
         if (folder / "events.jsonl").is_file():
             run = RunFolder.open(folder)  # resumes: completed steps are replayed from its log
@@ -483,13 +480,17 @@ class _Runner:
                 if lora.references:
                     refs[lora.name] = list(lora.references)
                     continue
-                job = reference_job(self.plan.testbed.prompt, lora, method="merge", seed=case.seed,
-                                    negative_prompt=self.plan.testbed.negative_prompt)
+                job = reference_job(self.plan.testbed.prompt, lora, self._sampling(case))
                 image = self.renderer.render(job).image
                 self._save(image, case, f"ref-{lora.name}")
                 refs[lora.name] = [image]
             self._refs = (case, refs)
         return self._refs[1]
+
+    def _sampling(self, case: Case):
+        from localora.diffusion.sampling import Sampling
+
+        return Sampling(seed=case.seed, negative_prompt=self.plan.testbed.negative_prompt)
 
     def _save(self, image: Image.Image, case: Case, name: str) -> str:
         rel = f"images/{case.set_id}/s{case.seed}-{name}.png"

@@ -1,36 +1,42 @@
 """The three ways to compose LoRAs at sampling time, as ../shared/notes/methods.md defines them.
 
-Each method takes a loaded pipeline whose adapters are already loaded, and returns the final
-latents; `decode` turns latents into an image. Merge and Switch run the stock diffusers pipeline;
-Composite needs its own denoising loop because it runs the UNet once per LoRA at every step.
+    merge(pipe, adapters, weights, prompt, sampling, on_step) -> latents     one signature for all
+    METHODS["switch"].order(loras)                                          the order a method wants
+    decode(pipe, latents) -> PIL image
+
+Each method takes a loaded pipeline whose adapters are already loaded and a resolved Sampling,
+and returns the final latents. Merge and Switch run the stock diffusers pipeline; Composite needs
+its own denoising loop because it runs the UNet once per LoRA at every step. METHODS is the one
+registry: the renderer, the CLI's choices, the bench and the docs read it. To add a method, write
+its function here and register it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from PIL import Image
-
+from localora.diffusion.loras import Lora, switch_order
 from localora.diffusion.pipeline import set_unet_weights, set_weights
+from localora.diffusion.sampling import Sampling
+from localora.errors import LocaloraError
+
+if TYPE_CHECKING:  # torch loads on first render, so that commands without a model start fast
+    import torch
+    from PIL import Image
 
 StepCallback = Callable[[int, int], None]  # (step index, total steps)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    prompt: str
-    negative_prompt: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    seed: int
-    switch_every: int = 5
+class MethodFn(Protocol):
+    def __call__(self, pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+                 on_step: StepCallback | None = None) -> torch.Tensor: ...
 
 
 def _generator(seed: int) -> torch.Generator:
+    import torch
+
     # Noise is drawn on the CPU so a seed gives the same start on any device.
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -46,7 +52,8 @@ def fresh_scheduler(pipe):
     return pipe.scheduler
 
 
-def _run_pipeline(pipe, s: Sampling, on_step: StepCallback | None, switch: Callable | None = None) -> torch.Tensor:
+def _run_pipeline(pipe, prompt: str, s: Sampling, on_step: StepCallback | None,
+                  switch: Callable | None = None) -> torch.Tensor:
     def callback(p, i, t, kwargs):
         if switch:
             switch(i)
@@ -56,16 +63,17 @@ def _run_pipeline(pipe, s: Sampling, on_step: StepCallback | None, switch: Calla
 
     fresh_scheduler(pipe)
     return pipe(
-        prompt=s.prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
+        prompt=prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
         guidance_scale=s.guidance, width=s.width, height=s.height, generator=_generator(s.seed),
         output_type="latent", callback_on_step_end=callback,
     ).images
 
 
-def merge(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+def merge(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+          on_step: StepCallback | None = None) -> torch.Tensor:
     """LoRA Merge: all adapters active together, W' = W + sum_k w_k B_k A_k (unfused, exact)."""
     set_weights(pipe, adapters, weights)
-    return _run_pipeline(pipe, s, on_step)
+    return _run_pipeline(pipe, prompt, s, on_step)
 
 
 def switch_active(step: int, n: int, every: int) -> int:
@@ -77,7 +85,8 @@ def switch_active(step: int, n: int, every: int) -> int:
     return 0 if step == 0 else ((step - 1) // every) % n
 
 
-def switch(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+           on_step: StepCallback | None = None) -> torch.Tensor:
     """LoRA Switch: one adapter at a time, in the given order, rotating every `s.switch_every` steps.
 
     The prompt is encoded with only the first adapter active, as in the reference.
@@ -91,16 +100,26 @@ def switch(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step
             set_unet_weights(pipe, [adapters[nxt]], [weights[nxt]])
             current[0] = nxt
 
-    return _run_pipeline(pipe, s, on_step, switch=after_step)
+    return _run_pipeline(pipe, prompt, s, on_step, switch=after_step)
 
 
-@torch.no_grad()
-def composite(pipe, adapters: list[str], weights: list[float], s: Sampling, on_step: StepCallback | None = None) -> torch.Tensor:
+def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+              on_step: StepCallback | None = None) -> torch.Tensor:
     """LoRA Composite: at every step, one UNet pass per adapter alone on [uncond, cond];
     eps = u + g (c - u) with u, c the means over adapters. Correct for any guidance g."""
+    import torch
+
+    with torch.no_grad():
+        return _composite(pipe, adapters, weights, prompt, s, on_step)
+
+
+def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+               on_step: StepCallback | None) -> torch.Tensor:
+    import torch
+
     device = pipe.unet.device
     set_weights(pipe, adapters, weights)  # the prompt is encoded with every LoRA active
-    cond = _encode(pipe, s, device)
+    cond = _encode(pipe, prompt, s, device)
     generator = _generator(s.seed)
     scheduler = fresh_scheduler(pipe)
     # Timesteps first: prepare_latents scales the noise by init_noise_sigma, which Euler-type
@@ -127,24 +146,34 @@ def composite(pipe, adapters: list[str], weights: list[float], s: Sampling, on_s
     return latents
 
 
-def _encode(pipe, s: Sampling, device: torch.device) -> dict:
+def sdxl_time_ids(height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's size and crop conditioning, as the stock pipeline builds it with its defaults:
+    original size = target size = the image's (height, width), crop top-left (0, 0)."""
+    import torch
+
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
+
+
+def _encode(pipe, prompt: str, s: Sampling, device: torch.device) -> dict:
     """Prompt embeddings for [uncond, cond], plus SDXL's pooled text and size conditioning."""
-    if hasattr(pipe, "text_encoder_2"):
+    import torch
+
+    if getattr(pipe, "text_encoder_2", None) is not None:
         pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-            s.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
             negative_prompt=s.negative_prompt or None)
-        size = (s.height, s.width)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pos.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = sdxl_time_ids(s.height, s.width, pos.dtype)
         added = {"text_embeds": torch.cat([neg_pooled, pooled]).to(device),
                  "time_ids": torch.cat([time_ids, time_ids]).to(device)}
         return {"embeds": torch.cat([neg, pos]).to(device), "added": added}
-    pos, neg = pipe.encode_prompt(s.prompt, device, 1, True, negative_prompt=s.negative_prompt or None)
+    pos, neg = pipe.encode_prompt(prompt, device, 1, True, negative_prompt=s.negative_prompt or None)
     return {"embeds": torch.cat([neg, pos]), "added": None}
 
 
 def decode(pipe, latents: torch.Tensor) -> Image.Image:
     """Latents to a PIL image with the pipeline's VAE (upcast where fp16 would overflow)."""
+    import torch
+
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
@@ -164,4 +193,36 @@ def decode(pipe, latents: torch.Tensor) -> Image.Image:
     return pipe.image_processor.postprocess(image.detach(), output_type="pil")[0]
 
 
-METHODS = {"merge": merge, "switch": switch, "composite": composite}
+# ------------------------------------------------------------------ the registry
+
+def _as_given(loras: Sequence[Lora]) -> list[int]:
+    return list(range(len(loras)))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: MethodFn
+    summary: str  # one line, for --help and the docs
+    # The order the method wants its LoRAs in (indices into the given list).
+    order: Callable[[Sequence[Lora]], list[int]] = _as_given
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("merge", merge, "all LoRAs active at once, W' = W + sum w_k B_k A_k (unfused, exact)"),
+    Method("switch", switch, "one LoRA at a time, rotating every --switch-every steps, character first",
+           order=switch_order),
+    Method("composite", composite, "one UNet pass per LoRA per step; the guided mean of their noise"),
+)}
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise LocaloraError(f"unknown method '{name}'; use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def arrange(method: str, loras: Sequence[Lora], weights: Sequence[float]) -> tuple[tuple[Lora, ...], tuple[float, ...]]:
+    """The LoRAs and their weights in the order `method` runs them."""
+    idx = get(method).order(loras)
+    return tuple(loras[i] for i in idx), tuple(weights[i] for i in idx)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from localora.diffusion import loras as loralib
 from localora import profiles
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:  # torch loads with the first pipeline, so that commands without a model start fast
+    import torch
 
 
 def _quiet() -> None:
@@ -42,7 +41,9 @@ def _scheduler(name: str, config: Any):
 
 def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
     # Half precision is for accelerators; on a CPU it is slow or unsupported, so use float32 there.
-    return DTYPES[spec.dtype] if device.type != "cpu" else torch.float32
+    import torch
+
+    return getattr(torch, spec.dtype) if device.type != "cpu" else torch.float32
 
 
 def load_pipeline(spec: DiffusionSpec, device: torch.device):

@@ -24,6 +24,7 @@ from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import atomic_write, file_hash, stable_hash
 from localora.diffusion.loras import Lora
+from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import Profile
 
@@ -41,13 +42,7 @@ class RenderJob:
     loras: tuple[Lora, ...]
     weights: tuple[float, ...]
     method: str = "merge"
-    seed: int = 0
-    negative_prompt: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    switch_every: int = 5
+    sampling: Sampling = Sampling()
 
 
 @dataclass(frozen=True)
@@ -86,32 +81,20 @@ class Renderer:
 
     def resolve(self, job: RenderJob) -> RenderJob:
         """The job with every setting filled in from the profile and checked."""
-        d = self.profile.diffusion
-        job = replace(
-            job,
-            negative_prompt=d.negative_prompt if job.negative_prompt is None else job.negative_prompt,
-            steps=job.steps or d.steps, guidance=d.guidance if job.guidance is None else job.guidance,
-            width=job.width or d.width, height=job.height or d.height,
-        )
-        if job.method not in methods.METHODS:
-            raise LocaloraError(f"unknown method '{job.method}'; use one of {', '.join(methods.METHODS)}")
+        methods.get(job.method)
         if not job.loras:
             raise LocaloraError("no LoRAs given: pass at least one --lora")
         if len(job.weights) != len(job.loras):
             raise LocaloraError(f"{len(job.loras)} LoRAs but {len(job.weights)} weights")
-        if job.width % 8 or job.height % 8 or job.steps < 1 or job.switch_every < 1:
-            raise LocaloraError("width and height must be multiples of 8, steps and --switch-every at least 1")
-        return job
+        return replace(job, sampling=job.sampling.resolved(self.profile.diffusion))
 
     def key(self, job: RenderJob) -> str:
         job = self.resolve(job)
         if self._identity is None:
             self._identity = model_identity(self.profile.diffusion, self.devices.device)
-        described = asdict(job)
-        described["loras"] = [file_hash(lora.path) for lora in job.loras]
-        described["weights"] = [round(float(w), 6) for w in job.weights]
-        if job.method != "switch":
-            described.pop("switch_every")
+        described = {"prompt": job.prompt, "loras": [file_hash(lora.path) for lora in job.loras],
+                     "weights": [round(float(w), 6) for w in job.weights], "method": job.method,
+                     **job.sampling.describe(job.method)}
         return stable_hash({"format": CACHE_FORMAT, "model": self._identity, "job": described})
 
     def cache_path(self, key: str) -> Path:
@@ -145,17 +128,14 @@ class Renderer:
     def _denoise(self, job: RenderJob) -> Image.Image:
         pipe = self.devices.acquire("diffusion")
         names = [self._adapter(pipe, lora) for lora in job.loras]
-        sampling = methods.Sampling(
-            prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
-            width=job.width, height=job.height, seed=job.seed, switch_every=job.switch_every,
-        )
 
         def on_step(i: int, total: int) -> None:
             self.stats.steps += 1
             if self.on_step:
                 self.on_step(i, total)
 
-        latents = methods.METHODS[job.method](pipe, names, [float(w) for w in job.weights], sampling, on_step)
+        method = methods.get(job.method)
+        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, on_step)
         return methods.decode(pipe, latents)
 
     def _adapter(self, pipe, lora: Lora) -> str:

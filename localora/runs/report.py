@@ -79,7 +79,7 @@ def build(run: RunFolder) -> str:
                    f"<td>{html.escape(lo['triggers'])}</td><td>{html.escape(Path(lo['path']).name)}</td></tr>")
     out.append("</table>")
     out.append(f"<p>{settings.get('iterations')} iterations x {settings.get('candidates')} candidates, bounds "
-               f"{settings.get('bounds')}, seed {settings.get('seed')}, method {settings.get('method')}, profile "
+               f"{settings.get('bounds')}, seed {settings.get('sampling', settings).get('seed')}, method {settings.get('method')}, profile "
                f"{html.escape(str(run.settings.get('profile', '')))}</p>")
 
     if final:

@@ -27,6 +27,7 @@ from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.diffusion.loras import Lora, with_triggers
 from localora.diffusion.render import Renderer, RenderJob
+from localora.diffusion.sampling import Sampling
 from localora.runs.folder import RunFolder
 
 Emit = Callable[[dict[str, Any]], None]
@@ -39,7 +40,7 @@ class ComposeConfig:
     iterations: int = 5
     candidates: int = 5
     bounds: tuple[float, float] = (0.0, 1.5)
-    seed: int = 0
+    sampling: Sampling = Sampling()  # every render of the run shares it (one seed: images differ by weights)
     start: tuple[float | None, ...] | None = None  # None (or a None entry): 1.0, inside the bounds
     method: str = "merge"
     fewshot: bool = True
@@ -48,11 +49,6 @@ class ComposeConfig:
     fewshot_keep: int = 5
     temperature: float | None = None  # None: greedy answers
     feedback_chars: int = 600
-    negative_prompt: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
     prompts_dir: str | None = None
 
     def check(self) -> None:
@@ -72,10 +68,9 @@ class ComposeConfig:
         if len({lo.name for lo in self.loras}) != len(self.loras):
             raise LocaloraError("the same LoRA name is given twice; each LoRA once")
 
-    def sampling(self) -> dict[str, Any]:
-        """The render settings every image of the run shares."""
-        return {"seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps,
-                "guidance": self.guidance, "width": self.width, "height": self.height}
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed
 
     @property
     def names(self) -> list[str]:
@@ -103,16 +98,19 @@ class ComposeConfig:
         for key in ("bounds", "start", "fewshot_levels"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        # run.json of localora 0.1 kept the sampling fields at the top level.
+        d["sampling"] = Sampling.from_dict(d.get("sampling") or d)
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def reference_job(base_prompt: str, lora: Lora, **settings: Any) -> RenderJob:
+def reference_job(base_prompt: str, lora: Lora, sampling: Sampling, method: str = "merge") -> RenderJob:
     """A LoRA alone at weight 1.0, with only its own trigger words: what its element looks like.
 
     The loop shows these to the VLM and the bench scores CLIP-I against them; both build them
     here so the render cache serves one to the other.
     """
-    return RenderJob(prompt=with_triggers(base_prompt, [lora]), loras=(lora,), weights=(1.0,), **settings)
+    return RenderJob(prompt=with_triggers(base_prompt, [lora]), loras=(lora,), weights=(1.0,), method=method,
+                     sampling=sampling)
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ class Loop:
         self._event({"type": "start", "iterations": cfg.iterations, "candidates": cfg.candidates,
                      "loras": cfg.names, "grid": len(fewshot.grid(len(cfg.loras), cfg.fewshot_levels)) if cfg.fewshot else 0})
         refs = [self.render(f"ref/{i}", "reference", self._alone(i),
-                            job=reference_job(cfg.prompt, lo, method=cfg.method, **cfg.sampling()))
+                            job=reference_job(cfg.prompt, lo, cfg.sampling, cfg.method))
                 for i, lo in enumerate(cfg.loras)]
         examples = self.examples() if cfg.fewshot else []
         weights = cfg.start_weights
@@ -272,7 +270,7 @@ class Loop:
     def job(self, weights) -> RenderJob:
         cfg = self.cfg
         return RenderJob(prompt=self._prompt, loras=cfg.loras, weights=tuple(weights), method=cfg.method,
-                         **cfg.sampling())
+                         sampling=cfg.sampling)
 
     def score(self, step: str, vectors, images: list[str], iteration: int) -> list[float]:
         done = self.run.completed.get(step)

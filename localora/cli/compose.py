@@ -1,0 +1,144 @@
+"""`localora compose` (the main job), `localora demo` (it, on the tiny profile) and `localora open`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from localora.cli.options import (catalog_option, float_list, float_pair, lora_option, plain_option, profile_option,
+                                  resolve_loras, sampling_options)
+from localora.errors import LocaloraError
+
+
+def _run(cfg, prof, run, plain: bool) -> None:
+    from localora.runs import session
+    from localora.ui.live import LiveUI, PlainUI
+
+    ui = PlainUI() if plain or not sys.stdout.isatty() else LiveUI()
+    try:
+        with ui:
+            final = session.compose(cfg, prof, run, ui)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
+        sys.exit(130)
+    click.echo("final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in final.weights.items())
+               + f" (round {final.iteration})")
+    click.echo(f"run folder: {run.path}   image: {run.path / 'final.png'}   report: {run.path / 'report.html'}")
+
+
+def _start(cfg, prof, out: str | None, plain: bool) -> None:
+    from localora.runs import session
+
+    run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt))
+    _run(cfg, prof, run, plain)
+
+
+# Options that a resumed run takes from its run.json, so giving them with --resume is an error.
+_RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@profile_option
+@lora_option("A LoRA to combine (at least two); an optional start weight. Repeatable.", metavar="NAME_OR_PATH[:START]")
+@catalog_option
+@click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
+@click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
+@click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
+@sampling_options
+@click.option("--temperature", type=float, default=None, help="VLM sampling temperature (default: greedy).")
+@click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
+@click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Grid levels per LoRA.")
+@click.option("--fewshot-threshold", type=float, default=None,
+              help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of prompt templates overriding the shipped ones.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
+@click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
+@plain_option
+def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, sampling, temperature, no_fewshot,
+            fewshot_levels, fewshot_threshold, prompts_dir, out, resume, plain):
+    """Search weights for combining LoRAs: render, let the local VLM look, refine.
+
+    Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
+    then a final pick) and writes a run folder with every image, every VLM call, final.png,
+    final.json and report.html. Every render uses --seed, so images differ only by their
+    weights. Ctrl-C leaves the folder resumable with --resume.
+    """
+    from localora.profiles import load_profile
+    from localora.runs import session
+    from localora.search.gpt4lora import ComposeConfig
+
+    if resume:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        ignored = [p.opts[0] if p.opts else p.name for p in ctx.command.params
+                   if p.name not in _RESUME_KEEPS and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if ignored:
+            raise LocaloraError(f"--resume continues with the settings in the run's run.json; "
+                                f"drop {', '.join(ignored)}")
+        given = None
+        if lora_specs:
+            given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog)]
+        run, cfg, prof = session.reopen(Path(resume), given)
+        _run(cfg, prof, run, plain)
+        return
+    if not prompt:
+        raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
+    prof = load_profile(profile)
+    choices = resolve_loras(prof, lora_specs, catalog)
+    starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
+    cfg = ComposeConfig(
+        prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
+        bounds=float_pair(bounds, "--bounds"), sampling=sampling, start=starts, fewshot=not no_fewshot,
+        fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"),
+        fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
+        temperature=temperature, prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
+    )
+    _start(cfg, prof, out, plain)
+
+
+DEMO_PROMPT = "a portrait of a girl in a garden"
+DEMO_LORAS = ("demo-character", "demo-clothing", "demo-style")
+
+
+@click.command()
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
+@plain_option
+def demo(out, plain):
+    """Compose the three demo LoRAs on the tiny profile: 2 iterations, 3 candidates.
+
+    Everything is built offline on first use; it shows every step of the real loop in about a
+    minute on a laptop CPU (the tiny models are random, so the images are noise-like).
+    """
+    from localora.profiles import load_profile
+    from localora.search.gpt4lora import ComposeConfig
+
+    prof = load_profile("tiny")
+    loras = tuple(c.lora for c in resolve_loras(prof, DEMO_LORAS, ()))
+    cfg = ComposeConfig(prompt=DEMO_PROMPT, loras=loras, iterations=2, candidates=3,
+                        fewshot_threshold=prof.clip.fewshot_threshold)
+    _start(cfg, prof, out, plain)
+
+
+@click.command("open")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--launch", is_flag=True, help="Open the report in the default browser.")
+def open_report(run_dir, launch):
+    """Print the path of a run's report.html (writing it if missing), or open it."""
+    from localora.runs import report
+    from localora.runs.folder import RunFolder
+
+    run = RunFolder.open(Path(run_dir))
+    path = run.path / "report.html"
+    if not path.is_file():
+        path = report.write(run)
+    click.echo(str(path.resolve()))
+    if launch:
+        click.launch(str(path))
+
+
+COMMANDS = [compose, demo, open_report]

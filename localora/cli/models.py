@@ -1,0 +1,51 @@
+"""`localora models` (the profiles and whether their weights are here) and `localora loras inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+def models():
+    """List the profiles of models.toml and whether each model is available here."""
+    from localora import profiles
+
+    cat = profiles.load_catalog()
+    click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
+    for p in cat.profiles.values():
+        click.echo(f"\n{p.name}: {p.description}")
+        for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):
+            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source)}")
+            if kind == "diffusion" and spec.vae:
+                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae)}")
+
+
+@click.group()
+def loras():
+    """Look at LoRA files."""
+
+
+@loras.command("inspect")
+@click.argument("file", type=click.Path())
+def loras_inspect(file):
+    """Print a LoRA file's format, base architecture, rank, alpha, targets and trigger words."""
+    from localora.diffusion import loras as loralib
+
+    info = loralib.inspect(Path(file))
+    rows = [
+        ("file", file),
+        ("format", "kohya-ss" if info.format == "kohya" else "diffusers/peft"),
+        ("base", f"{loralib.ARCH_NAMES[info.arch]} ({info.arch_evidence})" if info.arch else f"unknown ({info.arch_evidence})"),
+        ("rank", str(info.rank)),
+        ("alpha", f"{info.alpha:g} (scale {info.alpha / info.rank:g})" if info.alpha is not None else "= rank (scale 1)"),
+        ("layers", f"{info.layers} in {', '.join(info.components)}"),
+        ("targets", ", ".join(info.targets)),
+        ("triggers", info.triggers or "(none found in header or sidecar)"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<9} {v}")
+
+
+COMMANDS = [models, loras]

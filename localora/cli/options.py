@@ -1,0 +1,77 @@
+"""Options shared by several commands, each defined once (as simonw/llm does).
+
+    @profile_option          --profile/-p
+    @catalog_option          --catalog (repeatable)
+    @lora_option(help)       --lora/-l NAME_OR_PATH[:WEIGHT] (repeatable)
+    @plain_option            --plain
+    @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from localora.diffusion.sampling import Sampling
+from localora.errors import LocaloraError
+
+profile_option = click.option("--profile", "-p", default=None,
+                              help="Profile from models.toml (default: its default_profile, `tiny`).")
+catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
+                              help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
+plain_option = click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
+
+
+def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT]"):
+    return click.option("--lora", "-l", "lora_specs", multiple=True, required=required, metavar=metavar, help=help)
+
+
+_SAMPLING = (
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise."),
+    click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the profile's)."),
+    click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default: the profile's)."),
+    click.option("--width", type=click.IntRange(min=8), default=None, help="Image width, a multiple of 8 (default: the profile's)."),
+    click.option("--height", type=click.IntRange(min=8), default=None, help="Image height, a multiple of 8 (default: the profile's)."),
+    click.option("--negative", default=None, help="Negative prompt (default: the profile's)."),
+)
+
+
+def sampling_options(command):
+    """Add the sampling options; the command receives them as one `sampling` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args, seed, steps, guidance, width, height, negative, switch_every=5, **kwargs):
+        sampling = Sampling(seed=seed, negative_prompt=negative, steps=steps, guidance=guidance, width=width,
+                            height=height, switch_every=switch_every)
+        return command(*args, sampling=sampling, **kwargs)
+
+    for option in reversed(_SAMPLING):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...]):
+    """--lora NAME_OR_PATH[:WEIGHT] options -> LoraChoice list."""
+    from localora import profiles
+    from localora.diffusion import loras
+
+    known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
+                              [Path(c) for c in catalogs])
+    return [loras.parse_choice(s, known) for s in specs]
+
+
+def float_pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise LocaloraError(f"{option} {text}: expected MIN,MAX, e.g. 0,1.5") from None
+    return lo, hi
+
+
+def float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise LocaloraError(f"{option} {text}: expected numbers separated by commas") from None

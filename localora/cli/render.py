@@ -1,0 +1,52 @@
+"""`localora generate`: one render with several LoRAs combined by one method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from localora.cli.options import catalog_option, lora_option, profile_option, resolve_loras, sampling_options
+from localora.diffusion.methods import METHODS
+from localora.errors import LocaloraError
+
+
+@click.command()
+@click.argument("prompt")
+@profile_option
+@lora_option("A LoRA by catalog name or .safetensors path, with an optional weight; repeatable.", required=True)
+@catalog_option
+@click.option("--method", "-m", type=click.Choice(list(METHODS)), default="merge", show_default=True,
+              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+@sampling_options
+@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True, help="LoRA Switch: steps per turn.")
+@click.option("--no-triggers", is_flag=True, help="Do not append the LoRAs' trigger words to the prompt.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="render.png", show_default=True)
+def generate(prompt, profile, lora_specs, catalog, method, sampling, no_triggers, out):
+    """Render PROMPT with several LoRAs combined by one method (merge, switch or composite).
+
+    Weights default to 1.0. Switch runs the LoRAs character first, then clothing, style,
+    background, object. Identical requests are served from the render cache.
+    """
+    from localora.diffusion import loras, methods
+    from localora.diffusion.render import Renderer, RenderJob
+    from localora.profiles import load_profile
+
+    prof = load_profile(profile)
+    choices = resolve_loras(prof, lora_specs, catalog)
+    chosen, weights = methods.arrange(method, [c.lora for c in choices],
+                                      [1.0 if c.weight is None else c.weight for c in choices])
+    text = prompt if no_triggers else loras.with_triggers(prompt, list(chosen))
+    result = Renderer(prof).render(RenderJob(prompt=text, loras=chosen, weights=weights, method=method,
+                                             sampling=sampling))
+    out_path = Path(out)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        result.image.save(out_path)
+    except OSError as e:
+        raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
+    source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"
+    click.echo(f"{out_path}  ({method}, seed {sampling.seed}, {source})")
+
+
+COMMANDS = [generate]
