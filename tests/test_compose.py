@@ -84,12 +84,14 @@ def test_fewshot_library_is_reused_by_a_second_run(demo):
 def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_loras, sdxl_renderer, tmp_path):
     from localora.diffusion.sampling import Sampling
     from localora.runs.folder import RunFolder
-    from localora.search.gpt4lora import ComposeConfig, Loop
+    from localora.search.config import ComposeConfig
+    from localora.search.gpt4lora import GPT4LoRA
+    from localora.search.steps import Steps
 
     def key(**changes):
         cfg = ComposeConfig("a girl", tuple(demo_loras["sdxl"][:2]), **{"fewshot_threshold": 0.02, **changes})
         run = RunFolder.create(tmp_path / f"run{len(list(tmp_path.iterdir()))}", {})
-        return Loop(cfg, run, sdxl_renderer, vlm=None, scorer=None).library_key()
+        return GPT4LoRA(cfg, Steps(run, sdxl_renderer, vlm=None, scorer=None)).library_key()
 
     base = key()
     assert key() == base

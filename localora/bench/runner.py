@@ -443,8 +443,10 @@ class _Runner:
 
     def _reflect(self, case: Case) -> tuple[Image.Image, dict[str, float]]:
         from localora.runs import session
-        from localora.search.gpt4lora import ComposeConfig, Loop
         from localora.runs.folder import RunFolder
+        from localora.search import STRATEGIES
+        from localora.search.config import ComposeConfig
+        from localora.search.steps import Steps
 
         c, profile = self.plan.cfg, self.plan.profile
         # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
@@ -463,7 +465,7 @@ class _Runner:
             if "id" in event:
                 self.progress.working(f"{case.set_id} seed {case.seed} reflect {event['id']}")
 
-        final = Loop(cfg, run, self.renderer, self.vlm, self.scorer, emit=emit).compose()
+        final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         return run.image(final.image), final.weights
 
     def _references(self, case: Case) -> dict[str, list]:
@@ -473,7 +475,7 @@ class _Runner:
         method and seed), so the render cache serves it to both.
         """
         if self._refs is None or self._refs[0] != case:  # only the current case is kept
-            from localora.search.gpt4lora import reference_job
+            from localora.search.config import reference_job
 
             refs = {}
             for lora in self._loras(case):

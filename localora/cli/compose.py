@@ -10,6 +10,7 @@ import click
 from localora.cli.options import (catalog_option, float_list, float_pair, lora_option, plain_option, profile_option,
                                   resolve_loras, sampling_options)
 from localora.errors import LocaloraError
+from localora.search import STRATEGIES
 
 
 def _run(cfg, prof, run, plain: bool) -> None:
@@ -47,6 +48,8 @@ _RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
 @click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
 @click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
 @click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
+@click.option("--search", type=click.Choice(list(STRATEGIES)), default="vlm", show_default=True,
+              help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
 @sampling_options
 @click.option("--temperature", type=float, default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
@@ -58,7 +61,7 @@ _RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
-def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, sampling, temperature, no_fewshot,
+def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, sampling, temperature, no_fewshot,
             fewshot_levels, fewshot_threshold, prompts_dir, out, resume, plain):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
@@ -69,7 +72,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     """
     from localora.profiles import load_profile
     from localora.runs import session
-    from localora.search.gpt4lora import ComposeConfig
+    from localora.search.config import ComposeConfig
 
     if resume:
         from click.core import ParameterSource
@@ -93,7 +96,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
-        bounds=float_pair(bounds, "--bounds"), sampling=sampling, start=starts, fewshot=not no_fewshot,
+        bounds=float_pair(bounds, "--bounds"), search=search, sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"),
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
@@ -115,7 +118,7 @@ def demo(out, plain):
     minute on a laptop CPU (the tiny models are random, so the images are noise-like).
     """
     from localora.profiles import load_profile
-    from localora.search.gpt4lora import ComposeConfig
+    from localora.search.config import ComposeConfig
 
     prof = load_profile("tiny")
     loras = tuple(c.lora for c in resolve_loras(prof, DEMO_LORAS, ()))

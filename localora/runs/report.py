@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from localora import events
 from localora.files import atomic_write
 from localora.runs.folder import RunFolder
 
@@ -65,8 +66,8 @@ def _plot(rounds: list[dict[str, float]]) -> str:
 
 
 def build(run: RunFolder) -> str:
-    events = run.events()
-    by_id = {e["id"]: e for e in events if "id" in e}
+    log = run.events()
+    by_id = {e["id"]: e for e in log if "id" in e}
     settings = run.settings["config"]
     final = json.loads((run.path / "final.json").read_text()) if (run.path / "final.json").is_file() else None
     img = lambda rel: run.path / rel  # noqa: E731
@@ -87,13 +88,13 @@ def build(run: RunFolder) -> str:
         out.append(_figure(img(final["image"]), f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
         out.append("</div>")
 
-    refs = [e for e in events if e.get("type") == "render" and e.get("role") == "reference"]
+    refs = [e for e in log if e.get("type") == events.RENDER and e.get("role") == "reference"]
     out.append("<h2>Each LoRA alone</h2><div class=row>")
     for e, lo in zip(refs, settings.get("loras", [])):
         out.append(_figure(img(e["image"]), lo["name"]))
     out.append("</div>")
 
-    shots = by_id.get("fewshot")
+    shots = by_id.get(events.FEWSHOT_STEP)
     out.append("<h2>Few-shot examples</h2>")
     if shots is None:
         out.append("<p>Few-shot selection was off for this run.</p>")
@@ -107,27 +108,27 @@ def build(run: RunFolder) -> str:
         out.append("</div>")
 
     rounds = []
-    start = by_id.get("start")
+    start = by_id.get(events.START_RENDER)
     if start:
         rounds.append(start["weights"])
     r = 1
-    while f"iter{r}/generate" in by_id or f"iter{r}/cand1" in by_id:
+    while events.round_step(r, "generate") in by_id or events.candidate(r, 1) in by_id:
         out.append(f"<h2>Iteration {r}</h2><h3>Candidates</h3><div class=row>")
-        scores = by_id.get(f"iter{r}/scores", {}).get("clip_t", [])
+        scores = by_id.get(events.round_step(r, "scores"), {}).get("clip_t", [])
         j = 1
-        while f"iter{r}/cand{j}" in by_id:
-            e = by_id[f"iter{r}/cand{j}"]
+        while events.candidate(r, j) in by_id:
+            e = by_id[events.candidate(r, j)]
             score = f"; CLIP-T {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
             out.append(_figure(img(e["image"]), f"{j}: {_weights(e['weights'])}{score}"))
             j += 1
         out.append("</div>")
-        fb = by_id.get(f"iter{r}/feedback")
+        fb = by_id.get(events.round_step(r, "feedback"))
         if fb:
             out.append(f"<h3>Feedback</h3><pre>{html.escape(fb['value']['feedback'])}</pre>")
-        ref = by_id.get(f"iter{r}/refine")
+        ref = by_id.get(events.round_step(r, "refine"))
         if ref:
             out.append(f"<h3>Refine</h3><pre>{html.escape(ref['value']['feedback'])}</pre>")
-        refined = by_id.get(f"iter{r}/refined")
+        refined = by_id.get(events.round_step(r, "refined"))
         if refined:
             out.append("<div class=row>" + _figure(img(refined["image"]), f"refined: {_weights(refined['weights'])}") + "</div>")
             rounds.append(refined["weights"])

@@ -13,15 +13,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from localora import __version__, package_version
-from localora.runs import report as report_html
+from localora import __version__, events, package_version
 from localora.devices import DeviceManager
+from localora.diffusion.render import Renderer
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Profile, load_profile
-from localora.search.gpt4lora import ComposeConfig, Final, Loop
-from localora.diffusion.render import Renderer
+from localora.runs import report
 from localora.runs.folder import RunFolder
+from localora.search import STRATEGIES
+from localora.search.config import ComposeConfig, Final
+from localora.search.steps import Steps
 
 
 @dataclass
@@ -79,18 +81,13 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
 
 
 def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any) -> Final:
-    """Run (or finish) the loop in `run`, then write report.html."""
+    """Run (or finish) the search in `run`, then write report.html."""
     parts = components(profile, ui)
     emit = ui.event if ui is not None else (lambda e: None)
+    steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
     if run.completed:
-        done = list(run.completed.values())
-        event = {"type": "resume", "completed": len(done),
-                 "renders": sum(e["type"] == "render" for e in done), "calls": sum(e["type"] == "vlm" for e in done),
-                 "iterations_done": sum(e.get("role") == "refined" for e in done)}
-        run.log(event)
-        emit(event)
-    loop = Loop(cfg, run, parts.renderer, parts.vlm, parts.scorer, emit=emit)
+        steps.event(events.resume_summary(list(run.completed.values())))
     try:
-        return loop.compose()
+        return STRATEGIES[cfg.search].run(cfg, steps)
     finally:
-        report_html.write(run)
+        report.write(run)

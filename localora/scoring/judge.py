@@ -18,9 +18,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from localora.vlm import prompts, schemas
+from localora.vlm import ChatModel, prompts, schemas
 from localora.errors import LocaloraError
 from localora.files import open_image
 
@@ -74,16 +74,6 @@ def judge_prompt(elements: Sequence[Element], prompts_dir: Path | None = None) -
 
 
 # ------------------------------------------------------------------ the VLM call
-
-class Answer(Protocol):
-    value: Any  # the parsed structured answer
-
-
-class ChatModel(Protocol):
-    """localora.vlm.VLM is one. `temperature` is passed only when sampling is wanted."""
-
-    def chat(self, system: str, images: list, text: str, schema: Any = ..., seed: int | None = ...) -> Answer: ...
-
 
 def judge_schema() -> Any:
     """The answer schema the VLM backend constrains decoding with (the shape read_scores reads)."""

@@ -1,0 +1,33 @@
+"""Searching combination weights: the shared steps and the strategies built on them.
+
+    config.py     ComposeConfig (what a run is asked to do), reference_job, Final
+    steps.py      render / score / ask: cached, resumable, one event each; every strategy uses them
+    gpt4lora.py   GPT4LoRA's Generate -> Feedback -> Refine loop with the local VLM
+    fewshot.py    the CLIP-scored few-shot examples of that loop
+
+STRATEGIES is the one registry of search strategies: `compose --search`, the bench and the docs
+read it. To add one, write `run(cfg: ComposeConfig, steps: Steps) -> Final` in a module here and
+register it; entries name their module so that listing them loads no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str
+    entry: str  # "module:function", a run(cfg, steps) -> Final
+
+    def run(self, cfg, steps):
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)(cfg, steps)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("vlm", "GPT4LoRA's loop: the local VLM proposes, critiques and refines weights",
+             "localora.search.gpt4lora:run"),
+)}

@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from localora import events
 from localora.devices import Placement
 
 
@@ -32,25 +33,25 @@ def _clock(seconds: float) -> str:
 def describe(event: dict[str, Any]) -> str:
     """One line for one event (the plain mode, and the live view's log line)."""
     kind = event.get("type")
-    if kind == "render":
+    if kind == events.RENDER:
         how = "cache" if event.get("cached") else f"{event.get('seconds', 0):.2f}s"
         return f"render {event['id']:<16} {_weights(event['weights'])}  ({how})"
-    if kind == "vlm":
+    if kind == events.VLM:
         value = event.get("value")
         shown = value if not isinstance(value, (dict, list)) else _short(value)
         return f"vlm    {event['id']:<16} -> {shown}  ({event.get('seconds', 0):.2f}s, {event.get('new_tokens', 0)} tokens)"
-    if kind == "scores":
+    if kind == events.SCORES:
         return f"score  {event['id']:<16} CLIP-T " + " ".join(f"{s:.3f}" for s in event["clip_t"])
-    if kind == "fewshot":
+    if kind == events.FEWSHOT:
         how = "reused from library" if event.get("reused") else f"{len(event['scored'])} grid images scored"
         return f"fewshot {len(event['kept'])} examples kept ({how})"
-    if kind == "iteration":
+    if kind == events.ITERATION:
         return f"--- iteration {event['iteration']}"
-    if kind == "start":
+    if kind == events.START:
         return f"start  {len(event['loras'])} LoRAs, {event['iterations']} iterations x {event['candidates']} candidates"
-    if kind == "resume":
+    if kind == events.RESUME:
         return f"resume {event.get('completed', 0)} completed steps recalled"
-    if kind == "done":
+    if kind == events.DONE:
         return f"done   final: round {event['iteration']}, {_weights(event['weights'])}"
     return str(event)
 
@@ -144,13 +145,13 @@ class LiveUI:
     def event(self, event: dict[str, Any]) -> None:
         s = self.state
         kind = event.get("type")
-        if kind == "start":
+        if kind == events.START:
             s.iterations, s.candidates = event["iterations"], event["candidates"]
             s.loras, s.grid = len(event["loras"]), event.get("grid", 0)
-        elif kind == "iteration":
+        elif kind == events.ITERATION:
             s.iteration = event["iteration"]
             s.table = []
-        elif kind == "render":
+        elif kind == events.RENDER:
             s.renders_done += 1
             s.grid_done += event.get("role") == "grid"
             s.iterations_done += event.get("role") == "refined"
@@ -158,15 +159,15 @@ class LiveUI:
                 s.render_seconds.append(event.get("seconds", 0.0))
             if event.get("role") == "candidate":
                 s.table.append((event["weights"], None))
-        elif kind == "resume":  # recalled steps are not replayed as events; count them here
+        elif kind == events.RESUME:  # recalled steps are not replayed as events; count them here
             s.renders_done += event.get("renders", 0)
             s.calls_done += event.get("calls", 0)
             s.iterations_done += event.get("iterations_done", 0)
-        elif kind == "fewshot" and event.get("reused"):
+        elif kind == events.FEWSHOT and event.get("reused"):
             s.grid = 0
-        elif kind == "scores":
+        elif kind == events.SCORES:
             s.table = list(zip(event["candidates"], event["clip_t"]))
-        elif kind == "vlm":
+        elif kind == events.VLM:
             s.calls_done += 1
             s.call_seconds.append(event.get("seconds", 0.0))
             value = event.get("value")

@@ -1,0 +1,175 @@
+"""Run events and step ids: the one definition the search writes and the live view, the HTML
+report, resume and the bench read.
+
+    events.jsonl, one JSON object per line, in the order things happened:
+      start       the run's shape (LoRAs, rounds, candidates, few-shot grid size)
+      render      id=ref/0 | grid/4 | start | iter2/cand3 | iter2/refined    one image made or recalled
+      fewshot     id=fewshot                                                  the examples kept
+      iteration   a round begins
+      scores      id=iter2/scores                                             CLIP-T of a round's candidates
+      vlm         id=iter2/generate | iter2/feedback | iter2/refine | select  one VLM call, prompt and answer
+      model       a model loaded, moved, evicted or dropped (the device manager's log)
+      resume      a resumed run recalled its completed steps
+      done        the final pick
+
+An event with an "id" is a completed step: a resumed run takes it from the log instead of doing
+it again. Step ids are made and read only through the functions here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+START, ITERATION, RENDER, FEWSHOT, SCORES, VLM, MODEL, RESUME, DONE = (
+    "start", "iteration", "render", "fewshot", "scores", "vlm", "model", "resume", "done")
+
+# What a render is for (its "role").
+Role = Literal["reference", "grid", "start", "candidate", "refined"]
+
+
+# ------------------------------------------------------------------ step ids
+
+def reference(i: int) -> str:
+    """The i-th LoRA (from 0) rendered alone."""
+    return f"ref/{i}"
+
+
+def grid(i: int) -> str:
+    return f"grid/{i}"
+
+
+START_RENDER = "start"
+FEWSHOT_STEP = "fewshot"
+SELECT = "select"
+
+
+def candidate(r: int, j: int) -> str:
+    """Round r's j-th candidate render (both from 1)."""
+    return f"iter{r}/cand{j}"
+
+
+def round_step(r: int, kind: Literal["generate", "scores", "feedback", "refine", "refined"]) -> str:
+    return f"iter{r}/{kind}"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # reference, grid, start, fewshot, select, candidate, generate, scores, feedback, refine, refined
+    round: int | None = None
+    index: int | None = None
+
+
+_ROUND = re.compile(r"^iter(\d+)/(?:cand(\d+)|(generate|scores|feedback|refine|refined))$")
+
+
+def parse(step_id: str) -> Step:
+    """The parts of a step id; ValueError for an id no version of localora writes."""
+    if step_id in (START_RENDER, FEWSHOT_STEP, SELECT):
+        return Step(step_id)
+    head, _, tail = step_id.partition("/")
+    if head in ("ref", "grid") and tail.isdigit():
+        return Step("reference" if head == "ref" else "grid", index=int(tail))
+    m = _ROUND.match(step_id)
+    if m is None:
+        raise ValueError(f"not a step id: {step_id!r}")
+    if m[2] is not None:
+        return Step("candidate", int(m[1]), int(m[2]))
+    return Step(m[3], int(m[1]))
+
+
+# ------------------------------------------------------------------ the events' fields
+
+class StartEvent(TypedDict):
+    type: Literal["start"]
+    iterations: int
+    candidates: int
+    loras: list[str]
+    grid: int  # few-shot grid renders planned (0: few-shot off)
+
+
+class IterationEvent(TypedDict):
+    type: Literal["iteration"]
+    iteration: int
+
+
+class RenderEvent(TypedDict):
+    type: Literal["render"]
+    id: str
+    role: Role
+    iteration: int | None
+    weights: dict[str, float]
+    key: str  # the render cache key
+    cached: bool
+    image: str  # relative to the run folder
+    seconds: float
+
+
+class FewshotEvent(TypedDict):
+    type: Literal["fewshot"]
+    id: str
+    reused: bool
+    library: str
+    threshold: float
+    scored: list[dict[str, Any]]
+    kept: list[dict[str, Any]]
+
+
+class ScoresEvent(TypedDict):
+    type: Literal["scores"]
+    id: str
+    iteration: int
+    candidates: list[dict[str, float]]
+    images: list[str]
+    clip_t: list[float]
+
+
+class VlmEvent(TypedDict):
+    type: Literal["vlm"]
+    id: str
+    step: str  # generate, feedback, refine, select
+    system: str
+    prompt: str
+    images: list[str]
+    raw: str  # the model's answer as decoded
+    value: Any  # the parsed answer
+    seconds: float
+    prompt_tokens: int
+    new_tokens: int
+
+
+class ModelEvent(TypedDict):
+    type: Literal["model"]
+    model: str  # diffusion, vlm, clip
+    action: str  # load, to-device, offload, drop
+    seconds: float
+    bytes: int  # accelerator memory allocated after the action (0 on a CPU)
+    resident: list[str]
+
+
+class ResumeEvent(TypedDict):
+    type: Literal["resume"]
+    completed: int
+    renders: int
+    calls: int
+    iterations_done: int
+
+
+class DoneEvent(TypedDict):
+    type: Literal["done"]
+    weights: dict[str, float]
+    iteration: int
+    image: str
+
+
+Event = (StartEvent | IterationEvent | RenderEvent | FewshotEvent | ScoresEvent | VlmEvent | ModelEvent
+         | ResumeEvent | DoneEvent)
+
+
+def resume_summary(completed: list[dict[str, Any]]) -> ResumeEvent:
+    """What a resumed run recalls: counted once here for the log and the live view."""
+    return ResumeEvent(type="resume", completed=len(completed),
+                       renders=sum(e["type"] == RENDER for e in completed),
+                       calls=sum(e["type"] == VLM for e in completed),
+                       iterations_done=sum(e.get("role") == "refined" for e in completed))

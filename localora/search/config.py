@@ -1,0 +1,111 @@
+"""What a compose run is asked to do, and what it ends with: shared by every search strategy.
+
+    ComposeConfig   the prompt, the LoRAs, the bounds, the rounds and candidates, one Sampling
+    reference_job   a LoRA alone with its own trigger words (shown to the VLM, scored by the bench)
+    Final           the chosen weights and image
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from localora.diffusion.loras import Lora, with_triggers
+from localora.diffusion.render import RenderJob
+from localora.diffusion.sampling import Sampling
+from localora.errors import LocaloraError
+from localora.files import file_hash
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    prompt: str
+    loras: tuple[Lora, ...]
+    iterations: int = 5
+    candidates: int = 5
+    bounds: tuple[float, float] = (0.0, 1.5)
+    sampling: Sampling = Sampling()  # every render of the run shares it (one seed: images differ by weights)
+    start: tuple[float | None, ...] | None = None  # None (or a None entry): 1.0, inside the bounds
+    method: str = "merge"
+    search: str = "vlm"  # a name in localora.search.STRATEGIES
+    fewshot: bool = True
+    fewshot_levels: tuple[float, ...] = (0.4, 0.7, 1.0)
+    fewshot_threshold: float = 0.0
+    fewshot_keep: int = 5
+    temperature: float | None = None  # None: greedy answers
+    feedback_chars: int = 600
+    prompts_dir: str | None = None
+
+    def check(self) -> None:
+        from localora.search import STRATEGIES
+
+        lo, hi = self.bounds
+        if len(self.loras) < 2:
+            raise LocaloraError(f"compose needs at least 2 LoRAs to combine, got {len(self.loras)}; "
+                                f"for one LoRA use `localora generate`")
+        if self.iterations < 1 or self.candidates < 1:
+            raise LocaloraError("--iterations and --candidates must be at least 1")
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise LocaloraError(f"--bounds {lo:g},{hi:g}: need two finite numbers with min <= max")
+        if self.start is not None:
+            if len(self.start) != len(self.loras):
+                raise LocaloraError(f"{len(self.start)} start weights for {len(self.loras)} LoRAs")
+            if any(w is not None and not lo <= w <= hi for w in self.start):
+                raise LocaloraError(f"start weights (NAME:WEIGHT) must lie within the bounds {lo:g}..{hi:g}")
+        if len({lo.name for lo in self.loras}) != len(self.loras):
+            raise LocaloraError("the same LoRA name is given twice; each LoRA once")
+        if self.search not in STRATEGIES:
+            raise LocaloraError(f"unknown search strategy '{self.search}'; use one of {', '.join(STRATEGIES)}")
+
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed
+
+    @property
+    def names(self) -> list[str]:
+        return [lo.name for lo in self.loras]
+
+    @property
+    def start_weights(self) -> tuple[float, ...]:
+        lo, hi = self.bounds
+        default = min(max(1.0, lo), hi)
+        return tuple(default if w is None else w for w in (self.start or [None] * len(self.loras)))
+
+    def settings(self) -> dict[str, Any]:
+        """What run.json stores: enough to resume, and to tell what ran."""
+        d = asdict(self)
+        d["loras"] = [{"name": lo.name, "path": str(lo.path), "category": lo.category, "triggers": lo.triggers,
+                       "references": [str(r) for r in lo.references], "sha256": file_hash(lo.path)}
+                      for lo in self.loras]
+        return d
+
+    @classmethod
+    def from_settings(cls, d: dict[str, Any]) -> ComposeConfig:
+        d = dict(d)
+        d["loras"] = tuple(Lora(x["name"], Path(x["path"]), x["category"], x["triggers"],
+                                tuple(Path(r) for r in x.get("references", []))) for x in d["loras"])
+        for key in ("bounds", "start", "fewshot_levels"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        # run.json of localora 0.1 kept the sampling fields at the top level.
+        d["sampling"] = Sampling.from_dict(d.get("sampling") or d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def reference_job(base_prompt: str, lora: Lora, sampling: Sampling, method: str = "merge") -> RenderJob:
+    """A LoRA alone at weight 1.0, with only its own trigger words: what its element looks like.
+
+    The loop shows these to the VLM and the bench scores CLIP-I against them; both build them
+    here so the render cache serves one to the other.
+    """
+    return RenderJob(prompt=with_triggers(base_prompt, [lora]), loras=(lora,), weights=(1.0,), method=method,
+                     sampling=sampling)
+
+
+@dataclass(frozen=True)
+class Final:
+    weights: dict[str, float]
+    iteration: int
+    image: str  # relative to the run folder

@@ -1,0 +1,103 @@
+"""The cached, resumable steps every search strategy is made of.
+
+    steps = Steps(run, renderer, vlm, scorer, emit)
+    path  = steps.render(events.candidate(2, 1), "candidate", job, names, iteration=2)   # image path in the run
+    clip  = steps.score(events.round_step(2, "scores"), vectors, paths, text, names, iteration=2)
+    value = steps.ask(events.round_step(2, "generate"), "generate", system, paths, text, schema, ...)
+
+Each step has an id (localora.events) and, when done, is one event in the run folder. Asked
+again for an id that is already done (a resumed run), a step returns the recorded result
+without rendering, scoring or asking again. Renders go through the content-addressed render
+cache, so the same weights are never denoised twice, in this run or any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from PIL import Image
+
+from localora import events
+from localora.diffusion.render import Renderer, Rendered, RenderJob
+from localora.vlm import ChatModel
+
+if TYPE_CHECKING:
+    from localora.scoring.clip import ClipScorer
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class Record(Protocol):
+    """Where a run keeps its steps: localora.runs.folder.RunFolder is one."""
+
+    path: Path
+    completed: dict[str, dict[str, Any]]  # step id -> its event
+
+    def log(self, event: dict[str, Any]) -> None: ...
+    def save_image(self, rendered: Rendered) -> str: ...
+    def image(self, rel: str) -> Image.Image: ...
+    def copy(self, rel: str, name: str) -> None: ...
+    def write_json(self, name: str, data: Any) -> None: ...
+
+
+@dataclass
+class Steps:
+    run: Record
+    renderer: Renderer
+    vlm: ChatModel | None
+    scorer: ClipScorer | None
+    emit: Emit = lambda event: None
+
+    def recall(self, step: str) -> dict[str, Any] | None:
+        """The recorded event of a completed step, or None."""
+        return self.run.completed.get(step)
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Record an event in the run folder (on disk before the run goes on), then show it."""
+        self.run.log(event)
+        self.emit(event)
+
+    def image(self, rel: str) -> Image.Image:
+        return self.run.image(rel)
+
+    def render(self, step: str, role: events.Role, job: RenderJob, names: Sequence[str],
+               iteration: int | None = None) -> str:
+        """Render (or recall) one image; returns its path in the run folder."""
+        done = self.recall(step)
+        if done:
+            return done["image"]
+        out = self.renderer.render(job)
+        rel = self.run.save_image(out)
+        self.event(events.RenderEvent(
+            type="render", id=step, role=role, iteration=iteration, weights=dict(zip(names, job.weights)),
+            key=out.key, cached=out.cached, image=rel, seconds=round(out.seconds, 3)))
+        return rel
+
+    def score(self, step: str, vectors: Sequence[Sequence[float]], images: list[str], text: str,
+              names: Sequence[str], iteration: int) -> list[float]:
+        """CLIP-T of each image against `text` (or the recorded scores)."""
+        done = self.recall(step)
+        if done:
+            return done["clip_t"]
+        scores = [float(s) for s in self.scorer.clip_t_batch([self.image(p) for p in images], text)]
+        self.event(events.ScoresEvent(
+            type="scores", id=step, iteration=iteration, candidates=[dict(zip(names, v)) for v in vectors],
+            images=images, clip_t=scores))
+        return scores
+
+    def ask(self, step: str, kind: str, system: str, images: list[str], text: str, schema: Any,
+            temperature: float | None, seed: int) -> Any:
+        """One constrained VLM call about images of the run (or its recorded answer); the parsed value."""
+        done = self.recall(step)
+        if done:
+            return done["value"]
+        answer = self.vlm.chat(system, [self.run.path / p for p in images], text, schema=schema,
+                               temperature=temperature, seed=seed)
+        self.event(events.VlmEvent(
+            type="vlm", id=step, step=kind, system=system, prompt=text, images=images, raw=answer.text,
+            value=answer.value, seconds=round(answer.seconds, 3), prompt_tokens=answer.prompt_tokens,
+            new_tokens=answer.new_tokens))
+        return answer.value
