@@ -74,7 +74,7 @@ def test_fewshot_library_is_reused_by_a_second_run(demo):
     _, first, second = demo
     one = next(e for e in events(first) if e["type"] == "fewshot")
     two = next(e for e in events(second) if e["type"] == "fewshot")
-    assert not one["reused"] and len(one["scored"]) == 27
+    assert not one["reused"] and len(one["scored"]) == 9  # 3 per LoRA, not the 27 of the full grid
     strip = lambda rows: [{k: v for k, v in r.items() if k != "image"} for r in rows]  # noqa: E731
     assert two["reused"] and strip(two["kept"]) == strip(one["kept"])
     assert not any(e.get("role") == "grid" for e in events(second))
@@ -97,7 +97,7 @@ def test_fewshot_library_key_follows_everything_that_decides_the_examples(demo_l
     assert key() == base
     for change in ({"sampling": Sampling(negative_prompt="blurry")}, {"sampling": Sampling(steps=3)},
                    {"sampling": Sampling(seed=1)}, {"fewshot_keep": 3},
-                   {"fewshot_threshold": 0.05}, {"fewshot_levels": (0.5, 1.0)}):
+                   {"fewshot_threshold": 0.05}, {"fewshot_levels": (0.5, 1.0)}, {"fewshot_budget": 5}):
         assert key(**change) != base, change
 
 
@@ -116,6 +116,29 @@ def test_fewshot_selection_filters_unbalanced_and_keeps_the_best():
     assert [k.weights for k in kept] == [(1.0, 1.0), (0.4, 0.4), (0.7, 1.0), (1.0, 0.4), (0.7, 0.7)]
     assert fewshot.select(table, threshold=0.5) == []
     assert len(fewshot.grid(3, (0.4, 0.7, 1.0))) == 27
+
+
+@pytest.mark.parametrize("k,levels,budget", [(3, (0.4, 0.7, 1.0), None), (5, (0.4, 0.7, 1.0), None),
+                                             (4, (0.2, 0.6, 1.0, 1.4), 10), (3, (0.5, 1.0), 5)])
+def test_fewshot_design_grows_linearly_and_shows_every_level(k, levels, budget):
+    rows = fewshot.design(k, levels, budget)
+    assert len(rows) == (budget or 3 * k) < len(levels) ** k
+    assert len(set(rows)) == len(rows)
+    for column in zip(*rows):  # every level of every LoRA, each equally often within one
+        counts = Counter(column)
+        assert set(counts) == set(levels) and max(counts.values()) - min(counts.values()) <= 1
+    assert fewshot.design(k, levels, budget) == rows  # deterministic
+
+
+def test_fewshot_design_is_the_full_grid_when_that_fits_the_budget():
+    assert fewshot.design(2, (0.4, 1.0)) == fewshot.grid(2, (0.4, 1.0))  # 4 <= 6
+    assert fewshot.design(3, (0.4, 0.7, 1.0), budget=27) == fewshot.grid(3, (0.4, 0.7, 1.0))
+
+
+def test_demo_few_shot_stage_renders_at_most_three_per_lora(demo):
+    _, run, _ = demo
+    grid = [e for e in events(run) if e["type"] == "render" and e["role"] == "grid"]
+    assert 0 < len(grid) <= 3 * 3
 
 
 def test_report_is_self_contained_html_showing_every_iteration(demo):
@@ -263,3 +286,8 @@ def test_resume_refuses_options_it_would_ignore(demo):
 def test_resume_with_other_loras(demo):
     _, run, _ = demo
     one_error_line(compose("--resume", run, "-l", "demo-style", "-l", "demo-character"), "used the LoRAs")
+
+
+def test_fewshot_budget_smaller_than_the_levels(tmp_path):
+    one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--fewshot-budget", "2",
+                           "--out", tmp_path / "r"), "--fewshot-budget 2", "at least 3")

@@ -53,7 +53,9 @@ _RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
 @sampling_options
 @click.option("--temperature", type=float, default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
-@click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Grid levels per LoRA.")
+@click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Weight levels the few-shot design uses.")
+@click.option("--fewshot-budget", type=click.IntRange(min=1), default=None,
+              help="Renders for the few-shot examples (default: 3 per LoRA; the full grid when it is smaller).")
 @click.option("--fewshot-threshold", type=float, default=None,
               help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
 @click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False), default=None,
@@ -62,7 +64,7 @@ _RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, sampling, temperature, no_fewshot,
-            fewshot_levels, fewshot_threshold, prompts_dir, out, resume, plain):
+            fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -97,7 +99,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
         bounds=float_pair(bounds, "--bounds"), search=search, sampling=sampling, start=starts, fewshot=not no_fewshot,
-        fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"),
+        fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
     )

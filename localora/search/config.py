@@ -32,6 +32,7 @@ class ComposeConfig:
     search: str = "vlm"  # a name in localora.search.STRATEGIES
     fewshot: bool = True
     fewshot_levels: tuple[float, ...] = (0.4, 0.7, 1.0)
+    fewshot_budget: int | None = None  # renders for the examples; None: 3 per LoRA (fewshot.PER_LORA)
     fewshot_threshold: float = 0.0
     fewshot_keep: int = 5
     temperature: float | None = None  # None: greedy answers
@@ -56,6 +57,9 @@ class ComposeConfig:
                 raise LocaloraError(f"start weights (NAME:WEIGHT) must lie within the bounds {lo:g}..{hi:g}")
         if len({lo.name for lo in self.loras}) != len(self.loras):
             raise LocaloraError("the same LoRA name is given twice; each LoRA once")
+        if self.fewshot and self.fewshot_budget is not None and self.fewshot_budget < len(self.fewshot_levels):
+            raise LocaloraError(f"--fewshot-budget {self.fewshot_budget} is too small to show each of the "
+                                f"{len(self.fewshot_levels)} --fewshot-levels once; give at least {len(self.fewshot_levels)}")
         if self.search not in STRATEGIES:
             raise LocaloraError(f"unknown search strategy '{self.search}'; use one of {', '.join(STRATEGIES)}")
 

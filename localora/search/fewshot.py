@@ -1,16 +1,20 @@
 """Few-shot examples for the Generate step, chosen as GPT4LoRA chooses them.
 
-Render a grid of weight vectors, score each image's text alignment (CLIP) with the full prompt
+Render a design of weight vectors, score each image's text alignment (CLIP) with the full prompt
 and with each LoRA's trigger words, drop the unbalanced ones (lowest per-LoRA score under a
 threshold: a LoRA that barely shows), and keep the best by full-prompt score. The result is
 kept in a library keyed by everything that decides it, so the next run with the same LoRAs and
-prompt reuses it instead of rendering the grid again.
+prompt reuses it instead of rendering the design again.
+
+GPT4LoRA renders the full grid, levels^k images (27 of a 50-render run at 3 LoRAs, 243 at 5).
+`design` keeps its size linear in k: by default 3 per LoRA, a Latin hypercube over the levels.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,9 +34,47 @@ class Scored:
         return min(self.lora_scores)
 
 
+PER_LORA = 3  # default design budget per LoRA
+_TRIES = 64  # random Latin hypercubes compared for the widest spread
+
+
 def grid(n_loras: int, levels: tuple[float, ...]) -> list[tuple[float, ...]]:
     """Every combination of the levels, one level per LoRA."""
     return [tuple(w) for w in itertools.product(levels, repeat=n_loras)]
+
+
+def default_budget(n_loras: int) -> int:
+    return PER_LORA * n_loras
+
+
+def design(n_loras: int, levels: tuple[float, ...], budget: int | None = None) -> list[tuple[float, ...]]:
+    """The weight vectors to score: the full grid when it fits the budget, else a Latin hypercube.
+
+    In the hypercube each LoRA's column holds every level equally often (within one), so every
+    level of every LoRA is rendered; rows are distinct. Of _TRIES seeded random hypercubes the one
+    whose closest two rows are farthest apart is kept (maximin), so the examples spread over the
+    grid. Seeded with a constant: the same LoRA count, levels and budget give the same design.
+    """
+    budget = default_budget(n_loras) if budget is None else budget
+    full = len(levels) ** n_loras
+    if budget >= full:
+        return grid(n_loras, levels)
+    if budget < len(levels):
+        raise ValueError(f"a budget of {budget} cannot show each of {len(levels)} levels")
+    rng = random.Random(0)
+    column = [levels[i % len(levels)] for i in range(budget)]
+    best, best_gap = None, -1.0
+    for _ in range(_TRIES):
+        cols = [rng.sample(column, len(column)) for _ in range(n_loras)]
+        rows = list(zip(*cols))
+        if len(set(rows)) < len(rows):
+            continue
+        gap = min(sum((a - b) ** 2 for a, b in zip(r, q)) for r, q in itertools.combinations(rows, 2))
+        if gap > best_gap:
+            best, best_gap = rows, gap
+    if best is None:  # cannot happen with budget < levels^k in practice; keep a clear failure
+        raise ValueError(f"no design of {budget} distinct rows found for {n_loras} LoRAs")
+    return sorted(best, key=lambda r: [levels.index(w) for w in r])
 
 
 def select(entries: list[Scored], threshold: float, keep: int = 5) -> list[Scored]:

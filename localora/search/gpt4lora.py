@@ -2,7 +2,7 @@
 
     Algorithm 1, as `GPT4LoRA.compose` runs it:
         R_k  <- render LoRA k alone, k = 1..K               what each element should look like
-        E    <- few-shot examples from a CLIP-scored grid    (fewshot.py; reused from the library)
+        E    <- few-shot examples, CLIP-scored renders of a design of weights (fewshot.py; reused)
         x_0  <- render(w_0)                                  the start weights
         for r = 1..N:
             C_r <- generate(x_{r-1}, R, E)                  M candidate weight vectors
@@ -51,7 +51,7 @@ class GPT4LoRA:
         cfg = self.cfg
         self.steps.event(events.StartEvent(
             type="start", iterations=cfg.iterations, candidates=cfg.candidates, loras=cfg.names,
-            grid=len(fewshot.grid(len(cfg.loras), cfg.fewshot_levels)) if cfg.fewshot else 0))
+            grid=len(self._design()) if cfg.fewshot else 0))
         refs = [self.steps.render(events.reference(k), "reference",
                                   reference_job(cfg.prompt, lo, cfg.sampling, cfg.method), [lo.name])
                 for k, lo in enumerate(cfg.loras)]
@@ -143,13 +143,16 @@ class GPT4LoRA:
         """What decides the few-shot examples: the grid's render keys (model, LoRA bytes, every
         setting) and how the images are scored."""
         cfg = self.cfg
-        return {"renders": [self.steps.renderer.key(self.job(w)) for w in fewshot.grid(len(cfg.loras), cfg.fewshot_levels)],
+        return {"renders": [self.steps.renderer.key(self.job(w)) for w in self._design()],
                 "texts": self._score_texts(), "clip": asdict(self.steps.renderer.profile.clip),
                 "threshold": cfg.fewshot_threshold, "keep": cfg.fewshot_keep}
 
+    def _design(self) -> list[Weights]:
+        return fewshot.design(len(self.cfg.loras), self.cfg.fewshot_levels, self.cfg.fewshot_budget)
+
     def _score_grid(self):
         cfg = self.cfg
-        vectors = fewshot.grid(len(cfg.loras), cfg.fewshot_levels)
+        vectors = self._design()
         paths = [self.render(events.grid(i), "grid", w) for i, w in enumerate(vectors)]
         images = {p: self.steps.image(p) for p in paths}
         scorer = self.steps.scorer
