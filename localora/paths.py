@@ -1,11 +1,18 @@
-"""Where localora keeps things on disk."""
+"""Where localora keeps things on disk.
+
+    package    localora/models.toml, localora/prompts/*.txt     shipped defaults (package data)
+    config     $LOCALORA_CONFIG or the user config dir           a user's own models.toml, prompts/
+    home       $LOCALORA_HOME or ~/.cache/localora               tiny models, render cache, few-shot library
+
+A user's own copy wins over the shipped one: copy a file into the config dir and edit it there,
+so upgrading localora never overwrites it. $LOCALORA_MODELS and --prompts DIR still win over both.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# The shipped models.toml and prompts/ are package data.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -14,15 +21,32 @@ def home() -> Path:
     return Path(os.environ.get("LOCALORA_HOME", Path.home() / ".cache" / "localora")).expanduser()
 
 
+def config_dir() -> Path:
+    """$LOCALORA_CONFIG, else the platform's user config folder (~/.config/localora on Linux)."""
+    env = os.environ.get("LOCALORA_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("localora"))
+
+
 def render_cache_dir() -> Path:
     return home() / "renders"
 
 
-def prompts_dir() -> Path:
+def shipped_prompts_dir() -> Path:
     return PACKAGE_DIR / "prompts"
 
 
+def user_prompts_dir() -> Path:
+    return config_dir() / "prompts"
+
+
 def models_toml() -> Path:
-    """$LOCALORA_MODELS if set, else the models.toml shipped with the project."""
+    """$LOCALORA_MODELS if set, else the user's config-dir copy if there is one, else the shipped one."""
     env = os.environ.get("LOCALORA_MODELS")
-    return Path(env).expanduser() if env else PACKAGE_DIR / "models.toml"
+    if env:
+        return Path(env).expanduser()
+    user = config_dir() / "models.toml"
+    return user if user.is_file() else PACKAGE_DIR / "models.toml"

@@ -17,14 +17,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def localora_home(tmp_path_factory):
+    """A private $LOCALORA_HOME and an empty $LOCALORA_CONFIG: a developer's own cache and
+    ~/.config/localora (models.toml, prompts) never change what the tests see."""
     home = tmp_path_factory.mktemp("localora-home")
-    old = os.environ.get("LOCALORA_HOME")
+    config = tmp_path_factory.mktemp("localora-config")
+    old = {k: os.environ.get(k) for k in ("LOCALORA_HOME", "LOCALORA_CONFIG", "LOCALORA_MODELS")}
     os.environ["LOCALORA_HOME"] = str(home)
+    os.environ["LOCALORA_CONFIG"] = str(config)
+    os.environ.pop("LOCALORA_MODELS", None)
     yield home
-    if old is None:
-        os.environ.pop("LOCALORA_HOME", None)
-    else:
-        os.environ["LOCALORA_HOME"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     from localora.profiles import load_profile
     from localora.runs import session
     from localora.search.config import ComposeConfig
+    from localora.vlm.prompts import check_dir
 
     if resume:
         from click.core import ParameterSource
@@ -93,6 +94,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         return
     if not prompt:
         raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
+    check_dir(prompts_dir)
     prof = load_profile(profile)
     choices = resolve_loras(prof, lora_specs, catalog)
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
@@ -101,7 +103,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         bounds=float_pair(bounds, "--bounds"), search=search, sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
-        temperature=temperature, prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
+        temperature=temperature, prompts_dir=str(check_dir(prompts_dir)) if prompts_dir else None,
     )
     _start(cfg, prof, out, plain)
 

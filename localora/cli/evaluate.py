@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from localora.scoring import judge as judging
+from localora.vlm.prompts import check_dir
 from localora import profiles
 from localora.errors import LocaloraError
 
@@ -44,6 +45,7 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
           temperature: float | None, prompts_dir: Path | None) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, averaged) and give the verdict."""
+    prompts_dir = check_dir(prompts_dir)
     parsed = [judging.parse_element(e) for e in elements]
     profile = profiles.load_profile(profile_name)
     model = _load_vlm(profile)

@@ -12,8 +12,11 @@ def models():
     """List the profiles of models.toml and whether each model is available here."""
     from localora import profiles
 
+    from localora import paths
+
     cat = profiles.load_catalog()
     click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
+    click.echo(f"your own copies go in {paths.config_dir()}: models.toml, prompts/NAME.txt")
     for p in cat.profiles.values():
         click.echo(f"\n{p.name}: {p.description}")
         for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):

@@ -1,8 +1,9 @@
 """Prompt templates: editable text files with named {fields}.
 
-Every VLM prompt lives in prompts/NAME.txt; `--prompts DIR` points at a folder of overrides
-(files missing there fall back to the shipped ones). Fields are filled by plain replacement, not
-str.format, so templates may show JSON with braces.
+Every VLM prompt is a file NAME.txt, looked up in order in `--prompts DIR`, in the user's config
+dir (`<config>/prompts/`) and in the shipped localora/prompts/, so a user overrides one template
+by copying just that file. Fields are filled by plain replacement, not str.format, so templates
+may show JSON with braces.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ from localora.errors import LocaloraError
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 
 
+def check_dir(override_dir: Path | str | None, option: str = "--prompts") -> Path | None:
+    """An override folder as a resolved path, or one error line when it is not a folder; called by
+    the commands before anything loads, so a typo does not silently use the shipped prompts."""
+    if override_dir is None:
+        return None
+    path = Path(override_dir).expanduser()
+    if not path.is_dir():
+        raise LocaloraError(f"{option} {path}: no such folder; give a folder of NAME.txt prompt templates "
+                            f"(the shipped ones are in {paths.shipped_prompts_dir()})")
+    return path.resolve()
+
+
 def template_path(name: str, override_dir: Path | None = None) -> Path:
-    if override_dir is not None:
-        candidate = Path(override_dir) / f"{name}.txt"
-        if candidate.is_file():
-            return candidate
-    return paths.prompts_dir() / f"{name}.txt"
+    for folder in (override_dir, paths.user_prompts_dir()):
+        if folder is not None and (Path(folder) / f"{name}.txt").is_file():
+            return Path(folder) / f"{name}.txt"
+    return paths.shipped_prompts_dir() / f"{name}.txt"
 
 
 def render(name: str, override_dir: Path | None = None, **fields: str) -> str:

@@ -1,0 +1,100 @@
+"""localora as a real package: a built wheel, installed non-editably, works from anywhere, and a
+user's own models.toml and prompts live in the config dir without touching the install."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from localora import paths
+from localora.cli import main
+from localora.vlm import prompts
+from support import one_error_line
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A wheel of this checkout, installed with pip into a fresh target folder (no network)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp / "dist"), str(REPO)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp / "dist").glob("localora-*.whl")
+    target = tmp / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                              "--target", str(target), str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    return wheel, target
+
+
+def test_the_wheel_carries_every_subpackage_and_data_file(installed):
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("", "diffusion/", "vlm/", "scoring/", "search/", "runs/", "bench/", "ui/", "cli/", "tiny/"):
+        assert f"localora/{package}__init__.py" in names, package
+    assert "localora/models.toml" in names
+    assert {f"localora/prompts/{n}.txt" for n in ("system", "generate", "feedback", "refine", "select", "judge")} <= names
+    assert any(n.startswith("localora/bench/testbeds/") and n.endswith(".toml") for n in names)
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_models_and_demo_outside_the_checkout(installed, tmp_path):
+    _, target = installed
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "LOCALORA_HOME": str(tmp_path / "home"),
+           "LOCALORA_CONFIG": str(tmp_path / "config"), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+    where = run("-c", "import localora; print(localora.__file__)")
+    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
+    models = run("-m", "localora", "models")
+    assert models.returncode == 0, models.stderr
+    assert str(target / "localora" / "models.toml") in models.stdout and "\ntiny:" in models.stdout
+    demo = run("-m", "localora", "demo", "--plain", "--out", "run")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    for name in ("run.json", "events.jsonl", "final.png", "final.json", "report.html"):
+        assert (cwd / "run" / name).is_file(), name
+
+
+def test_models_toml_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALORA_CONFIG", str(tmp_path / "config"))
+    assert paths.models_toml() == paths.PACKAGE_DIR / "models.toml"
+    user = tmp_path / "config" / "models.toml"
+    user.parent.mkdir()
+    user.write_text((paths.PACKAGE_DIR / "models.toml").read_text())
+    assert paths.models_toml() == user
+    monkeypatch.setenv("LOCALORA_MODELS", str(tmp_path / "mine.toml"))
+    assert paths.models_toml() == tmp_path / "mine.toml"
+
+
+def test_prompt_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALORA_CONFIG", str(tmp_path / "config"))
+    assert prompts.template_path("feedback") == paths.shipped_prompts_dir() / "feedback.txt"
+    user = tmp_path / "config" / "prompts" / "feedback.txt"
+    user.parent.mkdir(parents=True)
+    user.write_text("mine {answer_format}")
+    assert prompts.template_path("feedback") == user
+    assert prompts.template_path("refine") == paths.shipped_prompts_dir() / "refine.txt"  # per file
+    override = tmp_path / "override"
+    override.mkdir()
+    (override / "feedback.txt").write_text("override")
+    assert prompts.template_path("feedback", override) == override / "feedback.txt"
+
+
+def test_prompts_option_naming_a_missing_folder_is_one_error_line(tmp_path):
+    missing = tmp_path / "nope"
+    result = CliRunner().invoke(main, ["compose", "x", "-l", "demo-style", "-l", "demo-character",
+                                       "--prompts", str(missing), "--out", str(tmp_path / "r")])
+    one_error_line(result, f"--prompts {missing}", "no such folder")
+    assert not (tmp_path / "r").exists()
