@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -18,7 +19,9 @@ from click.testing import CliRunner
 from PIL import Image
 from rich.console import Console
 
-from localora.bench import runner as bench, report as bench_report
+from localora.bench import report as bench_report
+from localora.bench.store import DB_FILE
+from localora.ui.progress import LiveProgress
 from localora.scoring import judge
 from localora.cli import main
 from support import one_error_line
@@ -40,7 +43,7 @@ def localora(*args) -> subprocess.Popen:
 
 def table(out: Path, name: str) -> dict[tuple, dict]:
     """A bench table keyed by (set, seed, method), every column including rowid."""
-    with sqlite3.connect(out / bench.DB_FILE) as conn:
+    with sqlite3.connect(out / DB_FILE) as conn:
         conn.row_factory = sqlite3.Row
         rows = [dict(r) for r in conn.execute(f"SELECT rowid, * FROM {name}")]
     return {(r["set_id"], r["seed"], r["method"]): r for r in rows}
@@ -236,7 +239,7 @@ def test_report_counts_wins_ties_and_losses():
 
 def test_live_progress_shows_bar_eta_current_step_and_rows():
     console = Console(record=True, width=160, force_terminal=True)
-    ui = bench.LiveProgress(console)
+    ui = LiveProgress(console)
     with ui:
         ui.start(4, 2)
         ui.working("demo-character_demo-style seed 0 reflect iter1/generate")
@@ -255,8 +258,8 @@ def test_report_on_an_empty_folder(tmp_path):
 
 def test_report_on_a_folder_that_is_not_a_bench(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    one_error_line(cli("report", tmp_path), "not a bench folder", bench.DB_FILE)
-    (tmp_path / bench.DB_FILE).write_text("not sqlite")
+    one_error_line(cli("report", tmp_path), "not a bench folder", DB_FILE)
+    (tmp_path / DB_FILE).write_text("not sqlite")
     one_error_line(cli("report", tmp_path), "not a localora bench database")
 
 
@@ -279,3 +282,37 @@ def test_bench_baseline_must_be_one_of_the_methods(tmp_path):
 def test_bench_into_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge", "--out", tmp_path), "not a bench folder")
+
+
+# ------------------------------------------------------------------ the store's schema versions
+
+OLD = Path(__file__).parent / "data" / "bench-format1"  # made by localora 0.1 (user_version 0)
+
+
+def test_a_bench_folder_made_by_the_previous_version_opens_and_is_migrated(tmp_path):
+    from localora.bench.store import SCHEMA_VERSION, Store
+
+    folder = tmp_path / "old"
+    shutil.copytree(OLD, folder)
+    with sqlite3.connect(folder / DB_FILE) as conn:
+        before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in ("results", "pairs")}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    store = Store.open(folder)
+    assert len(store.results()) == 2 and len(store.pairs()) == 1
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    for table, rows in before.items():
+        assert [tuple(r) for r in store.conn.execute(f"SELECT * FROM {table} ORDER BY rowid")] == rows
+    # The bench command's path: the same settings reopen it for more rows.
+    again = Store.create_or_open(folder, store.settings())
+    assert len(again.results()) == 2
+    assert cli("report", folder).exit_code == 0 and (folder / "report.md").is_file()
+
+
+def test_a_bench_folder_from_a_newer_version_is_refused(tmp_path):
+    from localora.bench.store import SCHEMA_VERSION
+
+    folder = tmp_path / "new"
+    shutil.copytree(OLD, folder)
+    with sqlite3.connect(folder / DB_FILE) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    one_error_line(cli("report", folder), "newer localora", "upgrade")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from localora.scoring import judge
-from localora.bench.runner import METHODS, Store
+from localora.bench.plan import METHODS
+from localora.bench.store import Store
 from localora.errors import LocaloraError
 from localora.files import atomic_write
 

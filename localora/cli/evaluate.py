@@ -102,19 +102,22 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     saved as soon as it is made: rerun the same command to go on after an interruption. Runs with
     other --elements, --seeds or --methods add to the same folder. Then: localora report OUT.
     """
-    from localora.bench import runner as benching
+    from localora.bench import runner
+    from localora.bench.plan import BenchConfig
+    from localora.bench.store import DB_FILE
+    from localora.ui.progress import LiveProgress, PlainProgress
 
-    cfg = benching.BenchConfig(
+    cfg = BenchConfig(
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
         seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
         repeats=repeats, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
     )
-    ui = benching.PlainProgress(click.echo) if plain or not sys.stdout.isatty() else benching.LiveProgress()
+    ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     try:
         with ui:
-            summary = benching.run(cfg, ui)
+            summary = runner.run(cfg, ui)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; finished rows are saved in {out / benching.DB_FILE}. Rerun the same command to go on.",
+        click.echo(f"\ninterrupted; finished rows are saved in {out / DB_FILE}. Rerun the same command to go on.",
                    err=True)
         sys.exit(130)
     click.echo(f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
