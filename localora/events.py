@@ -144,8 +144,10 @@ class ModelEvent(TypedDict):
     model: str  # diffusion, vlm, clip
     action: str  # load, to-device, offload, drop
     seconds: float
-    bytes: int  # accelerator memory allocated after the action (0 on a CPU)
-    resident: list[str]
+    bytes: int  # the model's own size (parameters and buffers, as stored: 4-bit weights count 4 bits)
+    memory: int  # accelerator memory allocated after the action (0 on a CPU)
+    resident: list[str]  # models on the accelerator after the action
+    detail: str  # what was loaded, e.g. "tiny-qwen2-vl (nf4, float32)"
 
 
 class ResumeEvent(TypedDict):

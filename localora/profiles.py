@@ -6,6 +6,7 @@ This module only reads and checks the file and says where weights are; it loads 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ ARCHS = ("sdxl", "sd15")
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "nf4", "int8")
-PLACEMENTS = ("swap", "resident")
+PLACEMENTS = ("auto", "swap", "resident", "reload")  # see localora/devices.py
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class Profile:
     vlm: VLMSpec
     clip: ClipSpec
     description: str = ""
-    # "swap": at most one model on the accelerator at a time; "resident": keep all of them there.
-    placement: str = "swap"
+    # "auto": keep models on the accelerator while they fit, else move them (localora/devices.py).
+    placement: str = "auto"
     device: str = "auto"
 
 
@@ -144,7 +145,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
         extra = set(table) - {"description", "placement", "device"}
         if extra:
             raise LocaloraError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
-        _choice(table.get("placement", "swap"), PLACEMENTS, f"{where} placement")
+        _choice(table.get("placement", "auto"), PLACEMENTS, f"{where} placement")
         profiles[pname] = Profile(name=pname, **resolved, **table)
 
     default = data.get("default_profile", "tiny")
@@ -157,13 +158,25 @@ def load_profile(name: str | None = None, path: Path | None = None) -> Profile:
     return load_catalog(path).get(name)
 
 
+def run_dtype(spec_dtype: str, device_type: str, cpu: str = "float32") -> str:
+    """The dtype a model runs in: $LOCALORA_DTYPE if set (every model), else the profile's on an
+    accelerator and float32 on a CPU, where half precision is slow unless asked for (bfloat16 on a
+    CPU exercises the half-precision code a GPU user runs)."""
+    override = os.environ.get("LOCALORA_DTYPE")
+    if override:
+        if override not in DTYPES:
+            raise LocaloraError(f"LOCALORA_DTYPE={override}: not one of {', '.join(DTYPES)}")
+        return override
+    return spec_dtype if device_type != "cpu" else cpu
+
+
 # ------------------------------------------------------------------ where the weights are
 
 def is_tiny(source: str) -> bool:
     return source.startswith("tiny:")
 
 
-def _is_local_path(source: str) -> bool:
+def is_local_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
 
 
@@ -178,7 +191,7 @@ def locate(source: str, what: str) -> Path:
         return tiny.ensure(source.removeprefix("tiny:"))
     if source.startswith("hf-hub:"):
         source = source.removeprefix("hf-hub:")
-    if _is_local_path(source):
+    if is_local_path(source):
         p = Path(source).expanduser()
         if not p.exists():
             raise LocaloraError(f"{what}: local path {p} does not exist; fix `source` in models.toml")
@@ -189,8 +202,8 @@ def locate(source: str, what: str) -> Path:
         return Path(snapshot_download(source, local_files_only=True))
     except Exception:
         raise LocaloraError(
-            f"{what}: '{source}' is not in the local Hugging Face cache; fetch it once with "
-            f"`hf download {source}` or set `source` in models.toml to a local folder"
+            f"{what}: '{source}' is not in the local Hugging Face cache; fetch the profile's models once with "
+            f"`localora pull PROFILE` (or `hf download {source}`), or set `source` in models.toml to a local folder"
         ) from None
 
 

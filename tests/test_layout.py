@@ -15,7 +15,7 @@ ROOT = Path(localora.__file__).parent
 # Lowest first. A module may import from its own layer's package and from lower layers only.
 LAYERS = [
     {"errors", "paths", "files", "events", "__init__"},
-    {"profiles", "devices", "tiny"},
+    {"profiles", "devices", "tiny", "estimates", "hub"},
     {"diffusion"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
 ]
 

@@ -131,18 +131,22 @@ def test_composite_noise_is_guided_mean_of_per_lora_passes(arch, guidance, demo_
     finally:
         hook.remove()
         monkeypatch.undo()
-    assert len(inputs) == 3 * len(names)  # one UNet pass per LoRA per step
+    assert len(inputs) == 3  # one UNet batch per step: [uncond, cond] for each LoRA
     for step in range(3):
-        x, t, kw = inputs[step * len(names)]
+        x, t, kw = inputs[step]
+        assert x.shape[0] == 2 * len(names)
+        x, embeds = x[:2], kw["encoder_hidden_states"][:2]
+        added = kw["added_cond_kwargs"] and {k: v[:2] for k, v in kw["added_cond_kwargs"].items()}
         outs = []
-        with torch.no_grad():
+        with torch.no_grad():  # the reference: each LoRA alone, one pass each, as peft computes it
             for name, w in zip(names, weights):
                 set_unet_weights(pipe, [name], [w])
-                outs.append(pipe.unet(x, t, encoder_hidden_states=kw["encoder_hidden_states"],
-                                      added_cond_kwargs=kw["added_cond_kwargs"]).sample)
+                outs.append(pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample)
         u = torch.stack([o.chunk(2)[0] for o in outs]).mean(0)
         c = torch.stack([o.chunk(2)[1] for o in outs]).mean(0)
-        torch.testing.assert_close(eps[step], u + guidance * (c - u), rtol=1e-5, atol=1e-6)
+        # The passes run as one batch of 2k rows: CPU kernels round ~5e-7 differently per pass at another
+        # batch size, and guidance g multiplies that (eps values are of order 1).
+        torch.testing.assert_close(eps[step], u + guidance * (c - u), rtol=1e-5, atol=2e-6 * max(guidance, 1))
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])

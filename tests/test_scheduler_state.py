@@ -79,7 +79,8 @@ def test_composite_starts_from_the_stock_pipelines_noise(scheduler, demo_loras):
         stock_first = first_inputs[0]
     finally:
         hook.remove()
-    assert torch.equal(composite_first, stock_first)
+    # Composite's batch holds [uncond, cond] once per LoRA: each pair is the stock pipeline's input.
+    assert all(torch.equal(pair, stock_first) for pair in composite_first.split(2))
     # And both are the seed's noise times init_noise_sigma of the 4-step schedule, then scaled.
     reference = type(pipe.scheduler).from_config(pipe.scheduler.config)
     reference.set_timesteps(s.steps)

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import (catalog_option, float_list, float_pair, lora_option, plain_option, profile_option,
-                                  resolve_loras, sampling_options)
+from localora.cli.options import (batch_option, catalog_option, float_list, float_pair, lora_option, plain_option,
+                                  profile_option, resolve_loras, sampling_options)
 from localora.errors import LocaloraError
 from localora.search import STRATEGIES
 
 
-def _run(cfg, prof, run, plain: bool) -> None:
+def _run(cfg, prof, run, plain: bool, batch: int = 0) -> None:
     from localora.runs import session
     from localora.ui.live import LiveUI, PlainUI
 
     ui = PlainUI() if plain or not sys.stdout.isatty() else LiveUI()
     try:
         with ui:
-            final = session.compose(cfg, prof, run, ui)
+            final = session.compose(cfg, prof, run, ui, batch=batch)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
         sys.exit(130)
@@ -29,15 +29,15 @@ def _run(cfg, prof, run, plain: bool) -> None:
     click.echo(f"run folder: {run.path}   image: {run.path / 'final.png'}   report: {run.path / 'report.html'}")
 
 
-def _start(cfg, prof, out: str | None, plain: bool) -> None:
+def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0) -> None:
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt))
-    _run(cfg, prof, run, plain)
+    _run(cfg, prof, run, plain, batch)
 
 
 # Options that a resumed run takes from its run.json, so giving them with --resume is an error.
-_RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
+_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
 
 
 @click.command()
@@ -63,8 +63,9 @@ _RESUME_KEEPS = ("resume", "plain", "lora_specs", "catalog", "profile")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
+@batch_option
 def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, sampling, temperature, no_fewshot,
-            fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain):
+            fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain, batch):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -90,7 +91,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         if lora_specs:
             given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog)]
         run, cfg, prof = session.reopen(Path(resume), given)
-        _run(cfg, prof, run, plain)
+        _run(cfg, prof, run, plain, batch)
         return
     if not prompt:
         raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
@@ -105,7 +106,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(check_dir(prompts_dir)) if prompts_dir else None,
     )
-    _start(cfg, prof, out, plain)
+    _start(cfg, prof, out, plain, batch)
 
 
 DEMO_PROMPT = "a portrait of a girl in a garden"

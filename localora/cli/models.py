@@ -25,6 +25,20 @@ def models():
                 click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae)}")
 
 
+@click.command()
+@click.argument("profile")
+def pull(profile):
+    """Download PROFILE's models into the Hugging Face cache (resumable), for offline use later.
+
+    Run it on a connected machine, then copy the cache (~/.cache/huggingface/hub) to the offline
+    one. Tiny models are built instead; local folders are left alone.
+    """
+    from localora import hub, profiles
+
+    for path in hub.pull(profiles.load_profile(profile), click.echo):
+        click.echo(str(path))
+
+
 @click.group()
 def loras():
     """Look at LoRA files."""
@@ -51,4 +65,4 @@ def loras_inspect(file):
         click.echo(f"{k:<9} {v}")
 
 
-COMMANDS = [models, loras]
+COMMANDS = [models, pull, loras]

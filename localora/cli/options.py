@@ -4,6 +4,7 @@
     @catalog_option          --catalog (repeatable)
     @lora_option(help)       --lora/-l NAME_OR_PATH[:WEIGHT] (repeatable)
     @plain_option            --plain
+    @batch_option            --batch N
     @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
 """
 
@@ -22,6 +23,9 @@ profile_option = click.option("--profile", "-p", default=None,
 catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
                               help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
 plain_option = click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
+batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
+                            help="Merge renders per UNet batch (0: as many as free memory holds; an "
+                                 "out-of-memory batch is split and retried). Results are the same.")
 
 
 def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT]"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform
-import struct
-from pathlib import Path
+import sys
 
 import click
 
 from localora import package_version, profiles
+from localora.estimates import BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
 from localora.errors import LocaloraError
 
@@ -87,72 +86,6 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
 
 # ------------------------------------------------------------------ doctor
 
-GIB = 1024**3
-# Published parameter counts (all sub-models together) for the hub sources models.toml names;
-# anything else is counted from the safetensors headers of its local files.
-PARAMS = {
-    "stabilityai/stable-diffusion-xl-base-1.0": 3.47e9,  # UNet 2.57B + text encoders 0.82B + VAE 0.08B
-    "cagliostrolab/animagine-xl-3.1": 3.47e9,
-    "gsdf/Counterfeit-V2.5": 1.07e9,  # UNet 0.86B + text encoder 0.12B + VAE 0.08B
-    "SG161222/Realistic_Vision_V5.1_noVAE": 1.07e9,
-    "Qwen/Qwen2-VL-2B-Instruct": 2.21e9,
-    "Qwen/Qwen2-VL-7B-Instruct": 8.29e9,
-    "Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9,
-    "Qwen/Qwen2.5-VL-7B-Instruct": 8.29e9,
-    "timm/vit_large_patch14_clip_224.openai": 0.43e9,
-}
-# Bytes per parameter on the GPU. nf4/int8 include quantization constants and the layers
-# bitsandbytes leaves in 16 bits (embeddings, lm_head, norms).
-BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.1, "nf4": 0.6}
-ACTIVATIONS = 1.25  # working memory on top of the weights while a model runs
-CUDA_CONTEXT_GIB = 0.5
-BASIS = (f"parameters (published counts, or the local safetensors headers) x bytes per parameter "
-         f"(fp32 4, fp16/bf16 2, int8 1.1, nf4 0.6; CLIP in fp32), x{ACTIVATIONS} for activations, "
-         f"+{CUDA_CONTEXT_GIB} GiB CUDA context; swap: the largest model, resident: the sum")
-
-
-def _safetensors_params(path: Path) -> int:
-    """Parameters in a safetensors file or a folder of them, from the headers (no weights read);
-    fp16 variants that duplicate a full-precision file are skipped."""
-    total = 0
-    for f in sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]:
-        if ".fp16." in f.name and f.with_name(f.name.replace(".fp16.", ".")).exists():
-            continue
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, t in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in t["shape"]:
-                    n *= d
-                total += n
-    return total
-
-
-def _params(source: str) -> float | None:
-    if source.removeprefix("hf-hub:") in PARAMS:
-        return PARAMS[source.removeprefix("hf-hub:")]
-    if profiles.availability(source) != "ok":
-        return 0.0 if profiles.is_tiny(source) else None  # tiny models are a few MB at most
-    path = profiles.locate(source, source)
-    return float(_safetensors_params(path))
-
-
-def estimate_gib(profile: profiles.Profile) -> dict[str, float | None]:
-    """Rough peak GPU memory of each model of `profile` while it runs, in GiB (None: unknown)."""
-    vlm = profile.vlm
-    parts = {
-        "diffusion": (profile.diffusion.source, BYTES[profile.diffusion.dtype]),
-        "vlm": (vlm.source, BYTES[vlm.dtype if vlm.quantization == "none" else vlm.quantization]),
-        "clip": (profile.clip.source, BYTES["float32"]),
-    }
-    out: dict[str, float | None] = {}
-    for name, (source, per_param) in parts.items():
-        n = _params(source)
-        out[name] = None if n is None else n * per_param * ACTIVATIONS / GIB
-    return out
-
-
 def _gpu_line() -> str:
     import torch
 
@@ -181,17 +114,44 @@ def doctor(profile_name) -> None:
     if profile.diffusion.vae:
         sources.append(("vae", profile.diffusion.vae, profile.diffusion.vae))
     sources += [("vlm", profile.vlm.name, profile.vlm.source), ("clip", profile.clip.name, profile.clip.source)]
+    missing = []
     for role, name, source in sources:
-        click.echo(f"  {role:9} {name}: {profiles.availability(source)}")
+        state = profiles.availability(source)
+        click.echo(f"  {role:9} {name}: {state}")
+        missing += [name] if state.startswith("missing") else []
 
     sizes = estimate_gib(profile)
-    known = [s for s in sizes.values() if s is not None]
-    peak = (max(known) if profile.placement == "swap" else sum(known)) + CUDA_CONTEXT_GIB
+    known = {n: s for n, s in sizes.items() if s is not None}
+    one_at_a_time, together = max(known.values(), default=0.0), sum(known.values())
     unknown = [n for n, s in sizes.items() if s is None]
-    click.echo(f"estimated peak GPU memory ({profile.placement}): {peak:.1f} GiB"
+    click.echo(f"estimated peak GPU memory: {together + CUDA_CONTEXT_GIB:.1f} GiB with every model resident, "
+               f"{one_at_a_time + CUDA_CONTEXT_GIB:.1f} GiB one at a time"
                + (f" (not counting {', '.join(unknown)}: size unknown)" if unknown else ""))
     click.echo("  " + ", ".join(f"{n} {'?' if s is None else f'{s:.1f}'} GiB" for n, s in sizes.items()))
     click.echo(f"  basis: {BASIS}")
+    click.echo(f"placement {profile.placement}: {_placement_line(profile, known)}")
+    if missing:
+        click.echo(f"error: {', '.join(missing)} not here; fetch with `localora pull {profile.name}` "
+                   f"(on a connected machine, then copy the Hugging Face cache)", err=True)
+        sys.exit(3)
+
+
+def _placement_line(profile: profiles.Profile, gib: dict[str, float]) -> str:
+    """What the device manager's `auto` will do on this machine with these models."""
+    import psutil
+    import torch
+
+    from localora.devices import plan_for
+
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    plan = plan_for({n: int(g * GIB) for n, g in gib.items()}, free, psutil.virtual_memory().available)
+    return {
+        "resident": "all models fit together: they stay on the GPU",
+        "moving": "one model at a time fits: the others wait in CPU RAM and are moved, never reloaded",
+        "reload": "one model at a time fits, but CPU RAM cannot hold the others: set placement = \"reload\" "
+                  "(evicted models are loaded again from disk)",
+        "too large": "even the largest model alone does not fit: use a smaller profile (e.g. sdxl-realistic-small)",
+    }.get(plan, plan)
 
 
 COMMANDS = [ask, doctor]

@@ -13,6 +13,7 @@ its function here and register it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +22,8 @@ from localora.diffusion.loras import Lora, switch_order
 from localora.diffusion.pipeline import set_unet_weights, set_weights
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch loads on first render, so that commands without a model start fast
     import torch
@@ -76,6 +79,55 @@ def merge(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampl
     return _run_pipeline(pipe, prompt, s, on_step)
 
 
+def merge_many(pipe, adapters: list[str], rows: list[list[float]], prompt: str, s: Sampling,
+               on_step: StepCallback | None = None) -> torch.Tensor:
+    """LoRA Merge of several weight vectors at once: one UNet batch whose row m (and its
+    unconditional twin) uses `rows[m]` (rows.py). Every image starts from the seed's noise, as
+    merge() draws it, so row m equals merge() at `rows[m]` up to float rounding. Only for
+    deterministic schedulers: an ancestral step draws different noise for a batch.
+    Returns latents with one row per weight vector."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from localora.diffusion.rows import lora_layers, row_weights
+
+    m = len(rows)
+    device = pipe.unet.device
+    # 1. Prompt embeddings: text-encoder LoRA layers make them differ per weight vector.
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    per_row = any(lora_layers(e) for e in encoders)
+    encoded = []
+    for w in rows if per_row else rows[:1]:
+        set_weights(pipe, adapters, w)
+        encoded.append(_encode(pipe, prompt, s, device))
+    encoded = encoded if per_row else encoded * m
+    negative = torch.cat([e["embeds"][:1] for e in encoded])
+    positive = torch.cat([e["embeds"][1:] for e in encoded])
+    kwargs = {}
+    if encoded[0]["added"] is not None:
+        kwargs = {"pooled_prompt_embeds": torch.cat([e["added"]["text_embeds"][1:] for e in encoded]),
+                  "negative_pooled_prompt_embeds": torch.cat([e["added"]["text_embeds"][:1] for e in encoded])}
+    # 2. One image's starting noise, drawn exactly as the pipeline draws it, for every row.
+    shape = (1, pipe.unet.config.in_channels, s.height // pipe.vae_scale_factor, s.width // pipe.vae_scale_factor)
+    noise = randn_tensor(shape, generator=_generator(s.seed), device=device, dtype=positive.dtype)
+
+    def callback(p, i, t, kw):
+        if on_step:
+            on_step(i, s.steps)
+        return {}
+
+    fresh_scheduler(pipe)
+    weights = torch.tensor(rows, dtype=torch.float64)
+    # 3. The stock denoising loop; classifier-free guidance batches [uncond rows, cond rows].
+    with row_weights(pipe.unet, adapters) as lora_rows:
+        lora_rows.weights = torch.cat([weights, weights])
+        return pipe(
+            prompt_embeds=positive, negative_prompt_embeds=negative, **kwargs, latents=noise.repeat(m, 1, 1, 1),
+            num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
+            generator=_generator(s.seed), output_type="latent", callback_on_step_end=callback,
+        ).images
+
+
 def switch_active(step: int, n: int, every: int) -> int:
     """Index of the LoRA active at denoising step `step` under LoRA Switch.
 
@@ -106,7 +158,11 @@ def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Samp
 def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
               on_step: StepCallback | None = None) -> torch.Tensor:
     """LoRA Composite: at every step, one UNet pass per adapter alone on [uncond, cond];
-    eps = u + g (c - u) with u, c the means over adapters. Correct for any guidance g."""
+    eps = u + g (c - u) with u, c the means over adapters. Correct for any guidance g.
+
+    The k passes run as one UNet batch of 2k rows, each row with its own LoRA (rows.py), so no
+    set_adapters call happens between them; if the card runs out of memory the batch is split.
+    """
     import torch
 
     with torch.no_grad():
@@ -117,33 +173,87 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
                on_step: StepCallback | None) -> torch.Tensor:
     import torch
 
+    from localora.diffusion.rows import is_out_of_memory, row_weights
+
+    # 1. Encode the prompt with every LoRA active (their text-encoder layers, if any, as in Merge).
     device = pipe.unet.device
-    set_weights(pipe, adapters, weights)  # the prompt is encoded with every LoRA active
+    set_weights(pipe, adapters, weights)
     cond = _encode(pipe, prompt, s, device)
+    # 2. Timesteps, then the starting noise: prepare_latents scales the noise by init_noise_sigma,
+    #    which Euler-type schedulers derive from the schedule that is set.
     generator = _generator(s.seed)
     scheduler = fresh_scheduler(pipe)
-    # Timesteps first: prepare_latents scales the noise by init_noise_sigma, which Euler-type
-    # schedulers derive from the schedule that is set.
     scheduler.set_timesteps(s.steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
                                    device, generator)
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
-    for i, t in enumerate(scheduler.timesteps):
-        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        total = None
-        for name, w in zip(adapters, weights):
-            set_unet_weights(pipe, [name], [w])
-            out = pipe.unet(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=cond["added"],
-                            return_dict=False)[0]
-            total = out if total is None else total + out
-        uncond, text = (total / len(adapters)).chunk(2)
-        eps = uncond + s.guidance * (text - uncond)
-        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-        if on_step:
-            on_step(i, s.steps)
+    k = len(adapters)
+    per_pass = k  # LoRAs in one UNet batch (2 rows each); halved if the card runs out of memory
+    # 3. The denoising loop: per step, the guided mean of the k single-LoRA noise predictions.
+    with row_weights(pipe.unet, adapters) as rows:
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            while True:
+                try:
+                    total = sum(_composite_pass(pipe, rows, x, t, cond, weights, range(j, min(j + per_pass, k)))
+                                for j in range(0, k, per_pass))
+                    break
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                    if not is_out_of_memory(e) or per_pass == 1:
+                        raise
+                    per_pass = max(1, per_pass // 2)
+                    log.warning("composite: out of accelerator memory with %d LoRAs per UNet batch; "
+                                "going on with %d", 2 * per_pass, per_pass)
+            uncond, text = (total / k).chunk(2)
+            eps = uncond + s.guidance * (text - uncond)
+            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+            if on_step:
+                on_step(i, s.steps)
     return latents
+
+
+def composite_per_lora(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+                       on_step: StepCallback | None = None) -> torch.Tensor:
+    """Composite as the paper writes it: per step, one UNet pass per LoRA, each switched on with
+    set_adapters. Kept as the reference that `composite` is tested and benchmarked against."""
+    import torch
+
+    with torch.no_grad():
+        set_weights(pipe, adapters, weights)
+        cond = _encode(pipe, prompt, s, pipe.unet.device)
+        generator = _generator(s.seed)
+        scheduler = fresh_scheduler(pipe)
+        scheduler.set_timesteps(s.steps, device=pipe.unet.device)
+        latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
+                                       pipe.unet.device, generator)
+        extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            total = 0
+            for name, w in zip(adapters, weights):
+                set_unet_weights(pipe, [name], [w])
+                total = total + pipe.unet(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=cond["added"],
+                                          return_dict=False)[0]
+            uncond, text = (total / len(adapters)).chunk(2)
+            latents = scheduler.step(uncond + s.guidance * (text - uncond), t, latents, **extra, return_dict=False)[0]
+            if on_step:
+                on_step(i, s.steps)
+        return latents
+
+
+def _composite_pass(pipe, rows, x, t, cond: dict, weights: list[float], which: range):
+    """The sum over the LoRAs in `which` of their [uncond, cond] noise predictions, in one UNet batch."""
+    from localora.diffusion.rows import one_hot_rows
+
+    n = len(which)
+    rows.weights = one_hot_rows(weights, which, per_row=2)
+    added = None if cond["added"] is None else {key: v.repeat(n, *([1] * (v.dim() - 1)))
+                                                 for key, v in cond["added"].items()}
+    out = pipe.unet(x.repeat(n, 1, 1, 1), t, encoder_hidden_states=cond["embeds"].repeat(n, 1, 1),
+                    added_cond_kwargs=added, return_dict=False)[0]
+    return out.view(n, 2, *out.shape[1:]).sum(0)
 
 
 def sdxl_time_ids(height: int, width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -40,10 +40,9 @@ def _scheduler(name: str, config: Any):
 
 
 def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
-    # Half precision is for accelerators; on a CPU it is slow or unsupported, so use float32 there.
     import torch
 
-    return getattr(torch, spec.dtype) if device.type != "cpu" else torch.float32
+    return getattr(torch, profiles.run_dtype(spec.dtype, device.type))
 
 
 def load_pipeline(spec: DiffusionSpec, device: torch.device):

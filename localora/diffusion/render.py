@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from localora import paths
+from localora import paths, profiles
+from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
 from localora.files import atomic_write, file_hash, stable_hash
 from localora.diffusion.loras import Lora
+from localora.diffusion.rows import is_out_of_memory
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.profiles import Profile
@@ -67,6 +70,7 @@ class Renderer:
     devices: DeviceManager | None = None  # default: the device and placement the profile asks for
     cache_dir: Path = field(default_factory=paths.render_cache_dir)
     on_step: methods.StepCallback | None = None
+    batch: int = 0  # images per UNet batch for several Merge renders; 0: chosen from free memory
     stats: RenderStats = field(default_factory=RenderStats)
     _identity: dict | None = None
 
@@ -75,7 +79,10 @@ class Renderer:
             self.devices = DeviceManager.for_profile(self.profile)
         retire_old_entries(self.cache_dir)
         spec = self.profile.diffusion
-        self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec))
+        dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
+        size = sum(estimate_bytes(src, dtype) or 0 for src in (spec.source, spec.vae) if src)
+        self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
+                              describe=lambda: f"{spec.name} ({dtype})", estimate=size)
 
     # ------------------------------------------------------------ the cache
 
@@ -103,40 +110,90 @@ class Renderer:
     # ------------------------------------------------------------ rendering
 
     def render(self, job: RenderJob) -> Rendered:
-        job = self.resolve(job)
-        key = self.key(job)
-        path = self.cache_path(key)
-        start = time.perf_counter()
-        if path.is_file():
-            try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-                self.stats.hits += 1
-                return Rendered(image, key, path, True, time.perf_counter() - start)
-            except OSError:
-                path.unlink(missing_ok=True)  # a damaged cache entry is rendered again
-        image = self._denoise(job)
-        atomic_write(path, lambda p: image.save(p, format="PNG"))
-        atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(job), indent=1)))
-        self.stats.renders += 1
-        return Rendered(image, key, path, False, time.perf_counter() - start)
+        return self.render_many(job, [job.weights])[0]
 
     def render_many(self, job: RenderJob, weight_vectors: Sequence[Sequence[float]]) -> list[Rendered]:
-        """The same prompt and seed under several weight vectors (one image each, in order)."""
-        return [self.render(replace(job, weights=tuple(w))) for w in weight_vectors]
+        """The same prompt and seed under several weight vectors (one image each, in order).
+
+        Cache misses of a Merge job are denoised together, up to `batch` images per UNet batch
+        (methods.merge_many), when the scheduler is deterministic; each image is cached exactly as
+        a single render would be (same key: equal up to float rounding).
+        """
+        job = self.resolve(job)
+        start = time.perf_counter()
+        jobs = [replace(job, weights=tuple(float(w) for w in ws)) for ws in weight_vectors]
+        out: dict[int, Rendered] = {}
+        misses: dict[str, list[int]] = {}  # key -> positions (a vector may be asked for twice)
+        for i, one in enumerate(jobs):
+            key = self.key(one)
+            hit = self._cached(key)
+            if hit is not None:
+                self.stats.hits += 1
+                out[i] = Rendered(hit, key, self.cache_path(key), True, time.perf_counter() - start)
+            else:
+                misses.setdefault(key, []).append(i)
+        todo = [jobs[positions[0]] for positions in misses.values()]
+        for one, image in zip(todo, self._denoise_all(todo)):
+            key = self.key(one)
+            path = self.cache_path(key)
+            atomic_write(path, lambda p: image.save(p, format="PNG"))
+            atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(one), indent=1)))
+            self.stats.renders += 1
+            for n, i in enumerate(misses[key]):
+                out[i] = Rendered(image, key, path, n > 0, time.perf_counter() - start)
+        return [out[i] for i in range(len(jobs))]
+
+    def _cached(self, key: str) -> Image.Image | None:
+        path = self.cache_path(key)
+        if not path.is_file():
+            return None
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError:
+            path.unlink(missing_ok=True)  # a damaged cache entry is rendered again
+            return None
+
+    def batchable(self, job: RenderJob) -> bool:
+        return job.method == "merge" and self.profile.diffusion.scheduler not in STOCHASTIC_SCHEDULERS
+
+    def _denoise_all(self, jobs: list[RenderJob]) -> list[Image.Image]:
+        if len(jobs) < 2 or not self.batchable(jobs[0]):
+            return [self._denoise(one) for one in jobs]
+        size = self.batch or auto_batch(self.devices.device, jobs[0].sampling)
+        images: list[Image.Image] = []
+        while len(images) < len(jobs):
+            chunk = jobs[len(images):len(images) + size]
+            try:
+                images += self._denoise_batch(chunk)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if not is_out_of_memory(e) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                log.warning("render: out of accelerator memory with %d images per batch; going on with %d",
+                            len(chunk), size)
+        return images
 
     def _denoise(self, job: RenderJob) -> Image.Image:
         pipe = self.devices.acquire("diffusion")
         names = [self._adapter(pipe, lora) for lora in job.loras]
-
-        def on_step(i: int, total: int) -> None:
-            self.stats.steps += 1
-            if self.on_step:
-                self.on_step(i, total)
-
         method = methods.get(job.method)
-        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, on_step)
+        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step)
         return methods.decode(pipe, latents)
+
+    def _denoise_batch(self, jobs: list[RenderJob]) -> list[Image.Image]:
+        pipe = self.devices.acquire("diffusion")
+        names = [self._adapter(pipe, lora) for lora in jobs[0].loras]
+        if len(jobs) == 1:
+            return [self._denoise(jobs[0])]
+        latents = methods.merge_many(pipe, names, [list(j.weights) for j in jobs], jobs[0].prompt,
+                                     jobs[0].sampling, self._step)
+        return [methods.decode(pipe, latents[i:i + 1]) for i in range(len(jobs))]
+
+    def _step(self, i: int, total: int) -> None:
+        self.stats.steps += 1
+        if self.on_step:
+            self.on_step(i, total)
 
     def _adapter(self, pipe, lora: Lora) -> str:
         # The pipeline itself knows what it has loaded; several renderers may share it.
@@ -159,6 +216,20 @@ class Renderer:
         d["loras"] = [{"name": lora.name, "path": str(lora.path), "sha256": file_hash(lora.path)} for lora in job.loras]
         d["profile"] = self.profile.name
         return d
+
+
+# Ancestral samplers draw fresh noise at every step, and a batch draws it differently from single
+# renders: their renders are never batched, so a batch and a single render stay equal.
+STOCHASTIC_SCHEDULERS = ("euler_a",)
+
+
+def auto_batch(device: torch.device, sampling: Sampling) -> int:
+    """Images per batch: on a GPU what its free memory holds at about 0.75 GiB of working memory per
+    image at 1024x1024 (a heuristic; an out-of-memory batch is split and retried); 4 on a CPU."""
+    if device.type != "cuda":
+        return 4
+    per_image = 0.75 * 2**30 * (sampling.width * sampling.height) / 1024**2
+    return int(max(1, min(8, torch.cuda.mem_get_info(device)[0] // max(per_image, 1))))
 
 
 def retire_old_entries(cache_dir: Path) -> int:

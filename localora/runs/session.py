@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from localora import __version__, events, package_version
-from localora.devices import DeviceManager
+from localora.devices import DeviceManager, Placement
 from localora.diffusion.render import Renderer
 from localora.errors import LocaloraError
 from localora.files import file_hash
@@ -34,13 +34,24 @@ class Components:
     scorer: Any
 
 
-def components(profile: Profile, ui: Any = None) -> Components:
-    """Renderer, VLM and CLIP scorer for `profile`, sharing one device under its placement."""
+def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, batch: int = 0) -> Components:
+    """Renderer, VLM and CLIP scorer for `profile`, sharing one device under its placement.
+
+    Every load, move and drop of a model is shown by `ui` and, with a `run`, logged in its events.
+    """
     from localora.scoring.clip import ClipScorer
     from localora.vlm.model import VLM
 
-    devices = DeviceManager.for_profile(profile, log=getattr(ui, "placement", None))
-    renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None))
+    def placement(p: Placement) -> None:
+        if run is not None and p.done:
+            run.log(events.ModelEvent(type="model", model=p.component, action=p.action, seconds=round(p.seconds, 3),
+                                      bytes=p.bytes, memory=p.memory_bytes, resident=list(p.resident),
+                                      detail=p.detail))
+        if ui is not None:
+            ui.placement(p)
+
+    devices = DeviceManager.for_profile(profile, log=placement)
+    renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None), batch=batch)
     return Components(devices, renderer, VLM(profile.vlm, devices=devices), ClipScorer.load(profile.clip, devices))
 
 
@@ -80,9 +91,9 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
     return run, cfg, profile
 
 
-def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any) -> Final:
+def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0) -> Final:
     """Run (or finish) the search in `run`, then write report.html."""
-    parts = components(profile, ui)
+    parts = components(profile, ui, run, batch)
     emit = ui.event if ui is not None else (lambda e: None)
     steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
     if run.completed:

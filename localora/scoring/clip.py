@@ -53,14 +53,16 @@ def model_dir(spec: ClipSpec) -> Path:
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The open_clip model in `path`, in eval mode with gradients off."""
+    """The open_clip model in `path`, in eval mode with gradients off; float32 (as the papers score)
+    unless LOCALORA_DTYPE asks for another dtype."""
     import open_clip
 
     try:
         model = open_clip.create_model(f"local-dir:{path}", device=device)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         raise LocaloraError(f"{path}: cannot load the open_clip model ({e})") from None
-    return model.eval().requires_grad_(False)
+    dtype = profiles.run_dtype("float32", torch.device(device).type, cpu="float32")
+    return model.to(getattr(torch, dtype)).eval().requires_grad_(False)
 
 
 class ClipScorer:
@@ -83,7 +85,8 @@ class ClipScorer:
         except Exception as e:  # a hub-tokenizer config (SigLIP) fails here offline
             raise LocaloraError(f"{self.path}: cannot build the CLIP tokenizer offline ({e})") from None
         if manager is not None:
-            manager.register(COMPONENT, lambda dev: load_model(self.path, dev), source=str(self.path))
+            manager.register(COMPONENT, lambda dev: load_model(self.path, dev), source=str(self.path),
+                             describe=lambda: self.path.name)
 
     @classmethod
     def load(cls, spec: ClipSpec, manager: DeviceManager | None = None, device: str | torch.device = "auto") -> ClipScorer:

@@ -62,7 +62,8 @@ class GPT4LoRA:
         for r in range(1, cfg.iterations + 1):
             self.steps.event(events.IterationEvent(type="iteration", iteration=r))
             vectors = self.generate(r, weights, current, refs, examples)
-            cands = [self.render(events.candidate(r, j), "candidate", w, r) for j, w in enumerate(vectors, 1)]
+            cands = self.render_many([events.candidate(r, j) for j in range(1, len(vectors) + 1)], "candidate",
+                                     vectors, r)
             self.steps.score(events.round_step(r, "scores"), vectors, cands, self._prompt, cfg.names, r)
             notes = self.feedback(r, vectors, cands, refs)
             weights = self.refine(r, vectors, cands, notes)
@@ -153,7 +154,7 @@ class GPT4LoRA:
     def _score_grid(self):
         cfg = self.cfg
         vectors = self._design()
-        paths = [self.render(events.grid(i), "grid", w) for i, w in enumerate(vectors)]
+        paths = self.render_many([events.grid(i) for i in range(len(vectors))], "grid", vectors)
         images = {p: self.steps.image(p) for p in paths}
         scorer = self.steps.scorer
         # Each image is embedded once and compared with the prompt and every LoRA's trigger words.
@@ -174,6 +175,11 @@ class GPT4LoRA:
 
     def render(self, step: str, role: events.Role, weights: Weights, iteration: int | None = None) -> str:
         return self.steps.render(step, role, self.job(weights), self.cfg.names, iteration)
+
+    def render_many(self, steps: list[str], role: events.Role, vectors: list[Weights],
+                    iteration: int | None = None) -> list[str]:
+        """Several weight vectors of this run's job, batched where the method allows."""
+        return self.steps.render_many(steps, role, self.job(vectors[0]), vectors, self.cfg.names, iteration)
 
     def ask(self, step: str, kind: str, images: list[str], text: str, schema: schemas.Schema) -> Any:
         # Each step samples with its own seed, so a resumed run asks exactly what the first asked.

@@ -66,15 +66,21 @@ class Steps:
     def render(self, step: str, role: events.Role, job: RenderJob, names: Sequence[str],
                iteration: int | None = None) -> str:
         """Render (or recall) one image; returns its path in the run folder."""
-        done = self.recall(step)
-        if done:
-            return done["image"]
-        out = self.renderer.render(job)
-        rel = self.run.save_image(out)
-        self.event(events.RenderEvent(
-            type="render", id=step, role=role, iteration=iteration, weights=dict(zip(names, job.weights)),
-            key=out.key, cached=out.cached, image=rel, seconds=round(out.seconds, 3)))
-        return rel
+        return self.render_many([step], role, job, [job.weights], names, iteration)[0]
+
+    def render_many(self, steps: Sequence[str], role: events.Role, job: RenderJob,
+                    vectors: Sequence[Sequence[float]], names: Sequence[str], iteration: int | None = None) -> list[str]:
+        """Render (or recall) `job` under each weight vector, one step each; the renderer batches
+        the ones not done yet. Returns their paths in the run folder, in order."""
+        todo = [i for i, step in enumerate(steps) if not self.recall(step)]
+        outs = self.renderer.render_many(job, [vectors[i] for i in todo])
+        for i, out in zip(todo, outs):
+            rel = self.run.save_image(out)
+            self.event(events.RenderEvent(
+                type="render", id=steps[i], role=role, iteration=iteration,
+                weights=dict(zip(names, (float(w) for w in vectors[i]))), key=out.key, cached=out.cached,
+                image=rel, seconds=round(out.seconds, 3)))
+        return [self.recall(step)["image"] for step in steps]
 
     def score(self, step: str, vectors: Sequence[Sequence[float]], images: list[str], text: str,
               names: Sequence[str], iteration: int) -> list[float]:

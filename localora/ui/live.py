@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
@@ -56,6 +57,16 @@ def describe(event: dict[str, Any]) -> str:
     return str(event)
 
 
+def describe_placement(p: Placement) -> str:
+    """One line for a model being loaded or moved (before: "loading vlm …"), or done."""
+    verb = {"load": "loading", "to-device": "moving to the accelerator", "offload": "offloading", "drop": "dropping"}
+    if not p.done:
+        return f"model  {verb.get(p.action, p.action)} {p.component} …"
+    size = f", {p.bytes / 2**20:.1f} MiB" if p.bytes else ""
+    detail = f"  {p.detail}" if p.detail else ""
+    return f"model  {p.component} {p.action} in {p.seconds:.2f}s{size}{detail}"
+
+
 def _short(value: Any, limit: int = 100) -> str:
     import json
 
@@ -77,7 +88,8 @@ class PlainUI:
         pass
 
     def placement(self, p: Placement) -> None:
-        pass
+        self.console.print(f"[{_clock(time.monotonic() - self.started)}] {describe_placement(p)}", markup=False,
+                           highlight=False)
 
     def __enter__(self):
         return self
@@ -104,6 +116,7 @@ class _State:
     feedback: str = ""
     holder: str = "-"
     memory: int = 0
+    activity: str = ""  # a model being loaded or moved right now
     last: str = ""
 
     @property
@@ -183,6 +196,9 @@ class LiveUI:
     def placement(self, p: Placement) -> None:
         self.state.holder = ", ".join(p.resident) or "-"
         self.state.memory = p.memory_bytes
+        self.state.activity = "" if p.done else describe_placement(p).removeprefix("model  ")
+        if p.done:
+            self.state.last = describe_placement(p)
         self.live.update(self.view())
 
     def view(self) -> Group:
@@ -211,5 +227,7 @@ class LiveUI:
         eta = s.eta()
         status = Text(f"GPU: {s.holder}  {s.memory / 2**30:.1f} GiB   elapsed {_clock(elapsed)}   "
                       f"ETA {'-' if eta is None else _clock(eta)}")
-        return Group(bars, cands, Panel(s.feedback or "(no feedback yet)", title="latest feedback", expand=True),
-                     status, Text(s.last, style="dim"))
+        parts = [bars, cands, Panel(s.feedback or "(no feedback yet)", title="latest feedback", expand=True), status]
+        if s.activity:  # a load takes tens of seconds on a real card: show that something is happening
+            parts.append(Spinner("dots", text=s.activity))
+        return Group(*parts, Text(s.last, style="dim"))

@@ -25,6 +25,7 @@ from PIL import Image
 from localora import profiles
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
+from localora.estimates import estimate_bytes
 from localora.files import open_image
 from localora.profiles import VLMSpec
 from localora.vlm.schemas import Schema
@@ -66,12 +67,12 @@ def _require_xgrammar() -> None:
         ) from None
 
 
-def _quantization_config(quantization: str) -> Any:
+def _quantization_config(quantization: str, compute: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -91,27 +92,34 @@ class VLM:
         self._processor = None
         self._compiler = None
         self._compiled: dict[str, Any] = {}
-        # bitsandbytes weights cannot be moved off the device, only dropped and reloaded.
-        self.devices.register(name, self._load, movable=spec.quantization == "none", source=repr(spec))
+        # 4/8-bit weights move like any other (transformers >= 5), so the VLM is never reloaded.
+        weights = spec.quantization if spec.quantization != "none" else self._dtype_name
+        self.devices.register(name, self._load, source=repr(spec), estimate=estimate_bytes(spec.source, weights),
+                              describe=lambda: f"{spec.name} ({self.quantization}, {self._dtype_name})")
 
     # ------------------------------------------------------------------ loading
+
+    @property
+    def _dtype_name(self) -> str:
+        # Real profiles' VLMs are bf16 already, and the tiny one fp32: keep the spec's on a CPU too.
+        return profiles.run_dtype(self.spec.dtype, self.devices.device.type, cpu=self.spec.dtype)
 
     def _load(self, device: torch.device) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
 
-        dtype = getattr(torch, self.spec.dtype)
+        dtype = getattr(torch, self._dtype_name)
         common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True)
         if self.spec.quantization != "none":
             try:
                 model = AutoModelForImageTextToText.from_pretrained(
-                    self.path, quantization_config=_quantization_config(self.spec.quantization), **common
+                    self.path, quantization_config=_quantization_config(self.spec.quantization, dtype), **common
                 )
                 self.quantization = self.spec.quantization
                 return model.eval()
             except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
                 log.warning(
                     "VLM '%s': %s quantization does not work on %s here (%s); loading %s weights instead",
-                    self.spec.name, self.spec.quantization, device, str(e).splitlines()[0], self.spec.dtype,
+                    self.spec.name, self.spec.quantization, device, str(e).splitlines()[0], self._dtype_name,
                 )
         model = AutoModelForImageTextToText.from_pretrained(self.path, **common)
         self.quantization = "none"
