@@ -8,7 +8,7 @@ import sys
 import click
 
 from localora import package_version, profiles
-from localora.estimates import BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
+from localora.estimates import ACTIVATIONS, BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
 from localora.errors import LocaloraError
 
@@ -144,7 +144,8 @@ def _placement_line(profile: profiles.Profile, gib: dict[str, float]) -> str:
     from localora.devices import plan_for
 
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-    plan = plan_for({n: int(g * GIB) for n, g in gib.items()}, free, psutil.virtual_memory().available)
+    # The estimates include working memory; plan_for adds its own reserve to the weights.
+    plan = plan_for({n: int(g * GIB / ACTIVATIONS) for n, g in gib.items()}, free, psutil.virtual_memory().available)
     return {
         "resident": "all models fit together: they stay on the GPU",
         "moving": "one model at a time fits: the others wait in CPU RAM and are moved, never reloaded",
