@@ -1,0 +1,9 @@
+"""Rendering: a diffusers pipeline, the LoRAs on it, the ways to combine them, the render cache.
+
+    pipeline.py   load a pipeline and LoRA adapters through diffusers' own machinery
+    sampling.py   Sampling: seed, steps, guidance, size, negative prompt (None: the profile's)
+    methods.py    merge / switch / composite, one signature; the METHODS registry
+    rows.py       per-row LoRA weights in one UNet batch (batched Composite and Merge candidates)
+    render.py     Renderer: a RenderJob -> an image, content-addressed, never denoised twice
+    loras.py      LoRA files: format, base, rank, trigger words, catalogs
+"""
