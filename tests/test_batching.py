@@ -43,9 +43,10 @@ def test_batched_composite_equals_one_pass_per_lora(setup):
     assert relative(batched, reference) < 1e-5
 
 
-def test_batched_merge_renders_equal_single_renders(setup):
+@pytest.mark.parametrize("guidance", [5.0, 1.0])  # at 1.0 the pipeline runs no unconditional rows
+def test_batched_merge_renders_equal_single_renders(setup, guidance):
     renderer, pipe, names = setup
-    s = sampling(renderer.profile)
+    s = sampling(renderer.profile, guidance=guidance)
     batched = methods.merge_many(pipe, names, ROWS, PROMPT, s)
     single = torch.cat([methods.merge(pipe, names, w, PROMPT, s) for w in ROWS])
     assert batched.shape[0] == len(ROWS)

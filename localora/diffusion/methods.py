@@ -120,7 +120,8 @@ def merge_many(pipe, adapters: list[str], rows: list[list[float]], prompt: str, 
     weights = torch.tensor(rows, dtype=torch.float64)
     # 3. The stock denoising loop; classifier-free guidance batches [uncond rows, cond rows].
     with row_weights(pipe.unet, adapters) as lora_rows:
-        lora_rows.weights = torch.cat([weights, weights])
+        # Stock pipelines run the unconditional rows only when guidance is on (scale > 1).
+        lora_rows.weights = torch.cat([weights, weights]) if s.guidance > 1 else weights
         return pipe(
             prompt_embeds=positive, negative_prompt_embeds=negative, **kwargs, latents=noise.repeat(m, 1, 1, 1),
             num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,

@@ -133,14 +133,18 @@ class Renderer:
             else:
                 misses.setdefault(key, []).append(i)
         todo = [jobs[positions[0]] for positions in misses.values()]
-        for one, image in zip(todo, self._denoise_all(todo)):
+        denoise_start = time.perf_counter()
+        images = self._denoise_all(todo)
+        # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable.
+        each = (time.perf_counter() - denoise_start) / max(len(todo), 1)
+        for one, image in zip(todo, images):
             key = self.key(one)
             path = self.cache_path(key)
             atomic_write(path, lambda p: image.save(p, format="PNG"))
             atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(one), indent=1)))
             self.stats.renders += 1
             for n, i in enumerate(misses[key]):
-                out[i] = Rendered(image, key, path, n > 0, time.perf_counter() - start)
+                out[i] = Rendered(image, key, path, n > 0, each)
         return [out[i] for i in range(len(jobs))]
 
     def _cached(self, key: str) -> Image.Image | None:

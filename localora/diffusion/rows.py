@@ -85,10 +85,12 @@ def _add_rows(layer, args, output, *, adapters: list[str], rows: Rows, unit: dic
         if used.numel() == 0:
             continue
         lora_a = layer.lora_A[name]
-        xs = x.index_select(0, used).to(lora_a.weight.dtype)
+        every = used.numel() == x.shape[0]  # Merge rows use every adapter: no gather, no scatter
+        xs = (x if every else x.index_select(0, used)).to(lora_a.weight.dtype)
         term = layer.lora_B[name](lora_a(layer.lora_dropout[name](xs))) * unit[name]
-        scale = column.index_select(0, used).to(term.dtype).view(-1, *([1] * (term.dim() - 1)))
-        output = output.index_add(0, used, (term * scale).to(output.dtype))
+        scale = (column if every else column.index_select(0, used)).to(term.dtype).view(-1, *([1] * (term.dim() - 1)))
+        term = (term * scale).to(output.dtype)
+        output = output + term if every else output.index_add(0, used, term)
     return output
 
 
