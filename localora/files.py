@@ -61,5 +61,8 @@ def open_image(image: Image.Image | str | Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")  # reads the pixels, so a truncated file fails here
+    except Image.DecompressionBombError:
+        raise LocaloraError(f"image {path}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS * 2:,} pixels "
+                            f"(a decompression bomb, or far larger than any render); give a smaller image") from None
     except (UnidentifiedImageError, OSError) as e:
         raise LocaloraError(f"image {path}: not an image file that can be read ({e})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -123,3 +124,47 @@ def test_pickled_loras_are_refused_unopened(tmp_path, suffix):
     f.write_bytes(pickle.dumps(_Payload(str(marker))))
     one_error_line(gen(f), "pickle", ".safetensors")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ inputs that fight back (issue 17, in part)
+
+def test_a_lora_with_nan_fails_the_render_and_is_never_cached(demo_loras, tmp_path):
+    from safetensors.torch import load_file
+
+    from localora import paths
+
+    source = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    tensors = load_file(str(source))
+    key = next(k for k in tensors if "lora_B" in k or "lora_up" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    poisoned = tmp_path / "poisoned.safetensors"
+    save_file(tensors, str(poisoned))
+    cache = paths.render_cache_dir()
+    before = set(cache.rglob("*.png")) if cache.exists() else set()
+    result = run("generate", "x", "-l", str(poisoned), "-o", tmp_path / "out.png", *SMALL)
+    one_error_line(result, "NaN/Inf", str(poisoned))
+    assert not (tmp_path / "out.png").exists()
+    assert (set(cache.rglob("*.png")) if cache.exists() else set()) == before
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 M pixels in a small file
+    one_error_line(run("score", bomb, "--prompt", "a cat"), "bomb.png", "pixels")
+
+
+def test_a_negative_temperature_is_refused():
+    result = run("compose", "x", "-l", "demo-style", "-l", "demo-character", "--temperature", "-1")
+    assert result.exit_code == 2 and "--temperature" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bad", ["../../../../escaped", "/abs", ".hidden", "a/b", "x\u0000y"])
+def test_testbed_ids_that_would_escape_the_bench_folder_are_refused(bad, tmp_path):
+    bed = tmp_path / "bed.toml"
+    bed.write_text('name = "t"\nprofile = "tiny"\nprompt = "p"\n'
+                   f'[[lora]]\nid = {json.dumps(bad)}\ncategory = "character"\nfile = "c.safetensors"\ntriggers = "c"\n'
+                   '[[lora]]\nid = "s"\ncategory = "style"\nfile = "s.safetensors"\ntriggers = "s"\n')
+    out = tmp_path / "out"
+    one_error_line(run("bench", "--testbed", bed, "--methods", "merge", "--elements", "2", "--out", out), "must be letters")
+    assert not out.exists() and not (tmp_path.parent / "escaped").exists()

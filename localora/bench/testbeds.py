@@ -15,6 +15,7 @@ categories, one LoRA per category, every combination (24 / 72 / 96 / 48 sets for
 from __future__ import annotations
 
 import itertools
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _TOP_KEYS = {"name", "description", "profile", "prompt", "negative_prompt", "lor
 _REQUIRED_TOP = ("profile", "prompt", "lora")
 _LORA_KEYS = {"id", "name", "category", "file", "triggers", "references", "url"}
 _REQUIRED_LORA = ("id", "category", "file", "triggers")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,11 @@ def _parse_lora(table: Any, path: Path, index: int) -> TestbedLora:
         raise LocaloraError(f"{where}: expected a table")
     where = f"{path} [[lora]] '{table.get('id', index)}'"
     check_keys(table, _LORA_KEYS, _REQUIRED_LORA, where)
+    if not isinstance(table["id"], str) or not _SAFE_ID.fullmatch(table["id"]):
+        # Ids name image files and run folders under --out: one from a shared file must never
+        # choose a place outside it ("../..", "/abs", NUL).
+        raise LocaloraError(f"{where}: id {table['id']!r} must be letters, digits, '.', '_' or '-' "
+                            f"(not starting with '.'); rename it")
     if table["category"] not in CATEGORIES:
         raise LocaloraError(f"{where}: unknown category '{table['category']}'; use one of {', '.join(CATEGORIES)}")
     triggers = table["triggers"]

@@ -51,7 +51,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
 @click.option("--search", type=click.Choice(list(STRATEGIES)), default="vlm", show_default=True,
               help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
 @sampling_options
-@click.option("--temperature", type=float, default=None, help="VLM sampling temperature (default: greedy).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
 @click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Weight levels the few-shot design uses.")
 @click.option("--fewshot-budget", type=click.IntRange(min=1), default=None,

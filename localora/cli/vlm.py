@@ -58,7 +58,7 @@ def _quiet_transformers() -> None:
 @click.option("-m", "--candidates", "m", type=int, default=5, show_default=True, help="candidates: how many.")
 @click.option("--options", type=int, default=None, help="choice: how many options (default: the number of images).")
 @click.option("--max-chars", type=int, default=600, show_default=True, help="feedback/refine: longest free text.")
-@click.option("--temperature", type=float, default=None, help="Sample at this temperature (default: greedy).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sample at this temperature (default: greedy).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (default 0).")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on the answer's length in tokens.")
 @click.option("--stats", is_flag=True, help="Also print token counts and time to stderr.")

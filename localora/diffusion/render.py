@@ -183,6 +183,7 @@ class Renderer:
         names = [self._adapter(pipe, lora) for lora in job.loras]
         method = methods.get(job.method)
         latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step)
+        _check_finite(latents, job)
         return methods.decode(pipe, latents)
 
     def _denoise_batch(self, jobs: list[RenderJob]) -> list[Image.Image]:
@@ -192,6 +193,7 @@ class Renderer:
             return [self._denoise(jobs[0])]
         latents = methods.merge_many(pipe, names, [list(j.weights) for j in jobs], jobs[0].prompt,
                                      jobs[0].sampling, self._step)
+        _check_finite(latents, jobs[0])
         return [methods.decode(pipe, latents[i:i + 1]) for i in range(len(jobs))]
 
     def _step(self, i: int, total: int) -> None:
@@ -220,6 +222,14 @@ class Renderer:
         d["loras"] = [{"name": lora.name, "path": str(lora.path), "sha256": file_hash(lora.path)} for lora in job.loras]
         d["profile"] = self.profile.name
         return d
+
+
+def _check_finite(latents: torch.Tensor, job: RenderJob) -> None:
+    """A render with NaN or Inf must fail, not decode to a black image and enter the cache."""
+    if not bool(torch.isfinite(latents).all()):
+        files = ", ".join(str(lora.path) for lora in job.loras)
+        raise LocaloraError(f"render failed: NaN/Inf in the latents with the LoRAs {files}; one may hold NaN/Inf "
+                            f"weights (check each alone with `localora generate`), or half precision overflowed")
 
 
 # Ancestral samplers draw fresh noise at every step, and a batch draws it differently from single
