@@ -32,11 +32,14 @@ ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--methods", ",".join(M
         "--iterations", "1", "--candidates", "2", "--no-fewshot")
 KILL_AFTER = 9  # set 1 complete (4 rows + 3 pairs), then set 2's merge and switch
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def localora(*args) -> subprocess.Popen:
     # LOCALORA_HOME is the session's (conftest), so the tiny models are built once for all tests.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the checkout under test, wherever an editable install of localora points.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, (
+        str(ROOT), os.environ.get("PYTHONPATH"))))}
     return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
