@@ -24,6 +24,7 @@ from localora.bench.store import DB_FILE
 from localora.ui.progress import LiveProgress
 from localora.scoring import judge
 from localora.cli import main
+from localora.errors import LocaloraError
 from support import one_error_line
 
 SETS = ("demo-character_demo-clothing", "demo-character_demo-style")  # the tiny testbed's 2-element sets
@@ -292,30 +293,61 @@ def test_bench_into_a_foreign_folder(tmp_path):
 OLD = Path(__file__).parent / "data" / "bench-format1"  # made by localora 0.1 (user_version 0)
 
 
-def test_a_bench_folder_made_by_the_previous_version_opens_and_is_migrated(tmp_path):
-    from localora.bench.store import SCHEMA_VERSION, Store
-
+def old_folder(tmp_path: Path) -> tuple[Path, dict[str, list], dict]:
+    """A copy of OLD, its rows and the settings its bench ran with, read before anything opens it."""
     folder = tmp_path / "old"
     shutil.copytree(OLD, folder)
     with sqlite3.connect(folder / DB_FILE) as conn:
-        before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in ("results", "pairs")}
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
-    store = Store.open(folder)
-    assert len(store.results()) == 2 and len(store.pairs()) == 1
+        rows = {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in ("results", "pairs")}
+        settings = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()[0])
+    return folder, rows, settings
+
+
+@pytest.mark.parametrize("path", ["report", "bench"])
+def test_a_bench_folder_made_by_the_previous_version_opens_and_is_migrated(tmp_path, path):
+    from localora.bench.store import SCHEMA_VERSION, Store
+
+    folder, before, settings = old_folder(tmp_path)
+    # Each path on a fresh copy, so each is the one that migrates it: report reads, bench
+    # reopens it for more rows with the settings the old run used.
+    store = Store.open(folder) if path == "report" else Store.create_or_open(folder, settings)
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert len(store.results()) == 2 and len(store.pairs()) == 1
     for table, rows in before.items():
         assert [tuple(r) for r in store.conn.execute(f"SELECT * FROM {table} ORDER BY rowid")] == rows
-    # The bench command's path: the same settings reopen it for more rows.
-    again = Store.create_or_open(folder, store.settings())
-    assert len(again.results()) == 2
-    assert cli("report", folder).exit_code == 0 and (folder / "report.md").is_file()
+    assert store.settings() == settings
+    store.conn.close()
+    assert cli("report", folder).exit_code == 0
+    report = (folder / "report.md").read_text()
+    assert "| merge |" in report and "| switch | composition |" in report
 
 
-def test_a_bench_folder_from_a_newer_version_is_refused(tmp_path):
-    from localora.bench.store import SCHEMA_VERSION
+def test_a_bench_folder_from_a_newer_version_is_refused_untouched(tmp_path):
+    from localora.bench.store import SCHEMA_VERSION, Store
 
-    folder = tmp_path / "new"
-    shutil.copytree(OLD, folder)
+    folder, _, settings = old_folder(tmp_path)
     with sqlite3.connect(folder / DB_FILE) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    data = (folder / DB_FILE).read_bytes()
     one_error_line(cli("report", folder), "newer localora", "upgrade")
+    with pytest.raises(LocaloraError, match="newer localora") as refused:
+        Store.create_or_open(folder, settings)
+    assert "\n" not in str(refused.value)
+    assert (folder / DB_FILE).read_bytes() == data  # not downgraded, not written
+
+
+def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    from localora.bench import store
+
+    folder, _, _ = old_folder(tmp_path)
+    half = "CREATE TABLE extra (x INTEGER);\nCREATE TABLE results (x INTEGER);"  # fails on its second statement
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, half))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", len(store.MIGRATIONS))
+    conn = sqlite3.connect(folder / DB_FILE)
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        store.migrate(conn, folder / DB_FILE)
+    # Migration 1 committed; the failed one left neither its first table nor its number.
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION - 1
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchall() == []
+    assert not conn.in_transaction

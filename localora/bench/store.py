@@ -25,6 +25,7 @@ DB_FILE = "bench.sqlite"
 FORMAT = "localora-bench/1"
 
 # Judge columns are spelled out below; they follow localora.scoring.judge.DIMENSIONS.
+# Each migration is plain SQL without BEGIN / COMMIT: migrate() commits it with its number.
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema (localora 0.1; its folders have user_version 0 and these tables already).
     """
@@ -60,12 +61,17 @@ def schema_version(conn: sqlite3.Connection, where: Path) -> int:
 
 
 def migrate(conn: sqlite3.Connection, where: Path) -> None:
-    """Apply the migrations this database has not had yet, each in its own transaction."""
-    version = schema_version(conn, where)
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        with conn:
-            conn.executescript(MIGRATIONS[number - 1])
-            conn.execute(f"PRAGMA user_version = {number}")
+    """Apply the migrations this database has not had yet, each whole or not at all."""
+    for number in range(schema_version(conn, where) + 1, SCHEMA_VERSION + 1):
+        # One script, so the migration and its version number commit together: executescript
+        # commits any open transaction first and would otherwise autocommit statement by
+        # statement, leaving a failed migration half applied and unnumbered, to fail again.
+        try:
+            conn.executescript(f"BEGIN;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
 
 
 class Store:
