@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -38,6 +38,13 @@ from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.files import atomic_write, open_image
 from localora.scoring import judge
+from localora.vlm import Answer, ChatModel
+
+if TYPE_CHECKING:  # torch-heavy modules, loaded only when a bench has work
+    from localora.diffusion.render import Renderer
+    from localora.diffusion.sampling import Sampling
+    from localora.runs.session import Components
+    from localora.scoring.clip import ClipScorer
 
 
 class Progress(Protocol):
@@ -72,11 +79,11 @@ class Work:
 class _CountingVLM:
     """Counts VLM calls, so each row records the calls made for it."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: ChatModel):
         self.model = model
         self.calls = 0
 
-    def chat(self, *args: Any, **kwargs: Any) -> Any:
+    def chat(self, *args: Any, **kwargs: Any) -> Answer:
         self.calls += 1
         return self.model.chat(*args, **kwargs)
 
@@ -119,7 +126,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     return Summary(total, skipped, stats.renders, stats.hits, calls)
 
 
-def rows(p: Plan, work: list[Work], parts: Any, progress: Progress, session: int,
+def rows(p: Plan, work: list[Work], parts: Components, progress: Progress, session: int,
          have: dict[tuple[str, int, str], dict[str, Any]]) -> Iterator[Row]:
     """Make the rows of `work` with the components `parts` (renderer, vlm, scorer), in order.
 
@@ -135,12 +142,12 @@ def rows(p: Plan, work: list[Work], parts: Any, progress: Progress, session: int
 class _Runner:
     plan: Plan
     progress: Progress  # only told what is being worked on; the caller reports finished rows
-    renderer: Any
+    renderer: Renderer
     vlm: _CountingVLM
-    scorer: Any
+    scorer: ClipScorer
     session: int
     have: dict[tuple[str, int, str], dict[str, Any]]
-    _refs: tuple[Case, dict[str, list]] | None = None
+    _refs: tuple[Case, dict[str, list[Path | Image.Image]]] | None = None
 
     @property
     def out(self) -> Path:
@@ -240,7 +247,7 @@ class _Runner:
         final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         return run.image(final.image), final.weights
 
-    def _references(self, case: Case) -> dict[str, list]:
+    def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:
         """Per LoRA: the testbed's reference images, else that LoRA alone at weight 1.0.
 
         The single-LoRA render is the reflect loop's own reference render (same prompt, weight,
@@ -261,7 +268,7 @@ class _Runner:
             self._refs = (case, refs)
         return self._refs[1]
 
-    def _sampling(self, case: Case):
+    def _sampling(self, case: Case) -> Sampling:
         from localora.diffusion.sampling import Sampling
 
         return Sampling(seed=case.seed, negative_prompt=self.plan.testbed.negative_prompt)
