@@ -1,6 +1,11 @@
 """What a bench shows while it works: one plain line per finished row, or a Rich progress bar.
 
-Both follow localora.bench.runner.Progress: start(total, done), working(what), finished(line).
+    PlainProgress   bench: 3 rows to make, 0 already done
+                    [00:11] 1/3 demo-character_demo-clothing seed 0 merge     CLIP-T -0.0460 ...
+    LiveProgress    the same lines, scrolling above   bench ━━━━━━ 1/3 0:00:11 ETA 0:00:01 <current step>
+
+Both follow localora.bench.runner.Progress: start(total, done), working(what), finished(line);
+localora.cli.evaluate picks one (plain for pipes and --plain).
 """
 
 from __future__ import annotations
