@@ -92,9 +92,16 @@ def test_prompt_precedence(tmp_path, monkeypatch):
     assert prompts.template_path("feedback", override) == override / "feedback.txt"
 
 
-def test_prompts_option_naming_a_missing_folder_is_one_error_line(tmp_path):
-    missing = tmp_path / "nope"
-    result = CliRunner().invoke(main, ["compose", "x", "-l", "demo-style", "-l", "demo-character",
-                                       "--prompts", str(missing), "--out", str(tmp_path / "r")])
-    one_error_line(result, f"--prompts {missing}", "no such folder")
+@pytest.mark.parametrize("kind, what", [("missing", "no such folder"), ("file", "not a folder")])
+@pytest.mark.parametrize("command", ["compose", "judge"])
+def test_prompts_option_naming_no_folder_is_one_error_line(tmp_path, command, kind, what):
+    bad = tmp_path / "prompts"
+    if kind == "file":
+        bad.write_text("not a folder")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")  # judge's arguments must exist; the check comes before anything reads them
+    args = {"compose": ["compose", "x", "-l", "demo-style", "-l", "demo-character", "--out", str(tmp_path / "r")],
+            "judge": ["judge", str(image), str(image), "--element", "style (S): s"]}[command]
+    result = CliRunner().invoke(main, [*args, "--prompts", str(bad)])
+    one_error_line(result, f"--prompts {bad}", what)
     assert not (tmp_path / "r").exists()

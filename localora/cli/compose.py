@@ -58,7 +58,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
               help="Renders for the few-shot examples (default: 3 per LoRA; the full grid when it is smaller).")
 @click.option("--fewshot-threshold", type=float, default=None,
               help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
-@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--prompts", "prompts_dir", type=click.Path(), default=None,
               help="Folder of prompt templates overriding the shipped ones.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
@@ -95,7 +95,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         return
     if not prompt:
         raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
-    check_dir(prompts_dir)
+    prompts_dir = check_dir(prompts_dir)
     prof = load_profile(profile)
     choices = resolve_loras(prof, lora_specs, catalog)
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
@@ -104,7 +104,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         bounds=float_pair(bounds, "--bounds"), search=search, sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
-        temperature=temperature, prompts_dir=str(check_dir(prompts_dir)) if prompts_dir else None,
+        temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,
     )
     _start(cfg, prof, out, plain, batch)
 

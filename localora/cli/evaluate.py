@@ -41,7 +41,7 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Times to ask each order, with seeds seed, seed+1, ...")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--temperature", default=None, type=click.FloatRange(min=0), help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
-@click.option("--prompts", "prompts_dir", default=None, type=click.Path(file_okay=False, path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
+@click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
 def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
           temperature: float | None, prompts_dir: Path | None) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, averaged) and give the verdict."""

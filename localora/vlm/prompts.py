@@ -19,12 +19,14 @@ _FIELD = re.compile(r"\{([a-z_]+)\}")
 
 def check_dir(override_dir: Path | str | None, option: str = "--prompts") -> Path | None:
     """An override folder as a resolved path, or one error line when it is not a folder; called by
-    the commands before anything loads, so a typo does not silently use the shipped prompts."""
+    the commands before anything loads, so a typo does not silently use the shipped prompts. The
+    --prompts options take a plain click.Path: click's own folder check prints a usage block."""
     if override_dir is None:
         return None
     path = Path(override_dir).expanduser()
     if not path.is_dir():
-        raise LocaloraError(f"{option} {path}: no such folder; give a folder of NAME.txt prompt templates "
+        what = "not a folder" if path.exists() else "no such folder"
+        raise LocaloraError(f"{option} {path}: {what}; give a folder of NAME.txt prompt templates "
                             f"(the shipped ones are in {paths.shipped_prompts_dir()})")
     return path.resolve()
 
