@@ -4,6 +4,7 @@ user's own models.toml and prompts live in the config dir without touching the i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,12 +21,32 @@ from support import one_error_line
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _source_copy(dest: Path) -> Path:
+    """The checkout's files as a clean clone would have them, plus new files not yet added.
+
+    Built in place, setuptools packs whatever an earlier build left in build/lib, so a module
+    deleted since would still ship and this test would pass on it; and a file that .gitignore
+    hides (once localora/runs/__init__.py) is missing from a clean clone's wheel only."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True)
+    if listed.returncode != 0:  # not a git checkout: copy it all but the build output
+        shutil.copytree(REPO, dest, symlinks=True,
+                        ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".*"))
+        return dest
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if os.path.lexists(REPO / name):  # deleted here but not yet staged
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name, follow_symlinks=False)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A wheel of this checkout, installed with pip into a fresh target folder (no network)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = _source_copy(tmp / "source")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp / "dist"), str(REPO)], capture_output=True, text=True)
+                            "-w", str(tmp / "dist"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp / "dist").glob("localora-*.whl")
     target = tmp / "site"
@@ -58,9 +79,13 @@ def test_installed_wheel_runs_models_and_demo_outside_the_checkout(installed, tm
 
     where = run("-c", "import localora; print(localora.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
+    script = subprocess.run([str(target / "bin" / "localora"), "--version"], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=60)  # the entry point pipx puts on PATH
+    assert script.returncode == 0 and "localora" in script.stdout, script.stdout + script.stderr
     models = run("-m", "localora", "models")
     assert models.returncode == 0, models.stderr
     assert str(target / "localora" / "models.toml") in models.stdout and "\ntiny:" in models.stdout
+    assert f"your own copies go in {tmp_path / 'config'}" in models.stdout
     demo = run("-m", "localora", "demo", "--plain", "--out", "run")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     for name in ("run.json", "events.jsonl", "final.png", "final.json", "report.html"):
