@@ -288,6 +288,23 @@ def test_resume_with_other_loras(demo):
     one_error_line(compose("--resume", run, "-l", "demo-style", "-l", "demo-character"), "used the LoRAs")
 
 
+def test_resume_refuses_a_run_whose_prompts_folder_is_gone(tmp_path):
+    from localora.cli.compose import DEMO_LORAS
+    from localora.cli.options import resolve_loras
+    from localora.profiles import load_profile
+    from localora.runs import session
+    from localora.search.config import ComposeConfig
+
+    mine = tmp_path / "prompts"
+    mine.mkdir()
+    prof = load_profile("tiny")
+    cfg = ComposeConfig(prompt="x", loras=tuple(c.lora for c in resolve_loras(prof, DEMO_LORAS, ())),
+                        prompts_dir=str(mine))
+    run = session.start(cfg, prof, tmp_path / "run").path
+    mine.rmdir()
+    one_error_line(compose("--resume", run), f"{mine}: this run's --prompts folder is gone")
+
+
 def test_fewshot_budget_smaller_than_the_levels(tmp_path):
     one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--fewshot-budget", "2",
                            "--out", tmp_path / "r"), "--fewshot-budget 2", "at least 3")

@@ -81,6 +81,8 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
     if loras is not None and [str(lo.path.resolve()) for lo in loras] != [str(lo.path.resolve()) for lo in cfg.loras]:
         used = ", ".join(lo.name for lo in cfg.loras)
         raise LocaloraError(f"{path}: this run used the LoRAs {used}; resume it without --lora or with the same ones")
+    if cfg.prompts_dir and not Path(cfg.prompts_dir).is_dir():  # else its rounds would ask with the shipped prompts
+        raise LocaloraError(f"{cfg.prompts_dir}: this run's --prompts folder is gone; put it back to resume {path}")
     for stored, lo in zip(run.settings["config"]["loras"], cfg.loras):
         if not lo.path.is_file() or file_hash(lo.path) != stored["sha256"]:
             raise LocaloraError(f"{lo.path}: this LoRA file changed or is gone since the run started; cannot resume")
