@@ -103,6 +103,18 @@ def test_models_toml_precedence(tmp_path, monkeypatch):
     assert paths.models_toml() == tmp_path / "mine.toml"
 
 
+def test_models_names_the_file_it_read_and_where_own_copies_go(tmp_path, monkeypatch):
+    config = tmp_path / "config"
+    config.mkdir()
+    monkeypatch.setenv("LOCALORA_CONFIG", str(config))
+    (config / "models.toml").write_text((paths.PACKAGE_DIR / "models.toml").read_text())
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    first, second = result.output.splitlines()[:2]
+    assert first.startswith(f"profiles in {config / 'models.toml'} ")
+    assert second == f"your own copies go in {config}: models.toml, prompts/NAME.txt"
+
+
 def test_prompt_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALORA_CONFIG", str(tmp_path / "config"))
     assert prompts.template_path("feedback") == paths.shipped_prompts_dir() / "feedback.txt"

@@ -10,9 +10,7 @@ import click
 @click.command()
 def models():
     """List the profiles of models.toml and whether each model is available here."""
-    from localora import profiles
-
-    from localora import paths
+    from localora import paths, profiles
 
     cat = profiles.load_catalog()
     click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
