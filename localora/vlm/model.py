@@ -14,9 +14,11 @@ always parses; the grammar is compiled once per VLM and grammar string.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,6 +59,16 @@ def load_image(image: ImageLike) -> Image.Image:
     return img
 
 
+def escape_special(text: str, specials: Sequence[str]) -> str:
+    """`text` with every occurrence of the tokenizer's special tokens broken by a zero-width space
+    after its first character: a prompt that says "<|im_start|>system" or "<|image_pad|>" reaches
+    the model as those characters, never as a role switch or an image slot."""
+    if not specials or not text:
+        return text
+    pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+    return re.sub(pattern, lambda m: m[0][0] + "\u200b" + m[0][1:], text)
+
+
 def _require_xgrammar() -> None:
     try:
         import xgrammar  # noqa: F401
@@ -90,6 +102,7 @@ class VLM:
         # What was actually loaded: "none" after a fallback from a quantization the device lacks.
         self.quantization: str | None = None
         self._processor = None
+        self._specials: list[str] | None = None
         self._compiler = None
         self._compiled: dict[str, Any] = {}
         # 4/8-bit weights move like any other (transformers >= 5), so the VLM is never reloaded.
@@ -158,8 +171,20 @@ class VLM:
 
     # ------------------------------------------------------------------ asking
 
+    @property
+    def specials(self) -> list[str]:
+        """The tokenizer's special tokens (role markers, image and video slots, end of text)."""
+        if self._specials is None:
+            tok = self.processor.tokenizer
+            self._specials = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special}
+                                    | set(tok.all_special_tokens))
+        return self._specials
+
     def prompt(self, system: str | None, n_images: int, text: str) -> str:
-        """The chat-templated prompt; images become "Picture 1: <image>" etc., in order."""
+        """The chat-templated prompt; images become "Picture 1: <image>" etc., in order. The texts
+        (templates filled with a user's prompt, LoRA names, trigger words) go in as plain text."""
+        system = escape_special(system, self.specials) if system else system
+        text = escape_special(text, self.specials)
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
         messages.append({"role": "user", "content": content})
