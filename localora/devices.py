@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from localora.errors import LocaloraError
+
 PLACEMENTS = ("auto", "swap", "resident", "reload")
 # Working memory a model needs on top of its weights while it runs (activations, the VAE decode,
 # the KV cache): a fraction of its size plus a floor. A heuristic, stated in `doctor`.
@@ -61,7 +63,12 @@ class _Component:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise LocaloraError(f"device '{name}': no such CUDA device here; set the profile's device to \"auto\" or \"cpu\"")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LocaloraError(f"device '{name}': MPS is not available here; set the profile's device to \"auto\" or \"cpu\"")
+    return device
 
 
 def _memory(device: torch.device) -> int:

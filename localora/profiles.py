@@ -6,7 +6,9 @@ This module only reads and checks the file and says where weights are; it loads 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "nf4", "int8")
 PLACEMENTS = ("auto", "swap", "resident", "reload")  # see localora/devices.py
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def _build(cls: type, name: str, table: Any, where: str) -> Any:
             "str": isinstance(value, str),
             "str | None": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         }.get(str(want), True)
         if not ok:
             raise LocaloraError(f"{where}: '{key}' must be {want}, got {value!r}")
@@ -103,6 +106,19 @@ def _build(cls: type, name: str, table: Any, where: str) -> Any:
 def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
     if value not in allowed:
         raise LocaloraError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def check_tiny_source(source: str, kind: str, where: str) -> None:
+    """A "tiny:NAME" source must name a tiny part of this kind; found when the file is read, not at
+    first use."""
+    if not is_tiny(source):
+        return
+    from localora import tiny  # light: the builders are imported only when a part is built
+
+    name = source.removeprefix("tiny:")
+    if name not in tiny.KINDS[kind]:
+        known = ", ".join("tiny:" + n for n in tiny.KINDS[kind])
+        raise LocaloraError(f"{where}: no tiny {kind} model '{source}'; known: {known}")
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
@@ -118,8 +134,14 @@ def load_catalog(path: Path | None = None) -> Catalog:
     comps: dict[str, dict[str, Any]] = {}
     for kind, cls in (("diffusion", DiffusionSpec), ("vlm", VLMSpec), ("clip", ClipSpec)):
         comps[kind] = {n: _build(cls, n, t, f"{path} [{kind}.{n}]") for n, t in data.get(kind, {}).items()}
+    for kind, specs in comps.items():
+        for n, spec in specs.items():
+            check_tiny_source(spec.source, kind, f"{path} [{kind}.{n}] source")
     for n, d in comps["diffusion"].items():
         _choice(d.arch, ARCHS, f"{path} [diffusion.{n}] arch")
+        if is_tiny(d.source) and d.source != f"tiny:{d.arch}":
+            raise LocaloraError(f"{path} [diffusion.{n}]: source {d.source} is not a {d.arch} model; "
+                                f"use source = \"tiny:{d.arch}\" or arch = \"{d.source.removeprefix('tiny:')}\"")
         _choice(d.scheduler, SCHEDULERS, f"{path} [diffusion.{n}] scheduler")
         _choice(d.dtype, DTYPES, f"{path} [diffusion.{n}] dtype")
         if d.steps < 1 or d.width % 8 or d.height % 8:
@@ -127,6 +149,9 @@ def load_catalog(path: Path | None = None) -> Catalog:
     for n, v in comps["vlm"].items():
         _choice(v.quantization, QUANTIZATIONS, f"{path} [vlm.{n}] quantization")
         _choice(v.dtype, DTYPES, f"{path} [vlm.{n}] dtype")
+        if not 0 < v.min_pixels <= v.max_pixels:
+            raise LocaloraError(f"{path} [vlm.{n}]: min_pixels {v.min_pixels} and max_pixels {v.max_pixels} "
+                                f"need 0 < min_pixels <= max_pixels")
 
     profiles: dict[str, Profile] = {}
     for pname, table in data.get("profiles", {}).items():
@@ -146,6 +171,8 @@ def load_catalog(path: Path | None = None) -> Catalog:
         if extra:
             raise LocaloraError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
         _choice(table.get("placement", "auto"), PLACEMENTS, f"{where} placement")
+        if not DEVICE.match(str(table.get("device", "auto"))):
+            raise LocaloraError(f"{where}: device '{table['device']}' is not auto, cpu, mps, cuda or cuda:N")
         profiles[pname] = Profile(name=pname, **resolved, **table)
 
     default = data.get("default_profile", "tiny")

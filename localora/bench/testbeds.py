@@ -24,6 +24,7 @@ from typing import Any
 
 from localora.diffusion import loras
 from localora.errors import LocaloraError, check_keys
+from localora.profiles import check_tiny_source
 from localora.scoring.judge import Element
 
 CATEGORIES = loras.CATEGORIES  # character, clothing, style, background, object: the Switch order
@@ -181,6 +182,8 @@ def _parse(data: dict[str, Any], path: Path) -> Testbed:
     for key in ("profile", "prompt", "negative_prompt", "name", "description", "lora_dir"):
         if key in data and not isinstance(data[key], str):
             raise LocaloraError(f"{path}: '{key}' must be a string, got {data[key]!r}")
+    if "lora_dir" in data:
+        check_tiny_source(data["lora_dir"], "loras", f"{path}: lora_dir")
     if not isinstance(data["lora"], list) or not data["lora"]:
         raise LocaloraError(f"{path}: needs one or more [[lora]] tables")
     items = tuple(_parse_lora(t, path, i) for i, t in enumerate(data["lora"], 1))

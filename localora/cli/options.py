@@ -63,7 +63,15 @@ def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...]):
 
     known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
                               [Path(c) for c in catalogs])
-    return [loras.parse_choice(s, known) for s in specs]
+    choices = [loras.parse_choice(s, known) for s in specs]
+    seen: dict[Path, str] = {}
+    for spec, choice in zip(specs, choices):
+        path = choice.lora.path.resolve()
+        if path in seen:
+            raise LocaloraError(f"--lora {seen[path]} and --lora {spec} are the same LoRA file ({path}); "
+                                f"give each LoRA once")
+        seen[path] = spec
+    return choices
 
 
 def float_pair(text: str, option: str) -> tuple[float, float]:

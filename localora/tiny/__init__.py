@@ -8,14 +8,14 @@ concurrent build never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 from localora import paths
+from localora.errors import LocaloraError
+from localora.files import hold_lock
 
 # Bump when any builder changes what it writes, so old builds are not reused.
 VERSION = 1
@@ -32,6 +32,10 @@ BUILDERS = {
 }
 
 
+# Which tiny parts can stand in for which kind of model (checked when models.toml is read).
+KINDS = {"diffusion": ("sdxl", "sd15"), "vlm": ("qwen2-vl",), "clip": ("clip",), "loras": ("loras-sdxl", "loras-sd15")}
+
+
 def root() -> Path:
     return paths.home() / "tiny" / f"v{VERSION}"
 
@@ -40,25 +44,14 @@ def is_built(name: str) -> bool:
     return (root() / name / ".complete").exists()
 
 
-@contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure(name: str) -> Path:
     """Path of the built part `name`, building it first if needed."""
     if name not in BUILDERS:
-        raise KeyError(f"no tiny model named {name!r}; known: {', '.join(BUILDERS)}")
+        raise LocaloraError(f"no tiny model named 'tiny:{name}'; known: {', '.join('tiny:' + n for n in BUILDERS)}")
     target = root() / name
     if is_built(name):
         return target
-    with _lock(root() / f".{name}.lock"):
+    with hold_lock(root() / f".{name}.lock", wait=True):
         if is_built(name):
             return target
         module, func = BUILDERS[name].split(":")
