@@ -57,6 +57,13 @@ def element_list(elements: Sequence[Element]) -> str:
     return "\n".join(e.line(i) for i, e in enumerate(elements, 1))
 
 
+def check_templates(prompts_dir: Path | None = None) -> None:
+    """The judge's two templates, checked before any work that ends in judging."""
+    prompts.check("judge_system", prompts_dir, ())
+    if "{elements}" not in prompts.check("judge", prompts_dir, ("elements", "answer_format")):
+        raise LocaloraError(f"{prompts.template_path('judge', prompts_dir)}: the judge template must contain {{elements}}")
+
+
 def system_text(prompts_dir: Path | None = None) -> str:
     """The judge's system text: prompts/judge_system.txt (or the override in `prompts_dir`)."""
     return prompts.render("judge_system", prompts_dir)

@@ -7,7 +7,8 @@
 
 STRATEGIES is the one registry of search strategies: `compose --search`, the bench and the docs
 read it. To add one, write `run(cfg: ComposeConfig, steps: Steps) -> Final` in a module here and
-register it; entries name their module so that listing them loads no model code.
+register it; entries name their module so that listing them loads no model code. A strategy's
+`check(cfg)` refuses what would fail later (its prompt templates) before the run folder exists.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ class Strategy:
     name: str
     summary: str
     entry: str  # "module:function", a run(cfg, steps) -> Final
+    checks: str | None = None  # "module:function", a check(cfg) -> None that raises LocaloraError
 
     def run(self, cfg, steps):
-        module, func = self.entry.split(":")
-        return getattr(importlib.import_module(module), func)(cfg, steps)
+        return _load(self.entry)(cfg, steps)
+
+    def check(self, cfg) -> None:
+        if self.checks:
+            _load(self.checks)(cfg)
+
+
+def _load(entry: str):
+    module, func = entry.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("vlm", "GPT4LoRA's loop: the local VLM proposes, critiques and refines weights",
-             "localora.search.gpt4lora:run"),
+             "localora.search.gpt4lora:run", "localora.search.gpt4lora:check"),
 )}

@@ -62,6 +62,7 @@ class ComposeConfig:
                                 f"{len(self.fewshot_levels)} --fewshot-levels once; give at least {len(self.fewshot_levels)}")
         if self.search not in STRATEGIES:
             raise LocaloraError(f"unknown search strategy '{self.search}'; use one of {', '.join(STRATEGIES)}")
+        STRATEGIES[self.search].check(self)
 
     @property
     def seed(self) -> int:

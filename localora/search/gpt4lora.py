@@ -33,6 +33,23 @@ from localora.vlm import prompts, schemas
 
 Weights = tuple[float, ...]
 
+# The fields each prompt template may use: every template gets BASE_FIELDS, plus its own.
+BASE_FIELDS = ("prompt", "loras", "lo", "hi", "answer_format")
+TEMPLATES = {
+    "system": (),
+    "generate": ("current", "last_reference", "examples", "candidates"),
+    "feedback": ("candidates", "candidate_list", "first_reference", "last_reference"),
+    "refine": ("candidates", "candidate_list", "feedback"),
+    "select": ("count", "image_list"),
+}
+
+
+def check_templates(prompts_dir: str | Path | None) -> None:
+    """Every template the loop will fill, read and checked now: a bad field in a user's template is
+    an error before the first render, not after the references and the few-shot grid."""
+    for name, own in TEMPLATES.items():
+        prompts.check(name, Path(prompts_dir) if prompts_dir else None, BASE_FIELDS + own)
+
 
 @dataclass
 class GPT4LoRA:
@@ -49,6 +66,7 @@ class GPT4LoRA:
 
     def compose(self) -> Final:
         cfg = self.cfg
+        check_templates(cfg.prompts_dir)
         self.steps.event(events.StartEvent(
             type="start", iterations=cfg.iterations, candidates=cfg.candidates, loras=cfg.names,
             grid=len(self._design()) if cfg.fewshot else 0))
@@ -191,6 +209,7 @@ class GPT4LoRA:
 
     def _template(self, name: str, schema: schemas.Schema | None, **fields: str) -> str:
         """prompts/NAME.txt filled in; {answer_format} shows the shape the grammar will enforce."""
+        assert set(fields) == set(TEMPLATES[name]), f"{name}: fields {sorted(fields)} != TEMPLATES"
         lo, hi = self.cfg.bounds
         base = {"prompt": self._prompt, "loras": self._loras_text(), "lo": f"{lo:.2f}", "hi": f"{hi:.2f}",
                 "answer_format": schema.describe() if schema is not None else ""}
@@ -206,6 +225,11 @@ class GPT4LoRA:
 
     def _list(self, vectors: list[Weights], label: str = "candidate") -> str:
         return "\n".join(f"Picture {i}: {label} {i}, weights {self._fmt(w)}" for i, w in enumerate(vectors, 1))
+
+
+def check(cfg: ComposeConfig) -> None:
+    """The registry's check (localora.search.STRATEGIES["vlm"]): run before the run folder is made."""
+    check_templates(cfg.prompts_dir)
 
 
 def run(cfg: ComposeConfig, steps: Steps) -> Final:

@@ -37,7 +37,7 @@ class Record(Protocol):
     completed: dict[str, dict[str, Any]]  # step id -> its event
 
     def log(self, event: dict[str, Any]) -> None: ...
-    def save_image(self, rendered: Rendered) -> str: ...
+    def save_image(self, rendered: Rendered, rel: str | None = None) -> str: ...
     def image(self, rel: str) -> Image.Image: ...
     def copy(self, rel: str, name: str) -> None: ...
     def write_json(self, name: str, data: Any) -> None: ...
@@ -71,7 +71,15 @@ class Steps:
     def render_many(self, steps: Sequence[str], role: events.Role, job: RenderJob,
                     vectors: Sequence[Sequence[float]], names: Sequence[str], iteration: int | None = None) -> list[str]:
         """Render (or recall) `job` under each weight vector, one step each; the renderer batches
-        the ones not done yet. Returns their paths in the run folder, in order."""
+        the ones not done yet. Returns their paths in the run folder, in order.
+
+        A done step whose image was deleted from the run folder is rendered again (usually a
+        render-cache hit) and put back where its event says, so a resumed run never reads a
+        missing file."""
+        lost = [i for i, step in enumerate(steps)
+                if self.recall(step) and not (self.run.path / self.recall(step)["image"]).is_file()]
+        for i, out in zip(lost, self.renderer.render_many(job, [vectors[i] for i in lost])):
+            self.run.save_image(out, rel=self.recall(steps[i])["image"])
         todo = [i for i, step in enumerate(steps) if not self.recall(step)]
         outs = self.renderer.render_many(job, [vectors[i] for i in todo])
         for i, out in zip(todo, outs):

@@ -2,13 +2,16 @@
 
 Every VLM prompt is a file NAME.txt, looked up in order in `--prompts DIR`, in the user's config
 dir (`<config>/prompts/`) and in the shipped localora/prompts/, so a user overrides one template
-by copying just that file. Fields are filled by plain replacement, not str.format, so templates
-may show JSON with braces.
+by copying just that file. Fields are filled in one pass, by plain replacement rather than
+str.format, so templates may show JSON with braces, and text filled in (a user's prompt that
+contains "{loras}") is never read as a template. `check` reads a template without filling it, so
+a run can refuse a bad one before its first render.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from localora import paths
@@ -38,20 +41,27 @@ def template_path(name: str, override_dir: Path | None = None) -> Path:
     return paths.shipped_prompts_dir() / f"{name}.txt"
 
 
-def render(name: str, override_dir: Path | None = None, **fields: str) -> str:
-    """prompts/NAME.txt with its {fields} filled; every field it names must be given."""
+def check(name: str, override_dir: Path | None, fields: Iterable[str]) -> str:
+    """The text of prompts/NAME.txt, or one error naming the file when it is missing, unreadable or
+    uses a field outside `fields`."""
     path = template_path(name, override_dir)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
+    except FileNotFoundError:
         raise LocaloraError(f"{path}: prompt template missing; restore it from the project") from None
-    unknown = {f for f in _FIELD.findall(text) if f not in fields}
+    except (OSError, UnicodeDecodeError) as e:
+        raise LocaloraError(f"{path}: prompt template cannot be read as UTF-8 text ({e}); fix or remove it") from None
+    allowed = set(fields)
+    unknown = sorted({f for f in _FIELD.findall(text) if f not in allowed})
     if unknown:
-        raise LocaloraError(
-            f"{path}: unknown field(s) {', '.join('{' + f + '}' for f in sorted(unknown))}; "
-            f"this template can use {', '.join('{' + f + '}' for f in sorted(fields))}"
-        )
-    for key in set(_FIELD.findall(text)):
-        text = text.replace("{" + key + "}", str(fields[key]))
-    return text.strip() + "\n"
+        shown = ", ".join("{" + f + "}" for f in sorted(allowed)) or "no fields"
+        raise LocaloraError(f"{path}: unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
+                            f"this template can use {shown}")
+    return text
+
+
+def render(name: str, override_dir: Path | None = None, **fields: str) -> str:
+    """prompts/NAME.txt with its {fields} filled; every field it names must be given."""
+    text = check(name, override_dir, fields)
+    return _FIELD.sub(lambda m: str(fields[m[1]]), text).strip() + "\n"
 
