@@ -1,11 +1,20 @@
-"""Small file helpers shared by the cache, the run folder and the few-shot library."""
+"""Small file helpers shared by the cache, the run folder and the few-shot library.
+
+    atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file
+    clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
+    hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
+    storage_error(e, folder)      an OSError from a full, read-only or missing folder, as one line
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,14 +42,83 @@ def file_hash(path: Path) -> str:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename: readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file; the error line must
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TMP_PREFIX = ".tmp-"
+# A temporary file older than this belongs to a writer that died: a render is written in seconds.
+STALE_AFTER_S = 3600.0
+
+
+def clean_temporaries(folder: Path, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove .tmp-* files under `folder` left by a writer that was killed mid-write; younger ones
+    may be another process's write in flight and are kept. Returns how many were removed."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for tmp in Path(folder).rglob(TMP_PREFIX + "*"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass  # gone already (another process cleaned it), or not ours to remove
+    return removed
+
+
+def hold_lock(path: Path, wait: bool = False):
+    """Take an exclusive lock on `path` (created if needed) and keep it while the returned file
+    object lives; the kernel releases it when the process ends, however it ends, so a killed
+    run never leaves a stale lock. The file holds the owner's pid. Returns None, without
+    waiting unless `wait`, when another process holds it; `lock_owner(path)` says which."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        fh.close()
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def lock_owner(path: Path) -> str:
+    """The pid written in a lock file, or "another process"."""
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+# The errors a full, read-only, missing or misplaced folder gives; anything else is a bug.
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+                  errno.EFBIG: "file size limit reached (a full disk or a per-file limit)",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+                  errno.EEXIST: "a file is in the way of a folder"}
+
+
+def storage_error(e: OSError, hint: str = "free space, fix the permissions or choose another folder"
+                  ) -> LocaloraError | None:
+    """One line for an OSError of the storage kind (naming the file and the problem), else None."""
+    if e.errno not in STORAGE_ERRNOS:
+        return None
+    where = e.filename if e.filename is not None else "a file localora writes"
+    return LocaloraError(f"{where}: {STORAGE_ERRNOS[e.errno]}; {hint}")
 
 
 def write_json(path: Path, data: Any) -> None:

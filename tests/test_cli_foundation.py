@@ -168,3 +168,161 @@ def test_testbed_ids_that_would_escape_the_bench_folder_are_refused(bad, tmp_pat
     out = tmp_path / "out"
     one_error_line(run("bench", "--testbed", bed, "--methods", "merge", "--elements", "2", "--out", out), "must be letters")
     assert not out.exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def _models_toml(tmp_path, old: str, new: str):
+    from localora import paths
+
+    text = paths.models_toml().read_text()
+    assert old in text
+    changed = tmp_path / "models.toml"
+    changed.write_text(text.replace(old, new, 1))
+    return {"LOCALORA_MODELS": str(changed)}
+
+
+@pytest.mark.parametrize("old,new,fragments", [
+    ('source = "tiny:sdxl"', 'source = "tiny:sdxxl"', ["no tiny diffusion model 'tiny:sdxxl'", "tiny:sdxl"]),
+    ('source = "tiny:qwen2-vl"', 'source = "tiny:clip"', ["no tiny vlm model 'tiny:clip'"]),
+    ('min_pixels = ', 'min_pixels = 99999999 #', ["min_pixels 99999999", "max_pixels"]),
+    ('guidance = ', 'guidance = nan #', ["'guidance' must be float"]),
+])
+def test_models_toml_that_would_crash_at_first_use_is_refused_when_read(tmp_path, old, new, fragments):
+    env = _models_toml(tmp_path, old, new)
+    one_error_line(run("models", env=env), "models.toml", *fragments)
+    one_error_line(gen("demo-style", env=env), "models.toml", *fragments)
+
+
+def test_a_device_that_does_not_exist_is_refused_when_read(tmp_path):
+    env = _models_toml(tmp_path, "[profiles.tiny]\n", '[profiles.tiny]\ndevice = "tpu"\n')
+    one_error_line(run("models", env=env), "[profiles.tiny]", "device 'tpu'")
+    env = _models_toml(tmp_path, "[profiles.tiny]\n", '[profiles.tiny]\ndevice = "cuda:7"\n')
+    if not torch.cuda.is_available():
+        one_error_line(gen("demo-style", env=env), "device 'cuda:7'", "no such CUDA device")
+
+
+def test_a_testbed_naming_an_unknown_tiny_folder_is_refused(tmp_path):
+    bed = tmp_path / "bed.toml"
+    bed.write_text('name = "t"\nprofile = "tiny"\nprompt = "p"\nlora_dir = "tiny:nope"\n'
+                   '[[lora]]\nid = "c"\ncategory = "character"\nfile = "c.safetensors"\ntriggers = "c"\n'
+                   '[[lora]]\nid = "s"\ncategory = "style"\nfile = "s.safetensors"\ntriggers = "s"\n')
+    one_error_line(run("bench", "--testbed", bed, "--methods", "merge", "--elements", "2", "--out", tmp_path / "o"),
+                   str(bed), "lora_dir", "tiny:nope", "tiny:loras-sdxl")
+
+
+def test_the_same_lora_twice_is_refused(demo_loras):
+    style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    one_error_line(run("generate", "x", "-l", "demo-style", "-l", "demo-style:0.5", *SMALL),
+                   "--lora demo-style and --lora demo-style:0.5", "same LoRA file")
+    one_error_line(run("compose", "x", "-l", "demo-style", "-l", style, "-l", "demo-character"),
+                   f"--lora {style}", "same LoRA file")
+
+
+def test_stale_temporaries_in_the_render_cache_are_removed_fresh_ones_kept(sdxl_renderer):
+    import os
+    import time
+
+    from localora.diffusion.render import Renderer
+
+    folder = sdxl_renderer.cache_dir / "v2" / "ab"
+    folder.mkdir(parents=True, exist_ok=True)
+    stale, fresh = folder / ".tmp-killed.png", folder / ".tmp-in-flight.png"
+    stale.write_bytes(b"half a png")
+    fresh.write_bytes(b"another process, writing now")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    Renderer(sdxl_renderer.profile, sdxl_renderer.devices)
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
+
+
+# ------------------------------------------------------------------ the home and output folders
+
+def _cli(*args, home, limit_bytes=None):
+    """The CLI in a subprocess with LOCALORA_HOME=home; `limit_bytes` caps every file it writes, as
+    a full disk does (RLIMIT_FSIZE applies to root too, and Python ignores SIGXFSZ)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = {**os.environ, "LOCALORA_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "localora", *map(str, args)], env=env, capture_output=True,
+                          text=True, preexec_fn=cap, timeout=600)
+
+
+def _one_line(proc, *fragments):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _warm_home(tmp_path):
+    import shutil
+
+    from localora import paths, tiny
+
+    for part in ("sdxl", "loras-sdxl"):
+        tiny.ensure(part)
+    home = tmp_path / "home"
+    shutil.copytree(paths.home() / "tiny", home / "tiny")
+    return home
+
+
+def test_a_home_that_is_a_file_is_one_line(tmp_path):
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    _one_line(_cli("generate", "x", "-l", "demo-style", "-o", tmp_path / "a.png", *SMALL, home=home),
+              str(home), "LOCALORA_HOME")
+
+
+def test_a_full_disk_under_the_home_is_one_line_and_keeps_what_was_written(tmp_path):
+    home = _warm_home(tmp_path)
+    args = ("generate", "x", "-l", "demo-style", *SMALL)
+    ok = _cli(*args, "-o", tmp_path / "a.png", "--seed", "1", home=home)
+    assert ok.returncode == 0, ok.stderr
+    full = _cli(*args, "-o", tmp_path / "b.png", "--seed", "2", home=home, limit_bytes=200)
+    _one_line(full, str(home), "file size limit", "LOCALORA_HOME")
+    assert not (tmp_path / "b.png").exists() and not list(home.rglob(".tmp-*"))
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
+
+
+def test_a_full_disk_under_the_output_folder_is_one_line(tmp_path):
+    home = _warm_home(tmp_path)
+    args = ("generate", "x", "-l", "demo-style", *SMALL, "--seed", "3")
+    assert _cli(*args, "-o", tmp_path / "warm.png", home=home).returncode == 0  # now a cache hit
+    out = tmp_path / "out"
+    out.mkdir()
+    # A bigger cap than the cache needs (nothing is written there now) but less than the PNG.
+    _one_line(_cli(*args, "-o", out / "b.png", home=home, limit_bytes=100), str(out), "--out")
+
+
+def test_a_read_only_home_is_one_line(tmp_path):
+    import os
+
+    home = _warm_home(tmp_path)
+    for folder in (home, *home.rglob("*")):
+        if folder.is_dir():
+            folder.chmod(0o555)
+    try:
+        try:
+            (home / "probe").write_text("")
+            pytest.skip("this user writes through read-only permissions (root)")
+        except PermissionError:
+            pass
+        _one_line(_cli("generate", "x", "-l", "demo-style", "-o", tmp_path / "a.png", *SMALL, home=home),
+                  str(home), "permission denied", "LOCALORA_HOME")
+        empty = tmp_path / "empty"
+        empty.mkdir(mode=0o555)
+        _one_line(_cli("generate", "x", "-l", "demo-style", "-o", tmp_path / "a.png", *SMALL, home=empty),
+                  str(empty), "permission denied", "LOCALORA_HOME")
+    finally:
+        for folder in (home, *home.rglob("*")):
+            if folder.is_dir():
+                os.chmod(folder, 0o755)

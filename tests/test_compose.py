@@ -308,3 +308,112 @@ def test_resume_refuses_a_run_whose_prompts_folder_is_gone(tmp_path):
 def test_fewshot_budget_smaller_than_the_levels(tmp_path):
     one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--fewshot-budget", "2",
                            "--out", tmp_path / "r"), "--fewshot-budget 2", "at least 3")
+
+
+# ------------------------------------------------------------------ damaged and contested run folders (issue 17)
+
+def _copy_run(demo, tmp_path) -> tuple[Path, Path, dict]:
+    home, first, _ = demo
+    run = tmp_path / "run"
+    shutil.copytree(first, run)
+    (run / ".lock").unlink(missing_ok=True)
+    return home, run, {"LOCALORA_HOME": str(home)}
+
+
+def test_a_torn_last_line_is_dropped_and_the_run_resumes(demo, tmp_path):
+    home, run, env = _copy_run(demo, tmp_path)
+    with open(run / "events.jsonl", "ab") as f:
+        f.write(b'{"type": "render", "id": "iter9/ca\xc3')  # a kill mid-append, mid-character
+    assert CliRunner().invoke(main, ["open", str(run)], env=env).exit_code == 0
+    result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"], env=env)
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line) for line in (run / "events.jsonl").read_text(encoding="utf-8").splitlines())
+
+
+@pytest.mark.parametrize("damage", [b'{"type": "render", "id": "ref/0", "ima\n', b'{"type": "vlm", "raw": "\xff\xfe"}\n',
+                                    b'[1, 2]\n'])
+def test_damage_in_the_middle_of_the_log_is_one_line_and_changes_nothing(demo, tmp_path, damage):
+    home, run, env = _copy_run(demo, tmp_path)
+    lines = (run / "events.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = damage
+    (run / "events.jsonl").write_bytes(b"".join(lines))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    for args in (["compose", "--resume", str(run)], ["open", str(run)]):
+        one_error_line(CliRunner().invoke(main, args, env=env), "events.jsonl: line 5", "head -n 4")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_deleted_images_are_put_back_on_resume(demo, tmp_path):
+    home, run, env = _copy_run(demo, tmp_path)
+    original = (run / "final.png").read_bytes()
+    recorded = {e["image"] for e in events(run) if e["type"] == "render" and not e["id"].startswith("grid/")}
+    for png in (run / "images").glob("*.png"):
+        png.unlink()
+    (run / "final.png").unlink()
+    result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"], env=env)
+    assert result.exit_code == 0, result.output
+    assert all((run / rel).is_file() for rel in recorded)
+    assert (run / "final.png").read_bytes() == original
+
+
+def test_a_second_process_on_a_run_folder_is_refused(demo, tmp_path):
+    home, run, env = _copy_run(demo, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from localora.files import hold_lock; "
+         f"lock = hold_lock(Path({str(run / '.lock')!r})); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"], env=env)
+        one_error_line(result, str(run), f"being written by process {holder.pid}")
+        assert CliRunner().invoke(main, ["open", str(run)], env=env).exit_code == 0  # reading is fine
+    finally:
+        holder.communicate("", timeout=60)
+    # The holder is gone (as after a kill): its lock went with it.
+    result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"], env=env)
+    assert result.exit_code == 0, result.output
+
+
+def test_stale_temporaries_in_a_resumed_run_are_removed(demo, tmp_path):
+    home, run, env = _copy_run(demo, tmp_path)
+    (run / ".tmp-abc.json").write_text("{")
+    (run / "images" / ".tmp-def.png").write_bytes(b"half")
+    assert CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"], env=env).exit_code == 0
+    assert not list(run.rglob(".tmp-*"))
+
+
+# ------------------------------------------------------------------ prompt templates
+
+def test_every_template_is_checked_before_the_first_render(tmp_path):
+    mine = tmp_path / "prompts"
+    mine.mkdir()
+    (mine / "select.txt").write_text("Pick one of {count} {nope}\n")
+    out = tmp_path / "r"
+    result = compose("x", "-l", "demo-style", "-l", "demo-character", "--prompts", mine, "--out", out)
+    one_error_line(result, str(mine / "select.txt"), "{nope}")
+    assert not out.exists()  # refused before the run folder, so before any render
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_same_command(tmp_path):
+    from localora import paths
+
+    models = tmp_path / "models.toml"
+    models.write_text(paths.models_toml().read_text().replace('source = "tiny:qwen2-vl"', f'source = "{tmp_path}/gone"'))
+    out = tmp_path / "r"
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["compose", "x", "-l", "demo-style", "-l", "demo-character", "--out", str(out)],
+                                    env={"LOCALORA_MODELS": str(models)})
+        one_error_line(result, f"{tmp_path}/gone does not exist")
+    assert (out / "run.json").is_file()
+    # Once something was done in it, the folder is a run to resume, not to overwrite.
+    (out / "events.jsonl").write_text('{"type": "start"}\n')
+    one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--out", out), "not empty", "--resume")
+
+
+def test_user_text_is_never_read_as_a_template_whatever_the_hash_seed():
+    code = ("from localora.vlm import prompts; print(prompts.render('generate', None, prompt='a {loras} cat {hi}', "
+            "loras='L', lo='0', hi='1', answer_format='F', current='C', last_reference='2', examples='E', candidates='3'))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    assert len(outs) == 1
+    assert "a {loras} cat {hi}" in outs.pop()

@@ -112,6 +112,13 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     progress.start(total, skipped)
     if not work:
         return Summary(0, skipped, 0, 0, 0)
+    # A user's prompt template with a bad field is refused now, not after hours of renders.
+    if any(w.judged for w in work):
+        judge.check_templates()
+    if any(m in SEARCH_STRATEGY for w in work for m in w.methods):
+        from localora.search.gpt4lora import check_templates
+
+        check_templates(None)
 
     from localora.runs import session
 
@@ -244,7 +251,10 @@ class _Runner:
             if "id" in event:
                 self.progress.working(f"{case.set_id} seed {case.seed} {method} {event['id']}")
 
-        final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
+        try:
+            final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
+        finally:
+            run.close()
         return run.image(final.image), final.weights
 
     def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:

@@ -20,7 +20,8 @@ from localora.errors import LocaloraError
 
 
 class _Cli(click.Group):
-    """Prints a LocaloraError as one line and exits 2, instead of a traceback."""
+    """Prints a LocaloraError, or a full, read-only or misplaced folder, as one line and exits 2,
+    instead of a traceback. Files already written stay whole (every write is atomic)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -28,6 +29,25 @@ class _Cli(click.Group):
         except LocaloraError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            from localora.files import storage_error
+
+            line = storage_error(e, _hint(e.filename))
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
+            sys.exit(2)
+
+
+def _hint(filename: object) -> str:
+    from pathlib import Path
+
+    from localora import paths
+
+    home = paths.home()
+    if filename is not None and (Path(str(filename)) == home or home in Path(str(filename)).parents):
+        return f"free space or fix its permissions, or set LOCALORA_HOME to another folder (now {home})"
+    return "free space or fix its permissions, or choose another folder (--out)"
 
 
 @click.group(cls=_Cli)

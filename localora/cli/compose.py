@@ -140,7 +140,7 @@ def open_report(run_dir, launch):
     from localora.runs import report
     from localora.runs.folder import RunFolder
 
-    run = RunFolder.open(Path(run_dir))
+    run = RunFolder.open(Path(run_dir), write=False)
     path = run.path / "report.html"
     if not path.is_file():
         path = report.write(run)

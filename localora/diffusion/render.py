@@ -24,7 +24,7 @@ from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
-from localora.files import atomic_write, file_hash, stable_hash
+from localora.files import atomic_write, clean_temporaries, file_hash, stable_hash
 from localora.diffusion.loras import Lora
 from localora.diffusion.rows import is_out_of_memory
 from localora.diffusion.sampling import Sampling
@@ -78,6 +78,7 @@ class Renderer:
         if self.devices is None:
             self.devices = DeviceManager.for_profile(self.profile)
         retire_old_entries(self.cache_dir)
+        clean_temporaries(self.cache_dir)  # left by renders killed mid-write; the cache is shared, so only old ones
         spec = self.profile.diffusion
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
         size = sum(estimate_bytes(src, dtype) or 0 for src in (spec.source, spec.vae) if src)

@@ -75,6 +75,14 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
     """A run folder to resume, its settings and profile; refuses a run whose inputs changed."""
     run = RunFolder.open(path)
     try:
+        return (run, *_resume_settings(run, path, loras))
+    except BaseException:
+        run.close()
+        raise
+
+
+def _resume_settings(run: RunFolder, path: Path, loras: list | None) -> tuple[ComposeConfig, Profile]:
+    try:
         cfg = ComposeConfig.from_settings(run.settings["config"])
     except (KeyError, TypeError):
         raise LocaloraError(f"{path}: run.json is not a compose run's; cannot resume it") from None
@@ -90,17 +98,21 @@ def reopen(path: Path, loras: list | None = None) -> tuple[RunFolder, ComposeCon
     if json.loads(json.dumps(asdict(profile))) != run.settings.get("profile_spec"):
         raise LocaloraError(f"{path}: profile '{profile.name}' in models.toml changed since this run started; "
                             f"resuming would mix two settings (start a new run instead)")
-    return run, cfg, profile
+    return cfg, profile
 
 
 def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0) -> Final:
-    """Run (or finish) the search in `run`, then write report.html."""
-    parts = components(profile, ui, run, batch)
-    emit = ui.event if ui is not None else (lambda e: None)
-    steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
-    if run.completed:
-        steps.event(events.resume_summary(list(run.completed.values())))
+    """Run (or finish) the search in `run`, then write report.html; the run's lock is released
+    however this ends."""
     try:
-        return STRATEGIES[cfg.search].run(cfg, steps)
+        parts = components(profile, ui, run, batch)
+        emit = ui.event if ui is not None else (lambda e: None)
+        steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
+        if run.completed:
+            steps.event(events.resume_summary(list(run.completed.values())))
+        try:
+            return STRATEGIES[cfg.search].run(cfg, steps)
+        finally:
+            report.write(run)
     finally:
-        report.write(run)
+        run.close()
