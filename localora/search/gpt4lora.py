@@ -5,14 +5,15 @@
         E    <- few-shot examples, CLIP-scored renders of a design of weights (fewshot.py; reused)
         x_0  <- render(w_0)                                  the start weights
         for r = 1..N:
-            C_r <- generate(x_{r-1}, R, E)                  M candidate weight vectors
+            C_r <- generate(x_{r-1}, R, E)                  M new candidate weight vectors
             X_r <- render(C_r)                               and CLIP-T scores, for the record
             F_r <- feedback(X_r, R)
             w_r <- refine(X_r, C_r, F_r);  x_r <- render(w_r)
         return select(x_1 .. x_N)
 
 Every line is a step of localora.search.steps (cached, resumable, one event each); this file
-only decides what to render and what to ask. All renders share one Sampling (one seed), so the
+only decides what to render and what to ask. A round's M candidates are distinct and new to the
+run: the VLM's repeats are asked for once more (sampling), then filled (search/candidates.py). All renders share one Sampling (one seed), so the
 images differ only by their weights.
 """
 
@@ -27,11 +28,15 @@ from localora import events
 from localora.diffusion.loras import with_triggers
 from localora.diffusion.render import RenderJob
 from localora.search import fewshot
+from localora.search.candidates import Taken, complete, round_rng
 from localora.search.config import ComposeConfig, Final, reference_job
 from localora.search.steps import Steps
 from localora.vlm import prompts, schemas
 
 Weights = tuple[float, ...]
+
+# The second ask for candidates samples, so that it can differ from the first (greedy) answer.
+AGAIN_TEMPERATURE = 0.7
 
 # The fields each prompt template may use: every template gets BASE_FIELDS, plus its own.
 BASE_FIELDS = ("prompt", "loras", "lo", "hi", "answer_format")
@@ -58,9 +63,16 @@ class GPT4LoRA:
     cfg: ComposeConfig
     steps: Steps
     _prompt: str = field(init=False, default="")
+    _taken: Taken = field(init=False)  # every vector rendered so far, replayed in order on resume
 
     def __post_init__(self) -> None:
         self._prompt = with_triggers(self.cfg.prompt, list(self.cfg.loras))
+        self._taken = Taken(self.cfg.bounds)
+
+    @property
+    def prompt(self) -> str:
+        """The prompt every render of the run uses: the user's, with each LoRA's trigger words."""
+        return self._prompt
 
     # ------------------------------------------------------------ Algorithm 1
 
@@ -76,16 +88,18 @@ class GPT4LoRA:
         examples = self.examples() if cfg.fewshot else []
         weights = cfg.start_weights
         current = self.render(events.START_RENDER, "start", weights)
+        self._taken.add([weights])
         refined: list[tuple[Weights, str]] = []
         for r in range(1, cfg.iterations + 1):
             self.steps.event(events.IterationEvent(type="iteration", iteration=r))
-            vectors = self.generate(r, weights, current, refs, examples)
+            vectors, origins = self.generate(r, weights, current, refs, examples)
             cands = self.render_many([events.candidate(r, j) for j in range(1, len(vectors) + 1)], "candidate",
-                                     vectors, r)
+                                     vectors, r, origins)
             self.steps.score(events.round_step(r, "scores"), vectors, cands, self._prompt, cfg.names, r)
             notes = self.feedback(r, vectors, cands, refs)
             weights = self.refine(r, vectors, cands, notes)
             current = self.render(events.round_step(r, "refined"), "refined", weights, r)
+            self._taken.add([weights])
             refined.append((weights, current))
         pick = self.select(refined)
         return self.finish(pick, *refined[pick - 1])
@@ -103,14 +117,28 @@ class GPT4LoRA:
 
     # ------------------------------------------------------------ the VLM's three questions and the pick
 
-    def generate(self, r: int, weights: Weights, current: str, refs: list[str], examples: list[str]) -> list[Weights]:
+    def proposals(self, step: str, weights: Weights, current: str, refs: list[str], examples: list[str],
+                  temperature: float | None = None) -> list[Weights]:
+        """The VLM's M candidate vectors, as it answers them (maybe with repeats)."""
         cfg = self.cfg
         lo, hi = cfg.bounds
         schema = schemas.candidates(cfg.names, cfg.candidates, lo, hi)
         text = self._template("generate", schema, current=self._fmt(weights), last_reference=str(1 + len(refs)),
                               examples="\n".join(examples) or "(none)", candidates=str(cfg.candidates))
-        value = self.ask(events.round_step(r, "generate"), "generate", [current, *refs], text, schema)
+        kind = events.parse(step).kind
+        value = self.ask(step, kind, [current, *refs], text, schema, temperature)
         return [tuple(float(v[n]) for n in cfg.names) for v in value]
+
+    def generate(self, r: int, weights: Weights, current: str, refs: list[str],
+                 examples: list[str]) -> tuple[list[Weights], list[str]]:
+        """M candidates, distinct and new to the run, and who chose each: the VLM's answer; for its
+        repeats a second, sampled answer; then perturbations of the current weights."""
+        first = self.proposals(events.round_step(r, "generate"), weights, current, refs, examples)
+        again = None
+        if len(self._taken.sort_out(first)) < self.cfg.candidates:
+            again = self.proposals(events.round_step(r, "regenerate"), weights, current, refs, examples,
+                                   self.cfg.temperature or AGAIN_TEMPERATURE)
+        return complete(self._taken, first, again, self.cfg.candidates, weights, round_rng(self.cfg.seed, r))
 
     def feedback(self, r: int, vectors: list[Weights], cands: list[str], refs: list[str]) -> str:
         m = len(cands)
@@ -154,6 +182,7 @@ class GPT4LoRA:
                 library=str(fewshot.library_dir(key)), threshold=cfg.fewshot_threshold,
                 scored=[asdict(s) for s in scored], kept=[asdict(s) for s in kept])
             self.steps.event(done)
+        self._taken.add(s["weights"] for s in done["scored"])  # the grid's images are known already
         kept = [fewshot.Scored(tuple(s["weights"]), s["prompt_score"], tuple(s["lora_scores"]), s["image"])
                 for s in done["kept"]]
         return [fewshot.describe(e, cfg.names) for e in kept]
@@ -195,15 +224,16 @@ class GPT4LoRA:
         return self.steps.render(step, role, self.job(weights), self.cfg.names, iteration)
 
     def render_many(self, steps: list[str], role: events.Role, vectors: list[Weights],
-                    iteration: int | None = None) -> list[str]:
+                    iteration: int | None = None, origins: list[str] | None = None) -> list[str]:
         """Several weight vectors of this run's job, batched where the method allows."""
-        return self.steps.render_many(steps, role, self.job(vectors[0]), vectors, self.cfg.names, iteration)
+        return self.steps.render_many(steps, role, self.job(vectors[0]), vectors, self.cfg.names, iteration, origins)
 
-    def ask(self, step: str, kind: str, images: list[str], text: str, schema: schemas.Schema) -> Any:
+    def ask(self, step: str, kind: str, images: list[str], text: str, schema: schemas.Schema,
+            temperature: float | None = None) -> Any:
         # Each step samples with its own seed, so a resumed run asks exactly what the first asked.
         seed = self.cfg.seed * 7919 + zlib.crc32(step.encode()) % 7919
         return self.steps.ask(step, kind, self._template("system", None), images, text, schema,
-                              self.cfg.temperature, seed)
+                              temperature if temperature is not None else self.cfg.temperature, seed)
 
     # ------------------------------------------------------------ text
 
