@@ -3,11 +3,15 @@ report, resume and the bench read.
 
     events.jsonl, one JSON object per line, in the order things happened:
       start       the run's shape (LoRAs, rounds, candidates, few-shot grid size)
-      render      id=ref/0 | grid/4 | start | iter2/cand3 | iter2/refined    one image made or recalled
+      render      id=ref/0 | grid/4 | start | iter2/cand3 | iter2/refined    one image made or recalled,
+                                                                              with its origin (vlm, filled, ...)
       fewshot     id=fewshot                                                  the examples kept
       iteration   a round begins
-      scores      id=iter2/scores                                             CLIP-T of a round's candidates
-      vlm         id=iter2/generate | iter2/feedback | iter2/refine | select  one VLM call, prompt and answer
+      scores      id=iter2/scores                                             CLIP-T (and the objective) of a round
+      vlm         id=iter2/generate | iter2/regenerate | iter2/feedback |     one VLM call, prompt and answer
+                     iter2/refine | select | final/1v3b                       (the last: --final-judge, contenders
+                                                                              1 and 3, contender 3 shown first)
+      state       id=iter2/state                                              an optimizer's state after round 2
       model       a model loaded, moved, evicted or dropped (the device manager's log)
       resume      a resumed run recalled its completed steps
       done        the final pick
@@ -20,13 +24,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
-START, ITERATION, RENDER, FEWSHOT, SCORES, VLM, MODEL, RESUME, DONE = (
-    "start", "iteration", "render", "fewshot", "scores", "vlm", "model", "resume", "done")
+START, ITERATION, RENDER, FEWSHOT, SCORES, VLM, STATE, MODEL, RESUME, DONE = (
+    "start", "iteration", "render", "fewshot", "scores", "vlm", "state", "model", "resume", "done")
 
 # What a render is for (its "role").
 Role = Literal["reference", "grid", "start", "candidate", "refined"]
+# Who chose a candidate's weights: the VLM, the VLM asked again for the duplicates of its first
+# answer, a perturbation filling what was still missing (search/candidates.py), or an optimizer.
+Origin = Literal["vlm", "vlm-again", "filled", "random", "cmaes"]
 
 
 # ------------------------------------------------------------------ step ids
@@ -50,18 +57,28 @@ def candidate(r: int, j: int) -> str:
     return f"iter{r}/cand{j}"
 
 
-def round_step(r: int, kind: Literal["generate", "scores", "feedback", "refine", "refined"]) -> str:
+RoundKind = Literal["generate", "regenerate", "scores", "feedback", "refine", "refined", "state"]
+
+
+def round_step(r: int, kind: RoundKind) -> str:
     return f"iter{r}/{kind}"
+
+
+def final_judge(i: int, j: int, first: Literal["a", "b"]) -> str:
+    """--final-judge's call on contenders i and j (from 1); "a": i is shown first, "b": j is."""
+    return f"final/{i}v{j}{first}"
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # reference, grid, start, fewshot, select, candidate, generate, scores, feedback, refine, refined
+    kind: str  # reference, grid, start, fewshot, select, candidate, generate, regenerate, scores, feedback,
+    #            refine, refined, state, final-judge (round, index: the two contenders)
     round: int | None = None
     index: int | None = None
 
 
-_ROUND = re.compile(r"^iter(\d+)/(?:cand(\d+)|(generate|scores|feedback|refine|refined))$")
+_FINAL = re.compile(r"^final/(\d+)v(\d+)([ab])$")
+_ROUND = re.compile(r"^iter(\d+)/(?:cand(\d+)|(generate|regenerate|scores|feedback|refine|refined|state))$")
 
 
 def parse(step_id: str) -> Step:
@@ -71,6 +88,9 @@ def parse(step_id: str) -> Step:
     head, _, tail = step_id.partition("/")
     if head in ("ref", "grid") and tail.isdigit():
         return Step("reference" if head == "ref" else "grid", index=int(tail))
+    final = _FINAL.match(step_id)
+    if final:
+        return Step("final-judge", int(final[1]), int(final[2]))
     m = _ROUND.match(step_id)
     if m is None:
         raise ValueError(f"not a step id: {step_id!r}")
@@ -104,6 +124,7 @@ class RenderEvent(TypedDict):
     cached: bool
     image: str  # relative to the run folder
     seconds: float
+    origin: NotRequired[Origin]  # candidates only
 
 
 class FewshotEvent(TypedDict):
@@ -123,6 +144,19 @@ class ScoresEvent(TypedDict):
     candidates: list[dict[str, float]]
     images: list[str]
     clip_t: list[float]
+    clip_i: NotRequired[list[float]]  # mean CLIP-I to the LoRAs' references (black-box objectives)
+    objective: NotRequired[list[float]]  # what a black-box strategy maximizes (search/blackbox.py)
+
+
+class StateEvent(TypedDict):
+    type: Literal["state"]
+    id: str
+    iteration: int
+    strategy: str
+    spent: int  # renders of the budget spent so far
+    budget: int
+    best: float  # the best objective so far
+    state: dict[str, Any]  # e.g. CMA-ES's mean, step size and covariance
 
 
 class VlmEvent(TypedDict):
@@ -163,10 +197,12 @@ class DoneEvent(TypedDict):
     weights: dict[str, float]
     iteration: int
     image: str
+    renders: NotRequired[int]  # candidate renders spent (black-box strategies: the budget)
+    objective: NotRequired[float]
 
 
-Event = (StartEvent | IterationEvent | RenderEvent | FewshotEvent | ScoresEvent | VlmEvent | ModelEvent
-         | ResumeEvent | DoneEvent)
+Event = (StartEvent | IterationEvent | RenderEvent | FewshotEvent | ScoresEvent | VlmEvent | StateEvent
+         | ModelEvent | ResumeEvent | DoneEvent)
 
 
 def resume_summary(completed: list[dict[str, Any]]) -> ResumeEvent:

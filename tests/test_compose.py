@@ -417,3 +417,18 @@ def test_user_text_is_never_read_as_a_template_whatever_the_hash_seed():
                            capture_output=True, text=True, check=True).stdout for seed in range(4)}
     assert len(outs) == 1
     assert "a {loras} cat {hi}" in outs.pop()
+
+
+def test_each_round_renders_m_distinct_vectors_new_to_the_run(demo):
+    _, run, _ = demo
+    seen: set[str] = set()
+    rounds: dict[int, list[str]] = {}
+    for e in events(run):
+        if e["type"] != "render":
+            continue
+        if e["role"] == "candidate":
+            assert e["key"] not in seen, e["id"]
+            rounds.setdefault(e["iteration"], []).append(e["key"])
+            assert e["origin"] in ("vlm", "vlm-again", "filled")
+        seen.add(e["key"])
+    assert len(rounds) == 2 and all(len(set(keys)) == len(keys) == 3 for keys in rounds.values())

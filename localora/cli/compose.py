@@ -48,8 +48,14 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
 @click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
 @click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
 @click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
-@click.option("--search", type=click.Choice(list(STRATEGIES)), default="vlm", show_default=True,
-              help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
+# A plain string, checked by ComposeConfig: a typo is one error line, not click's usage block.
+@click.option("--search", default="vlm", show_default=True, metavar="[" + "|".join(STRATEGIES) + "]",
+              help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()) + ".")
+@click.option("--budget", type=int, default=None,
+              help="Candidate renders for random, cmaes and hybrid (default: iterations x (candidates + 1), "
+                   "what the vlm loop renders after its few-shot stage).")
+@click.option("--final-judge", is_flag=True,
+              help="With random, cmaes or hybrid: the VLM's pairwise judge picks the final image among the top 3.")
 @sampling_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
@@ -64,14 +70,18 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 @batch_option
-def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, sampling, temperature, no_fewshot,
-            fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain, batch):
+def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, budget, final_judge, sampling,
+            temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain, batch):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
     then a final pick) and writes a run folder with every image, every VLM call, final.png,
     final.json and report.html. Every render uses --seed, so images differ only by their
     weights. Ctrl-C leaves the folder resumable with --resume.
+
+    --search random|cmaes|hybrid spend the same number of renders (--budget) on a CLIP
+    objective instead (CLIP-T to the prompt plus mean CLIP-I to each LoRA alone) and keep the
+    best by it; hybrid lets the VLM propose each round's population for CMA-ES.
     """
     from localora.profiles import load_profile
     from localora.runs import session
@@ -101,7 +111,8 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
-        bounds=float_pair(bounds, "--bounds"), search=search, sampling=sampling, start=starts, fewshot=not no_fewshot,
+        bounds=float_pair(bounds, "--bounds"), search=search, budget=budget, final_judge=final_judge,
+        sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,

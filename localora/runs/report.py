@@ -44,6 +44,15 @@ def _weights(w: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in w.items())
 
 
+def _svg(fig) -> str:
+    """A matplotlib figure as inline SVG, without a date, so a page is the same on every build."""
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
 def _plot(rounds: list[dict[str, float]]) -> str:
     """Weights over iterations as an inline SVG (matplotlib, no external resources)."""
     from matplotlib.figure import Figure
@@ -58,11 +67,23 @@ def _plot(rounds: list[dict[str, float]]) -> str:
     ax.set_xlabel("iteration")
     ax.set_ylabel("weight")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+    return _svg(fig)
+
+
+ORIGINS = {"vlm": "proposed by the VLM", "vlm-again": "proposed by the VLM, asked again", "filled": "filled",
+           "random": "random", "cmaes": "CMA-ES"}
+
+
+def _objective_plot(states: list[dict]) -> str:
+    """Best objective over renders spent, as an inline SVG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 2.8), dpi=100)
+    ax = fig.subplots()
+    ax.plot([s["spent"] for s in states], [s["best"] for s in states], marker="o")
+    ax.set_xlabel("renders spent")
+    ax.set_ylabel("best objective")
+    return _svg(fig)
 
 
 def build(run: RunFolder) -> str:
@@ -114,12 +135,15 @@ def build(run: RunFolder) -> str:
     r = 1
     while events.round_step(r, "generate") in by_id or events.candidate(r, 1) in by_id:
         out.append(f"<h2>Iteration {r}</h2><h3>Candidates</h3><div class=row>")
-        scores = by_id.get(events.round_step(r, "scores"), {}).get("clip_t", [])
+        scored = by_id.get(events.round_step(r, "scores"), {})
+        scores = scored.get("objective") or scored.get("clip_t", [])
+        label = "objective" if "objective" in scored else "CLIP-T"
         j = 1
         while events.candidate(r, j) in by_id:
             e = by_id[events.candidate(r, j)]
-            score = f"; CLIP-T {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
-            out.append(_figure(img(e["image"]), f"{j}: {_weights(e['weights'])}{score}"))
+            score = f"; {label} {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
+            origin = f" ({ORIGINS.get(e['origin'], e['origin'])})" if "origin" in e else ""
+            out.append(_figure(img(e["image"]), f"{j}: {_weights(e['weights'])}{score}{origin}"))
             j += 1
         out.append("</div>")
         fb = by_id.get(events.round_step(r, "feedback"))
@@ -135,6 +159,10 @@ def build(run: RunFolder) -> str:
         r += 1
     if len(rounds) > 1:
         out.append("<h2>Weights over iterations</h2>" + _plot(rounds))
+    states = [e for e in log if e.get("type") == events.STATE]
+    if states:
+        out.append(f"<h2>Best objective over renders ({html.escape(states[0]['strategy'])})</h2>"
+                   f"<p>objective = CLIP-T to the prompt + mean CLIP-I to each LoRA alone</p>" + _objective_plot(states))
     out.append("</body></html>")
     return "\n".join(out)
 

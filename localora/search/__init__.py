@@ -3,6 +3,8 @@
     config.py     ComposeConfig (what a run is asked to do), reference_job, Final
     steps.py      render / score / ask: cached, resumable, one event each; every strategy uses them
     gpt4lora.py   GPT4LoRA's Generate -> Feedback -> Refine loop with the local VLM
+    blackbox.py   random search, CMA-ES and a VLM + CMA-ES hybrid at an equal render budget
+    candidates.py distinct candidates: no render is spent twice on one weight vector
     fewshot.py    the CLIP-scored few-shot examples of that loop
 
 STRATEGIES is the one registry of search strategies: `compose --search`, the bench and the docs
@@ -23,6 +25,7 @@ class Strategy:
     summary: str
     entry: str  # "module:function", a run(cfg, steps) -> Final
     checks: str | None = None  # "module:function", a check(cfg) -> None that raises LocaloraError
+    budgeted: bool = False  # spends --budget renders (black-box strategies)
 
     def run(self, cfg, steps):
         return _load(self.entry)(cfg, steps)
@@ -40,4 +43,10 @@ def _load(entry: str):
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("vlm", "GPT4LoRA's loop: the local VLM proposes, critiques and refines weights",
              "localora.search.gpt4lora:run", "localora.search.gpt4lora:check"),
+    Strategy("random", "uniform random weights in the bounds, best by a CLIP objective, at the same render budget",
+             "localora.search.blackbox:run_random", "localora.search.blackbox:check", budgeted=True),
+    Strategy("cmaes", "CMA-ES (pycma) maximizing a CLIP objective, at the same render budget",
+             "localora.search.blackbox:run_cmaes", "localora.search.blackbox:check", budgeted=True),
+    Strategy("hybrid", "CMA-ES whose population each round is the VLM's candidates plus one sample of its own",
+             "localora.search.blackbox:run_hybrid", "localora.search.blackbox:check", budgeted=True),
 )}

@@ -30,6 +30,8 @@ class ComposeConfig:
     start: tuple[float | None, ...] | None = None  # None (or a None entry): 1.0, inside the bounds
     method: str = "merge"
     search: str = "vlm"  # a name in localora.search.STRATEGIES
+    budget: int | None = None  # candidate renders of a black-box strategy; None: iterations x (candidates + 1)
+    final_judge: bool = False  # the VLM's pairwise judge picks among the top 3 (search/final.py)
     fewshot: bool = True
     fewshot_levels: tuple[float, ...] = (0.4, 0.7, 1.0)
     fewshot_budget: int | None = None  # renders for the examples; None: 3 per LoRA (fewshot.PER_LORA)
@@ -60,6 +62,12 @@ class ComposeConfig:
         if self.fewshot and self.fewshot_budget is not None and self.fewshot_budget < len(self.fewshot_levels):
             raise LocaloraError(f"--fewshot-budget {self.fewshot_budget} is too small to show each of the "
                                 f"{len(self.fewshot_levels)} --fewshot-levels once; give at least {len(self.fewshot_levels)}")
+        if self.budget is not None and not STRATEGIES.get(self.search, STRATEGIES["vlm"]).budgeted:
+            raise LocaloraError(f"--budget applies to --search {', '.join(n for n, s in STRATEGIES.items() if s.budgeted)}; "
+                                f"the {self.search} loop renders --iterations x (--candidates + 1)")
+        if self.final_judge and not STRATEGIES.get(self.search, STRATEGIES["vlm"]).budgeted:
+            raise LocaloraError("--final-judge picks among the top 3 of random, cmaes or hybrid by their objective; "
+                                "the vlm loop picks with its own select step")
         if self.search not in STRATEGIES:
             raise LocaloraError(f"unknown search strategy '{self.search}'; use one of {', '.join(STRATEGIES)}")
         STRATEGIES[self.search].check(self)

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 Emit = Callable[[dict[str, Any]], None]
 
+# What black-box strategies maximize (search/blackbox.py), computed by Steps.objective.
+CLIP_T_WEIGHT, CLIP_I_WEIGHT = 1.0, 1.0
+
+
+def objective(clip_t: float, clip_i: float) -> float:
+    """CLIP-T to the prompt plus mean CLIP-I to the LoRAs alone, weighted 1 and 1."""
+    return CLIP_T_WEIGHT * clip_t + CLIP_I_WEIGHT * clip_i
+
 
 class Record(Protocol):
     """Where a run keeps its steps: localora.runs.folder.RunFolder is one."""
@@ -69,7 +77,8 @@ class Steps:
         return self.render_many([step], role, job, [job.weights], names, iteration)[0]
 
     def render_many(self, steps: Sequence[str], role: events.Role, job: RenderJob,
-                    vectors: Sequence[Sequence[float]], names: Sequence[str], iteration: int | None = None) -> list[str]:
+                    vectors: Sequence[Sequence[float]], names: Sequence[str], iteration: int | None = None,
+                    origins: Sequence[events.Origin] | None = None) -> list[str]:
         """Render (or recall) `job` under each weight vector, one step each; the renderer batches
         the ones not done yet. Returns their paths in the run folder, in order.
 
@@ -84,10 +93,13 @@ class Steps:
         outs = self.renderer.render_many(job, [vectors[i] for i in todo])
         for i, out in zip(todo, outs):
             rel = self.run.save_image(out)
-            self.event(events.RenderEvent(
+            event = events.RenderEvent(
                 type="render", id=steps[i], role=role, iteration=iteration,
                 weights=dict(zip(names, (float(w) for w in vectors[i]))), key=out.key, cached=out.cached,
-                image=rel, seconds=round(out.seconds, 3)))
+                image=rel, seconds=round(out.seconds, 3))
+            if origins is not None:
+                event["origin"] = origins[i]
+            self.event(event)
         return [self.recall(step)["image"] for step in steps]
 
     def score(self, step: str, vectors: Sequence[Sequence[float]], images: list[str], text: str,
@@ -101,6 +113,22 @@ class Steps:
             type="scores", id=step, iteration=iteration, candidates=[dict(zip(names, v)) for v in vectors],
             images=images, clip_t=scores))
         return scores
+
+    def objective(self, step: str, vectors: Sequence[Sequence[float]], images: list[str], text: str,
+                  references: list[str], names: Sequence[str], iteration: int) -> list[float]:
+        """The black-box objective of each image (search/blackbox.py): CLIP-T to `text` plus mean CLIP-I
+        to the `references`; or the recorded values."""
+        done = self.recall(step)
+        if done:
+            return done["objective"]
+        pictures = [self.image(p) for p in images]
+        clip_t = [float(s) for s in self.scorer.clip_t_batch(pictures, text)]
+        clip_i = [float(s) for s in self.scorer.clip_i_batch(pictures, [self.image(p) for p in references])]
+        values = [objective(t, i) for t, i in zip(clip_t, clip_i)]
+        self.event(events.ScoresEvent(
+            type="scores", id=step, iteration=iteration, candidates=[dict(zip(names, v)) for v in vectors],
+            images=images, clip_t=clip_t, clip_i=clip_i, objective=values))
+        return values
 
     def ask(self, step: str, kind: str, system: str, images: list[str], text: str, schema: Any,
             temperature: float | None, seed: int) -> Any:

@@ -36,13 +36,18 @@ def describe(event: dict[str, Any]) -> str:
     kind = event.get("type")
     if kind == events.RENDER:
         how = "cache" if event.get("cached") else f"{event.get('seconds', 0):.2f}s"
-        return f"render {event['id']:<16} {_weights(event['weights'])}  ({how})"
+        origin = f"  [{event['origin']}]" if event.get("origin", "vlm") != "vlm" else ""
+        return f"render {event['id']:<16} {_weights(event['weights'])}  ({how}){origin}"
     if kind == events.VLM:
         value = event.get("value")
         shown = value if not isinstance(value, (dict, list)) else _short(value)
         return f"vlm    {event['id']:<16} -> {shown}  ({event.get('seconds', 0):.2f}s, {event.get('new_tokens', 0)} tokens)"
     if kind == events.SCORES:
+        if "objective" in event:
+            return f"score  {event['id']:<16} objective " + " ".join(f"{s:.3f}" for s in event["objective"])
         return f"score  {event['id']:<16} CLIP-T " + " ".join(f"{s:.3f}" for s in event["clip_t"])
+    if kind == events.STATE:
+        return f"{event['strategy']:<6} {event['id']:<16} {event['spent']}/{event['budget']} renders, best {event['best']:.3f}"
     if kind == events.FEWSHOT:
         how = "reused from library" if event.get("reused") else f"{len(event['scored'])} grid images scored"
         return f"fewshot {len(event['kept'])} examples kept ({how})"
@@ -109,6 +114,7 @@ class _State:
     renders_done: int = 0
     grid_done: int = 0
     calls_done: int = 0
+    score_label: str = "CLIP-T"  # or "objective", for a black-box strategy
     render_seconds: list[float] = field(default_factory=list)
     call_seconds: list[float] = field(default_factory=list)
     step: tuple[int, int] = (0, 0)
@@ -179,7 +185,10 @@ class LiveUI:
         elif kind == events.FEWSHOT and event.get("reused"):
             s.grid = 0
         elif kind == events.SCORES:
-            s.table = list(zip(event["candidates"], event["clip_t"]))
+            s.score_label = "objective" if "objective" in event else "CLIP-T"
+            s.table = list(zip(event["candidates"], event.get("objective") or event["clip_t"]))
+        elif kind == events.STATE:  # a black-box round is done (they have no refined render)
+            s.iterations_done = max(s.iterations_done, event["iteration"])
         elif kind == events.VLM:
             s.calls_done += 1
             s.call_seconds.append(event.get("seconds", 0.0))
@@ -220,7 +229,7 @@ class LiveUI:
         cands = Table(title=title, expand=False, title_justify="left")
         cands.add_column("#", justify="right")
         cands.add_column("weights")
-        cands.add_column("CLIP-T", justify="right")
+        cands.add_column(s.score_label, justify="right")
         for i, (w, score) in enumerate(s.table, 1):
             cands.add_row(str(i), _weights(w), "" if score is None else f"{score:.3f}")
         elapsed = time.monotonic() - self.started
