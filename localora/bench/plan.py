@@ -4,8 +4,10 @@
     plan(cfg)     -> Plan: the testbed, the profile, the LoRA files and every (set, seed) case
     Plan.settings what makes rows comparable; a bench folder refuses other settings
 
-The methods are the registry's baselines (localora.diffusion.methods.METHODS) plus "reflect",
-the search loop with the VLM (localora.search.STRATEGIES["vlm"]).
+The methods are the registry's baselines (localora.diffusion.methods.METHODS) plus the searches:
+"reflect", the loop with the VLM (localora.search.STRATEGIES["vlm"]), and "random", "cmaes" and
+"hybrid", which spend the same number of renders, N (M + 1), on a CLIP objective. The default
+run is the paper's: the baselines and reflect.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ from localora.profiles import Profile, load_profile
 
 BASELINES = tuple(methods.METHODS)  # merge, switch, composite: every LoRA at the testbed's scale
 REFLECT = "reflect"  # the search loop; its strategy in localora.search.STRATEGIES
-SEARCH_STRATEGY = {REFLECT: "vlm"}
-METHODS = (*BASELINES, REFLECT)
+SEARCH_STRATEGY = {REFLECT: "vlm", "random": "random", "cmaes": "cmaes", "hybrid": "hybrid"}
+METHODS = (*BASELINES, *SEARCH_STRATEGY)
+DEFAULT_METHODS = (*BASELINES, REFLECT)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     testbed: str  # a shipped testbed's name or a .toml path
     out: Path
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     elements: int = 3
     limit: int | None = None  # the first K composition sets
     seeds: tuple[int, ...] | None = None  # None: the testbed's
@@ -57,8 +60,15 @@ class BenchConfig:
             raise LocaloraError(f"--limit must be at least 1, got {self.limit}")
         if min(self.repeats, self.iterations, self.candidates) < 1:
             raise LocaloraError("--repeats, --iterations and --candidates must be at least 1")
-        if "reflect" in self.methods and self.elements < 2:
-            raise LocaloraError(f"reflect combines at least 2 LoRAs; --elements {self.elements} is too few for it")
+        searches = [m for m in self.methods if m in SEARCH_STRATEGY]
+        if searches and self.elements < 2:
+            raise LocaloraError(f"{', '.join(searches)} combine at least 2 LoRAs; --elements {self.elements} is too "
+                                f"few for them")
+
+
+def run_folder(out: Path, set_id: str, seed: int, method: str) -> Path:
+    """Where a search method keeps its run of a case (reflect's name predates the others)."""
+    return out / "runs" / (f"{set_id}-s{seed}" + ("" if method == REFLECT else f"-{method}"))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@
                               sets and seeds) and win / tie / loss rates vs the baseline
     winrate.png               win / tie / loss per judge dimension, each method vs the baseline
     winrate_by_elements.png   the same per number of elements, when the folder holds several
+    objective.png             best objective over renders spent, per black-box strategy (mean over
+                              sets and seeds), from the state events of their run folders
 
 The win / tie / loss counts come from judge.aggregate over the stored scores, so the report and
 the judge can never count differently.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from localora.scoring import judge
-from localora.bench.plan import METHODS
+from localora.bench.plan import METHODS, REFLECT, SEARCH_STRATEGY, run_folder
 from localora.bench.store import Store
 from localora.errors import LocaloraError
 from localora.files import atomic_write
@@ -25,6 +27,7 @@ from localora.files import atomic_write
 REPORT = "report.md"
 WINRATE_PNG = "winrate.png"
 BY_ELEMENTS_PNG = "winrate_by_elements.png"
+OBJECTIVE_PNG = "objective.png"
 OUTCOMES = (("wins", "Win", "#4c9a5a"), ("ties", "Tie", "#b0b0b0"), ("losses", "Loss", "#c8553d"))
 
 Rows = list[dict[str, Any]]
@@ -48,7 +51,11 @@ def write(folder: Path) -> list[Path]:
             groups = [(f"{n} elements", winrates([p for p in pairs if p["elements"] == n])) for n in sizes]
             _save(_winrate_figure(groups, baseline), folder / BY_ELEMENTS_PNG)
             plots.append(BY_ELEMENTS_PNG)
-    text = markdown(results, pairs, settings, plots)
+    curves = objective_curves(folder, results)
+    if curves:
+        _save(_objective_figure(curves), folder / OBJECTIVE_PNG)
+        plots.append(OBJECTIVE_PNG)
+    text = markdown(results, pairs, settings, plots, curves)
     atomic_write(folder / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
     return [folder / REPORT] + [folder / name for name in plots]
 
@@ -80,21 +87,58 @@ def winrates(pairs: Rows) -> dict[str, dict[str, judge.Counts]]:
     return out
 
 
+def objective_curves(folder: Path, results: Rows) -> dict[str, list[tuple[int, float]]]:
+    """Per black-box method: (renders spent, best objective so far), the mean over its rows' runs."""
+    import json
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for method in methods_in(results):
+        runs = []
+        for r in (r for r in results if r["method"] == method):
+            log = run_folder(folder, r["set_id"], r["seed"], method) / "events.jsonl"
+            if log.is_file():
+                states = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if '"state"' in line]
+                runs.append({s["spent"]: s["best"] for s in states if s.get("type") == "state"})
+        spent = sorted(set.intersection(*(set(run) for run in runs))) if runs and all(runs) else []
+        if spent:
+            curves[method] = [(n, statistics.fmean(run[n] for run in runs)) for n in spent]
+    return curves
+
+
+def _objective_figure(curves: dict[str, list[tuple[int, float]]]) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2), dpi=110)
+    ax = fig.subplots()
+    for method, points in curves.items():
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=method)
+    ax.set_xlabel("renders spent")
+    ax.set_ylabel("best objective (mean over sets)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
 # ------------------------------------------------------------------ report.md
 
-def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str]) -> str:
+def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str],
+             curves: dict[str, list[tuple[int, float]]] | None = None) -> str:
     baseline = settings["baseline"]
     sizes = sorted({r["elements"] for r in results})
     per_size = ", ".join(f"{len({r['set_id'] for r in results if r['elements'] == n})} of {n} elements" for n in sizes)
     seeds = sorted({r["seed"] for r in results})
+    searches = [m for m in methods_in(results) if m in SEARCH_STRATEGY]
+    n, m = settings["iterations"], settings["candidates"]
+    search = (f"{', '.join(searches)}: {n} round(s) of {m} candidates + 1, {n * (m + 1)} renders each"
+              + (f"; reflect's few-shot {'on' if settings['fewshot'] else 'off'}" if REFLECT in searches else "")
+              + ". ") if searches else ""
     setup = (f"Testbed `{settings['testbed']}`, profile `{settings['profile']}`, LoRA scale "
              f"{settings['lora_scale']:g} for the baselines; composition sets: {per_size}; seed(s) "
-             f"{', '.join(map(str, seeds))}. reflect: {settings['iterations']} iteration(s) x "
-             f"{settings['candidates']} candidates, few-shot {'on' if settings['fewshot'] else 'off'}. "
+             f"{', '.join(map(str, seeds))}. {search}"
              f"Judge: each method vs {baseline}, both orders, {settings['repeats']} repeat(s).")
     clip_note = ("Mean ± sample standard deviation over composition sets and seeds; raw cosine similarity. "
                  "CLIP-T: image vs the set's prompt; CLIP-I: image vs a reference image of each LoRA, "
@@ -106,6 +150,15 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
     if len(sizes) > 1:
         for n in sizes:
             lines += ["", f"### {n} elements", "", *_clip_lines([r for r in results if r["elements"] == n])]
+    if curves:
+        lines += ["", "## Search at an equal render budget", "",
+                  "Best objective (CLIP-T to the prompt + mean CLIP-I to each LoRA alone) after n renders, mean "
+                  "over sets and seeds.", "", "| method | " + " | ".join(f"{n}" for n, _ in next(iter(curves.values())))
+                  + " |", "|---|" + "---|" * len(next(iter(curves.values())))]
+        for method, points in curves.items():
+            lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for _, v in points) + " |")
+        if OBJECTIVE_PNG in plots:
+            lines += ["", f"![best objective over renders]({OBJECTIVE_PNG})"]
     lines += ["", f"## Pairwise judge: each method vs {baseline}", ""]
     if not pairs:
         lines.append("No judged pairs yet.")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan
+from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
 from localora.bench.store import Store
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
@@ -178,7 +178,8 @@ class _Runner:
         self.progress.working(f"{case.set_id} seed {case.seed} {method}")
         start, before = time.perf_counter(), self._work()
         prompt = self.plan.testbed.prompt_for(case.combo)
-        image, weights = self._search(case, method) if method in SEARCH_STRATEGY else self._baseline(case, method)
+        image, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
+                                  else (*self._baseline(case, method), None))
         refs = self._references(case)
         each = {i: float(self.scorer.clip_i(image, images)) for i, images in refs.items()}
         rel = self._save(image, case, method)
@@ -188,7 +189,7 @@ class _Runner:
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
             "image": rel, "clip_t": float(self.scorer.clip_t(image, prompt)),
             "clip_i": sum(each.values()) / len(each), "clip_i_each": json.dumps(each),
-            "renders": renders, "cache_hits": hits, "vlm_calls": calls,
+            "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget,
             "seconds": round(time.perf_counter() - start, 3), "session": self.session, "finished": time.time(),
         }
         line = (f"{case.set_id} seed {case.seed} {method:<9} CLIP-T {row['clip_t']:.4f} CLIP-I {row['clip_i']:.4f}  "
@@ -226,7 +227,9 @@ class _Runner:
                         method=method, sampling=self._sampling(case))
         return self.renderer.render(job).image, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float]]:
+    def _search(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float], int]:
+        """The method's search on the case, in its own run folder; the image, weights and the
+        number of candidate renders it was given."""
         from localora.runs import session
         from localora.runs.folder import RunFolder
         from localora.search import STRATEGIES
@@ -240,7 +243,7 @@ class _Runner:
                             iterations=c.iterations, candidates=c.candidates, sampling=self._sampling(case),
                             search=SEARCH_STRATEGY[method], fewshot=c.fewshot,
                             fewshot_threshold=profile.clip.fewshot_threshold)
-        folder = self.out / "runs" / f"{case.set_id}-s{case.seed}"
+        folder = run_folder(self.out, case.set_id, case.seed, method)
         if (folder / "events.jsonl").is_file():
             run = RunFolder.open(folder)  # resumes: completed steps are replayed from its log
         else:
@@ -255,7 +258,7 @@ class _Runner:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         finally:
             run.close()
-        return run.image(final.image), final.weights
+        return run.image(final.image), final.weights, c.iterations * (c.candidates + 1)
 
     def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:
         """Per LoRA: the testbed's reference images, else that LoRA alone at weight 1.0.

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS pairs (
     session INTEGER NOT NULL, finished REAL NOT NULL,
     PRIMARY KEY (set_id, seed, method, baseline));
 """,
+    # 2: the renders a search method was given (N (M + 1)); NULL for the baselines and older rows.
+    """
+ALTER TABLE results ADD COLUMN budget INTEGER;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

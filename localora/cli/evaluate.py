@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from localora.bench.plan import DEFAULT_METHODS, METHODS
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles
@@ -80,15 +81,17 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 
 @click.command()
 @click.option("--testbed", required=True, help="A shipped testbed (tiny, composlora-anime, composlora-realistic) or a .toml file.")
-@click.option("--methods", default="merge,switch,composite,reflect", show_default=True, help="Methods to run, comma-separated.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help=f"Methods to run, comma-separated, of {', '.join(METHODS)} (random, cmaes and hybrid spend "
+                   f"the renders reflect does, on a CLIP objective).")
 @click.option("--elements", default=3, show_default=True, type=int, help="LoRAs per composition set (one character + N-1 categories).")
 @click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
 @click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's).")
 @click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
 @click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files.")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order.")
-@click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds.")
-@click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round.")
+@click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
+@click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")
 @click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
 @click.option("--profile", "profile_name", default=None, help="Profile from models.toml (default: the testbed's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
