@@ -7,7 +7,7 @@ report, resume and the bench read.
                                                                               with its origin (vlm, filled, ...)
       fewshot     id=fewshot                                                  the examples kept
       iteration   a round begins
-      scores      id=iter2/scores                                             CLIP-T (and the objective) of a round
+      scores      id=iter2/scores | final/scores                              CLIP-T (and the objective) of a round
       vlm         id=iter2/generate | iter2/regenerate | iter2/feedback |     one VLM call, prompt and answer
                      iter2/refine | select | final/1v3b                       (the last: --final-judge, contenders
                                                                               1 and 3, contender 3 shown first)
@@ -50,6 +50,7 @@ def grid(i: int) -> str:
 START_RENDER = "start"
 FEWSHOT_STEP = "fewshot"
 SELECT = "select"
+FINAL_SCORES = "final/scores"  # --final-judge in the vlm loop: the refined images' objective
 
 
 def candidate(r: int, j: int) -> str:
@@ -85,6 +86,8 @@ def parse(step_id: str) -> Step:
     """The parts of a step id; ValueError for an id no version of localora writes."""
     if step_id in (START_RENDER, FEWSHOT_STEP, SELECT):
         return Step(step_id)
+    if step_id == FINAL_SCORES:
+        return Step("final-scores")
     head, _, tail = step_id.partition("/")
     if head in ("ref", "grid") and tail.isdigit():
         return Step("reference" if head == "ref" else "grid", index=int(tail))
@@ -140,7 +143,7 @@ class FewshotEvent(TypedDict):
 class ScoresEvent(TypedDict):
     type: Literal["scores"]
     id: str
-    iteration: int
+    iteration: int | None  # None: the final scores of --final-judge
     candidates: list[dict[str, float]]
     images: list[str]
     clip_t: list[float]

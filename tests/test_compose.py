@@ -51,7 +51,8 @@ def test_demo_writes_a_complete_run_folder(demo):
         assert (run / name).is_file(), name
     ev = events(run)
     calls = Counter(e["step"] for e in ev if e["type"] == "vlm")
-    assert calls == {"generate": 2, "feedback": 2, "refine": 2, "select": 1}
+    regenerated = calls.pop("regenerate", 0)  # asked again only when the first answer repeats itself
+    assert calls == {"generate": 2, "feedback": 2, "refine": 2, "select": 1} and regenerated <= 2
     named = [e["image"] for e in ev if "image" in e] + [i for e in ev if e["type"] == "vlm" for i in e["images"]]
     assert named and all((run / p).is_file() for p in named)
     for e in ev:

@@ -197,6 +197,19 @@ def test_the_final_judge_picks_among_the_top_three(tmp_path):
     assert len(judged["images"]) == 2 and "demo-character" in judged["prompt"]
 
 
+def test_the_final_judge_replaces_the_select_step_of_the_vlm_loop(tmp_path):
+    result = compose(*ARGS, "-n", "3", "--no-fewshot", "--final-judge", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    log = events(tmp_path / "run")
+    steps = [e["id"] for e in log if e["type"] == "vlm" and e["id"].startswith(("final/", "select"))]
+    assert steps == [f"final/{i}v{j}{o}" for i, j in ((1, 2), (1, 3), (2, 3)) for o in "ab"]
+    scores = next(e for e in log if e.get("id") == "final/scores")
+    refined = [e for e in log if e.get("role") == "refined"]
+    assert scores["images"] == [e["image"] for e in refined] and len(scores["objective"]) == 3
+    done = [e for e in log if e["type"] == "done"][-1]
+    assert done["weights"] == refined[done["iteration"] - 1]["weights"] and done["renders"] == 3 * (2 + 1)
+
+
 # ------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("args,fragments", [
@@ -204,7 +217,6 @@ def test_the_final_judge_picks_among_the_top_three(tmp_path):
     (["--search", "anneal"], ["unknown search strategy 'anneal'", "cmaes"]),
     (["--search", "random", "--bounds", "0.5,0.51"], ["--bounds 0.5,0.51", "4 distinct"]),
     (["--budget", "9"], ["--budget applies to", "vlm"]),
-    (["--final-judge"], ["--final-judge", "select step"]),
 ])
 def test_bad_search_options_are_one_line(tmp_path, args, fragments):
     one_error_line(compose(*ARGS, *args, "--out", tmp_path / "r"), *fragments)

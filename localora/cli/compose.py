@@ -55,7 +55,8 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
               help="Candidate renders for random, cmaes and hybrid (default: iterations x (candidates + 1), "
                    "what the vlm loop renders after its few-shot stage).")
 @click.option("--final-judge", is_flag=True,
-              help="With random, cmaes or hybrid: the VLM's pairwise judge picks the final image among the top 3.")
+              help="The VLM's pairwise judge picks the final image among the top 3 by the CLIP objective "
+                   "(for vlm: of the refined images, instead of the select step).")
 @sampling_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")

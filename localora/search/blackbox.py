@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,7 +165,7 @@ def check(cfg: ComposeConfig) -> None:
     if cfg.final_judge:
         from localora.scoring.judge import check_templates as check_judge
 
-        check_judge(cfg.prompts_dir)
+        check_judge(Path(cfg.prompts_dir) if cfg.prompts_dir else None)
 
 
 @dataclass

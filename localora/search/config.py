@@ -65,9 +65,6 @@ class ComposeConfig:
         if self.budget is not None and not STRATEGIES.get(self.search, STRATEGIES["vlm"]).budgeted:
             raise LocaloraError(f"--budget applies to --search {', '.join(n for n, s in STRATEGIES.items() if s.budgeted)}; "
                                 f"the {self.search} loop renders --iterations x (--candidates + 1)")
-        if self.final_judge and not STRATEGIES.get(self.search, STRATEGIES["vlm"]).budgeted:
-            raise LocaloraError("--final-judge picks among the top 3 of random, cmaes or hybrid by their objective; "
-                                "the vlm loop picks with its own select step")
         if self.search not in STRATEGIES:
             raise LocaloraError(f"unknown search strategy '{self.search}'; use one of {', '.join(STRATEGIES)}")
         STRATEGIES[self.search].check(self)

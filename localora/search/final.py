@@ -1,6 +1,6 @@
 """--final-judge: the VLM's pairwise judge picks the final image among a strategy's top 3.
 
-    contenders = the top 3 by the strategy's own ranking (its objective), best first
+    contenders = the top 3 by the black-box objective (the vlm loop: of its refined images), best first
     for each pair (i, j), both orders:  judge(i, j) -> composition and quality scores per image
     points[i] += 1 for each pair whose debiased total (composition + quality) i wins
     winner = the most points; a tie goes to the better-ranked contender
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from itertools import combinations
 
 from localora import events
@@ -38,7 +39,7 @@ def pick(steps: Steps, cfg: ComposeConfig, images: Sequence[str]) -> Pick:
     """The judge's choice among `images` (the run's paths of the contenders, best-ranked first)."""
     if len(images) < 2:
         return Pick(0, [0] * len(images))
-    prompts_dir = cfg.prompts_dir
+    prompts_dir = Path(cfg.prompts_dir) if cfg.prompts_dir else None
     system = judge.system_text(prompts_dir)
     text = judge.judge_prompt(elements(cfg), prompts_dir)
     schema = judge.judge_schema()

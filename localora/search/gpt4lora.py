@@ -9,7 +9,8 @@
             X_r <- render(C_r)                               and CLIP-T scores, for the record
             F_r <- feedback(X_r, R)
             w_r <- refine(X_r, C_r, F_r);  x_r <- render(w_r)
-        return select(x_1 .. x_N)
+        return select(x_1 .. x_N)          (--final-judge: the pairwise judge, among the top 3 of
+                                           x_1 .. x_N by the black-box objective; search/final.py)
 
 Every line is a step of localora.search.steps (cached, resumable, one event each); this file
 only decides what to render and what to ask. A round's M candidates are distinct and new to the
@@ -28,6 +29,7 @@ from localora import events
 from localora.diffusion.loras import with_triggers
 from localora.diffusion.render import RenderJob
 from localora.search import fewshot
+from localora.search import final as final_judge
 from localora.search.candidates import Taken, complete, round_rng
 from localora.search.config import ComposeConfig, Final, reference_job
 from localora.search.steps import Steps
@@ -101,7 +103,7 @@ class GPT4LoRA:
             current = self.render(events.round_step(r, "refined"), "refined", weights, r)
             self._taken.add([weights])
             refined.append((weights, current))
-        pick = self.select(refined)
+        pick = self.judge_final(refined, refs) if cfg.final_judge else self.select(refined)
         return self.finish(pick, *refined[pick - 1])
 
     def finish(self, pick: int, weights: Weights, image: str) -> Final:
@@ -112,7 +114,10 @@ class GPT4LoRA:
             "weights": final.weights, "iteration": pick, "seed": cfg.seed, "method": cfg.method,
             "prompt": self._prompt, "profile": self.steps.renderer.profile.name, "image": image,
         })
-        self.steps.event(events.DoneEvent(type="done", weights=final.weights, iteration=pick, image=image))
+        spent = sum(e["type"] == events.RENDER and e.get("role") in ("candidate", "refined")
+                    for e in self.steps.run.completed.values())
+        self.steps.event(events.DoneEvent(type="done", weights=final.weights, iteration=pick, image=image,
+                                          renders=spent))
         return final
 
     # ------------------------------------------------------------ the VLM's three questions and the pick
@@ -162,6 +167,13 @@ class GPT4LoRA:
         text = self._template("select", schema, count=str(len(refined)),
                               image_list=self._list([w for w, _ in refined], label="round"))
         return int(self.ask(events.SELECT, "select", [p for _, p in refined], text, schema))
+
+    def judge_final(self, refined: list[tuple[Weights, str]], refs: list[str]) -> int:
+        """--final-judge: the pairwise judge's pick among the top 3 refined images by the objective."""
+        values = self.steps.objective(events.FINAL_SCORES, [w for w, _ in refined], [p for _, p in refined],
+                                      self._prompt, refs, self.cfg.names, None)
+        order = sorted(range(len(refined)), key=lambda i: -values[i])[: final_judge.CONTENDERS]
+        return order[final_judge.pick(self.steps, self.cfg, [refined[i][1] for i in order]).index] + 1
 
     # ------------------------------------------------------------ few-shot examples
 
@@ -260,6 +272,10 @@ class GPT4LoRA:
 def check(cfg: ComposeConfig) -> None:
     """The registry's check (localora.search.STRATEGIES["vlm"]): run before the run folder is made."""
     check_templates(cfg.prompts_dir)
+    if cfg.final_judge:
+        from localora.scoring.judge import check_templates as check_judge
+
+        check_judge(Path(cfg.prompts_dir) if cfg.prompts_dir else None)
 
 
 def run(cfg: ComposeConfig, steps: Steps) -> Final:

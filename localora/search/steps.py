@@ -115,7 +115,7 @@ class Steps:
         return scores
 
     def objective(self, step: str, vectors: Sequence[Sequence[float]], images: list[str], text: str,
-                  references: list[str], names: Sequence[str], iteration: int) -> list[float]:
+                  references: list[str], names: Sequence[str], iteration: int | None) -> list[float]:
         """The black-box objective of each image (search/blackbox.py): CLIP-T to `text` plus mean CLIP-I
         to the `references`; or the recorded values."""
         done = self.recall(step)
