@@ -127,7 +127,7 @@ def test_cmaes_compose_spends_exactly_the_budget_and_keeps_the_best(cmaes_run):
     _check_budget_and_best(cmaes_run, 7)  # rounds of 3, the last one partial
     states = [e for e in events(cmaes_run) if e["type"] == "state"]
     assert [s["spent"] for s in states] == [3, 6, 7]
-    assert {"mean", "sigma", "covariance"} <= set(states[-1]["state"])
+    assert {"mean", "sigma", "covariance", "rng"} <= set(states[-1]["state"])
     assert "Best objective over renders" in (cmaes_run / "report.html").read_text()
 
 

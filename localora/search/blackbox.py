@@ -22,6 +22,7 @@ replay. CMA-ES draws from its own numpy state, never the process's global one.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,9 +90,12 @@ def _numpy_state(holder: list):
         np.random.set_state(outside)
 
 
-def cma_state(es: Any) -> dict[str, Any]:
+def cma_state(es: Any, holder: list) -> dict[str, Any]:
+    """What a round leaves CMA-ES with; "rng" fingerprints its numpy state, which a replay must reach."""
+    _, keys, pos, *_ = holder[0]
+    rng = hashlib.sha256(np.asarray(keys).tobytes() + int(pos).to_bytes(4, "little")).hexdigest()[:16]
     return {"mean": [float(x) for x in es.mean], "sigma": float(es.sigma),
-            "covariance": [[float(x) for x in row] for row in np.asarray(es.C)]}
+            "covariance": [[float(x) for x in row] for row in np.asarray(es.C)], "rng": rng}
 
 
 def cmaes_search(evaluate: Evaluate, start: Sequence[float], bounds: tuple[float, float], budget: int,
@@ -135,7 +139,7 @@ def cmaes_search(evaluate: Evaluate, start: Sequence[float], bounds: tuple[float
                 es.tell([np.asarray(v, dtype=float) for v in vectors], [-f for f in values])
         best = result.best[1]
         if on_state:
-            on_state(r, len(result.evaluated), result.best[2], cma_state(es))
+            on_state(r, len(result.evaluated), result.best[2], cma_state(es, holder))
     return result
 
 
@@ -200,7 +204,8 @@ class Blackbox:
             step = events.round_step(r, "state")
             done = steps.recall(step)
             if done is not None:
-                if not np.allclose(done["state"].get("mean", []), state.get("mean", []), rtol=1e-9, atol=1e-12):
+                if done["state"].get("rng") != state.get("rng") or not np.allclose(
+                        done["state"].get("mean", []), state.get("mean", []), rtol=1e-9, atol=1e-12):
                     raise LocaloraError(f"{steps.run.path}: replaying round {r} did not reach the state it logged "
                                         f"(another pycma or numpy?); resume with the versions in run.json")
                 return
