@@ -158,13 +158,33 @@ def test_report_is_self_contained_html_showing_every_iteration(demo):
     checker = Check()
     checker.feed(page)
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert checker.sources and all(s.startswith(("data:image/png;base64,", "#")) for s in checker.sources)
+    assert checker.sources and all(s.startswith(("data:image/png;base64,", "#")) or (run / s).is_file()
+                                   for s in checker.sources)
+    # Every thumbnail links to its full-size image in the run folder, by a relative path.
+    links = [s for s in checker.sources if not s.startswith(("data:", "#"))]
+    assert links and all(not Path(s).is_absolute() and ".." not in s for s in links)
+    assert {"images", "rounds"} <= {Path(s).parts[0] for s in links}
     # The only URLs are the SVG namespace names, which are never fetched.
     assert "http://" not in page.replace("http://www.w3.org/", "") and "https://" not in page
     assert "Iteration 1" in page and "Iteration 2" in page and "<svg" in page and "Final pick" in page
     assert "a portrait of a girl in a garden" in page
     for name in ("demo-character", "demo-clothing", "demo-style"):
         assert f"<td>{name}</td>" in page and f"<figcaption>{name}</figcaption>" in page  # table, reference
+
+
+def test_each_round_has_a_contact_sheet_of_its_candidates(demo):
+    _, run, _ = demo
+    from PIL import Image
+
+    for r in (1, 2):
+        with Image.open(run / "rounds" / f"round-{r}.png") as sheet:
+            # 3 candidates of 256 px cells, 8 px apart, captions under them
+            assert sheet.width == 8 + 3 * (256 + 8) and sheet.height > 256 + 16
+            # the first cell holds candidate 1, scaled up from the run's image
+            first = [e for e in events(run) if e.get("id") == f"iter{r}/cand1"][0]
+            with Image.open(run / first["image"]) as im:
+                expect = im.convert("RGB").resize((256, 256), Image.Resampling.NEAREST)
+            assert sheet.convert("RGB").crop((8, 8, 264, 264)).tobytes() == expect.tobytes()
 
 
 def test_plain_mode_prints_one_line_per_event(demo):

@@ -1,4 +1,12 @@
-"""report.html for a run folder: one self-contained page, images embedded, nothing fetched."""
+"""report.html for a run folder: one self-contained page, images embedded, nothing fetched.
+
+    DIR/report.html          thumbnails embedded as data URLs; each links to its full-size PNG
+                             in the run folder (a relative link, never a URL)
+    DIR/rounds/round-N.png   round N's candidates side by side, captioned (runs/sheet.py)
+
+The final pick shows the A1111 infotext stored in final.png (its `parameters` chunk), with a
+button that copies it, so the result can be pasted into A1111's prompt box.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,9 @@ from PIL import Image
 from localora import events
 from localora.files import atomic_write
 from localora.runs.folder import RunFolder
+from localora.runs.sheet import write_sheet
+
+SHEETS = "rounds"  # contact sheets, one per round
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -35,9 +46,32 @@ def _thumb(path: Path, size: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(path: Path | None, caption: str, cls: str = "") -> str:
-    img = f'<img src="{_thumb(path)}" alt="{html.escape(caption)}">' if path and path.is_file() else "<p>(image missing)</p>"
+def _figure(path: Path | None, caption: str, cls: str = "", link: str | None = None) -> str:
+    """A thumbnail; `link` (a path relative to report.html) opens the full-size image."""
+    if path and path.is_file():
+        img = f'<img src="{_thumb(path)}" alt="{html.escape(caption)}">'
+        if link:
+            img = f'<a href="{html.escape(link)}">{img}</a>'
+    else:
+        img = "<p>(image missing)</p>"
     return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _infotext(path: Path) -> str | None:
+    """The A1111 `parameters` text stored in a PNG, if it has one."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+    except OSError:
+        return None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+# One inline handler, no external script: copies the <pre> before the button.
+COPY_BUTTON = ('<button type=button onclick="navigator.clipboard.writeText('
+               'this.previousElementSibling.textContent)">Copy</button>')
 
 
 def _weights(w: dict[str, float]) -> str:
@@ -92,6 +126,9 @@ def build(run: RunFolder) -> str:
     settings = run.settings["config"]
     final = json.loads((run.path / "final.json").read_text()) if (run.path / "final.json").is_file() else None
     img = lambda rel: run.path / rel  # noqa: E731
+
+    def figure(rel: str, caption: str, cls: str = "") -> str:
+        return _figure(img(rel), caption, cls, link=rel)
     out: list[str] = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>localora run</title>"
                       f"<style>{CSS}</style></head><body>"]
     out.append(f"<h1>localora compose</h1><p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
@@ -106,13 +143,17 @@ def build(run: RunFolder) -> str:
 
     if final:
         out.append("<h2>Final pick</h2><div class=row>")
-        out.append(_figure(img(final["image"]), f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
+        out.append(figure(final["image"], f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
         out.append("</div>")
+        infotext = _infotext(run.path / "final.png")
+        if infotext:
+            out.append("<p>For Automatic1111 / Forge (paste into the prompt box, then the arrow under Generate), "
+                       f"or drop final.png on ComfyUI:</p><pre>{html.escape(infotext)}</pre>{COPY_BUTTON}")
 
     refs = [e for e in log if e.get("type") == events.RENDER and e.get("role") == "reference"]
     out.append("<h2>Each LoRA alone</h2><div class=row>")
     for e, lo in zip(refs, settings.get("loras", [])):
-        out.append(_figure(img(e["image"]), lo["name"]))
+        out.append(figure(e["image"], lo["name"]))
     out.append("</div>")
 
     shots = by_id.get(events.FEWSHOT_STEP)
@@ -124,8 +165,10 @@ def build(run: RunFolder) -> str:
         out.append(f"<p>{len(shots['kept'])} kept ({how}; threshold {shots['threshold']}).</p><div class=row>")
         names = [lo["name"] for lo in settings.get("loras", [])]
         for s in shots["kept"]:
-            path = img(s["image"]) if img(s["image"]).is_file() else Path(shots.get("library", "")) / s["image"]
-            out.append(_figure(path, f"{_weights(dict(zip(names, s['weights'])))}; CLIP-T {s['prompt_score']:.3f}"))
+            inside = img(s["image"]).is_file()  # else in the few-shot library, outside the run folder
+            path = img(s["image"]) if inside else Path(shots.get("library", "")) / s["image"]
+            out.append(_figure(path, f"{_weights(dict(zip(names, s['weights'])))}; CLIP-T {s['prompt_score']:.3f}",
+                               link=s["image"] if inside else None))
         out.append("</div>")
 
     rounds = []
@@ -138,14 +181,22 @@ def build(run: RunFolder) -> str:
         scored = by_id.get(events.round_step(r, "scores"), {})
         scores = scored.get("objective") or scored.get("clip_t", [])
         label = "objective" if "objective" in scored else "CLIP-T"
-        j = 1
+        j, cells = 1, []
         while events.candidate(r, j) in by_id:
             e = by_id[events.candidate(r, j)]
             score = f"; {label} {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
             origin = f" ({ORIGINS.get(e['origin'], e['origin'])})" if "origin" in e else ""
-            out.append(_figure(img(e["image"]), f"{j}: {_weights(e['weights'])}{score}{origin}"))
+            out.append(figure(e["image"], f"{j}: {_weights(e['weights'])}{score}{origin}"))
+            cells.append((img(e["image"]), "\n".join(
+                [f"{j}: " + " ".join(f"{k}={v:.2f}" for k, v in e["weights"].items())]
+                + ([f"{label} {scores[j - 1]:.3f}"] if j - 1 < len(scores) else [])
+                + ([ORIGINS.get(e["origin"], e["origin"])] if "origin" in e else []))))
             j += 1
         out.append("</div>")
+        if cells:
+            rel = f"{SHEETS}/round-{r}.png"
+            write_sheet(cells, run.path / rel)
+            out.append(f'<p><a href="{rel}">All candidates of iteration {r} on one sheet</a></p>')
         fb = by_id.get(events.round_step(r, "feedback"))
         if fb:
             out.append(f"<h3>Feedback</h3><pre>{html.escape(fb['value']['feedback'])}</pre>")
@@ -154,7 +205,7 @@ def build(run: RunFolder) -> str:
             out.append(f"<h3>Refine</h3><pre>{html.escape(ref['value']['feedback'])}</pre>")
         refined = by_id.get(events.round_step(r, "refined"))
         if refined:
-            out.append("<div class=row>" + _figure(img(refined["image"]), f"refined: {_weights(refined['weights'])}") + "</div>")
+            out.append("<div class=row>" + figure(refined["image"], f"refined: {_weights(refined['weights'])}") + "</div>")
             rounds.append(refined["weights"])
         r += 1
     if len(rounds) > 1:
