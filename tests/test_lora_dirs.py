@@ -248,3 +248,33 @@ def test_compose_keeps_the_cleaned_prompt_and_starts_from_the_tags(webui, monkey
     r = run("compose", "a girl <lora:hero> <lora:ink>", "--lora-dir", webui)
     assert r.exit_code == 0, r.output
     assert seen[1].prompt == "a girl" and seen[1].start is None  # no weight anywhere: the search's default
+    one_error_line(run("compose", "<lora:hero> <lora:ink>", "--lora-dir", webui), "compose needs a PROMPT besides")
+
+
+# ------------------------------------------------------------------ loras list, bench
+
+def test_loras_list_shows_each_folder_and_the_names_to_give(webui, comfy, tmp_path, demo_loras):
+    (webui / "old").mkdir()
+    shutil.copy(_demo(demo_loras, "demo-clothing"), webui / "old" / "hero.safetensors")
+    (webui / "evil.ckpt").write_bytes(b"never opened")
+    r = run("loras", "list", "--lora-dir", webui, env={"LOCALORA_LORA_DIRS": str(comfy)})
+    assert r.exit_code == 0, r.output
+    lines = [ln.split() for ln in r.output.splitlines()]
+    assert f"{webui}  (--lora-dir): 4 LoRA files" in r.output and f"{comfy}  ($LOCALORA_LORA_DIRS): 1 LoRA file" in r.output
+    assert ["Characters/Hero", "Characters/Hero.safetensors"] in lines and ["old/hero", "old/hero.safetensors"] in lines
+    assert ["Ink", "Ink.safetensors"] in lines and ["jacket", "jacket.safetensors"] in lines
+    assert "evil" not in r.output
+    assert "no LoRA folders to search" in run("loras", "list").output
+
+
+def test_bench_finds_a_testbed_in_the_configured_folders(comfy, tmp_path, monkeypatch):
+    from localora.bench import testbeds
+
+    bed = tmp_path / "bed.toml"
+    bed.write_text('name = "t"\nprofile = "tiny"\nprompt = "p"\n'
+                   '[[lora]]\nid = "c"\ncategory = "clothing"\nfile = "jacket.safetensors"\ntriggers = "j"\n')
+    with pytest.raises(LocaloraError, match="give --lora-dir, a folder holding jacket.safetensors"):
+        testbeds.load(bed).resolve()
+    monkeypatch.setenv("LOCALORA_LORA_DIRS", os.pathsep.join([str(tmp_path), str(comfy)]))
+    assert testbeds.load(bed).resolve()["c"].path == comfy / "jacket.safetensors"
+    assert testbeds.load(bed).resolve(comfy)["c"].path == comfy / "jacket.safetensors"  # --lora-dir as before

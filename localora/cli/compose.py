@@ -114,6 +114,8 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     prof = load_profile(profile)
     request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
     prompt, choices = request.prompt, request.choices
+    if not prompt:
+        raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
