@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from localora.diffusion.loras import LoraChoice
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 
@@ -68,7 +69,7 @@ class LoraRequest:
     --lora then of the tags, in that order."""
 
     prompt: str
-    choices: list
+    choices: list[LoraChoice]
 
 
 def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = (),
@@ -95,7 +96,8 @@ def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], 
     return LoraRequest(text, [choice for _, choice in labelled])
 
 
-def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = ()):
+def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...],
+                  lora_dirs: tuple[str, ...] = ()) -> list[LoraChoice]:
     """--lora NAME_OR_PATH[:WEIGHT] options -> LoraChoice list."""
     return resolve_request(profile, specs, catalogs, lora_dirs).choices
 

@@ -482,7 +482,7 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
     text = pieces[0]
     for piece in pieces[1:]:
         text = _join(text, piece)
-    return text.strip().strip(",").strip(), tags
+    return text.strip().strip(",").strip(), tags  # a tag at either end leaves a dangling comma
 
 
 def _parse_tag(tag: str, args: str) -> tuple[str, float | None]:
