@@ -17,14 +17,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def localora_home(tmp_path_factory):
-    """A private $LOCALORA_HOME and an empty $LOCALORA_CONFIG: a developer's own cache and
-    ~/.config/localora (models.toml, prompts) never change what the tests see."""
+    """A private $LOCALORA_HOME and an empty $LOCALORA_CONFIG: a developer's own cache,
+    ~/.config/localora (models.toml, prompts, config.toml) and $LOCALORA_LORA_DIRS never change
+    what the tests see."""
     home = tmp_path_factory.mktemp("localora-home")
     config = tmp_path_factory.mktemp("localora-config")
-    old = {k: os.environ.get(k) for k in ("LOCALORA_HOME", "LOCALORA_CONFIG", "LOCALORA_MODELS")}
+    old = {k: os.environ.get(k) for k in ("LOCALORA_HOME", "LOCALORA_CONFIG", "LOCALORA_MODELS", "LOCALORA_LORA_DIRS")}
     os.environ["LOCALORA_HOME"] = str(home)
     os.environ["LOCALORA_CONFIG"] = str(config)
     os.environ.pop("LOCALORA_MODELS", None)
+    os.environ.pop("LOCALORA_LORA_DIRS", None)
     yield home
     for key, value in old.items():
         if value is None:

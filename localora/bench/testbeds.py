@@ -6,7 +6,10 @@ A testbed is a TOML file (the shipped ones are in localora/testbeds/): top-level
 and optional `references` (image paths relative to the LoRA folder) and `url`.
 
 LoRA files are found at load time in a folder: the user's --lora-dir, or, for a testbed whose
-`lora_dir` is "tiny:NAME", the tiny demo LoRAs localora builds offline.
+`lora_dir` is "tiny:NAME", the tiny demo LoRAs localora builds offline, or else the first of the
+user's LoRA folders ($LOCALORA_LORA_DIRS, then lora_dirs in config.toml, as generate and compose
+search them) that holds every file the testbed names. A testbed names its files by path within
+that folder, so unlike generate's bare names they are not looked up by stem in subfolders.
 
 Composition sets follow the ComposLoRA rule: exactly one character plus N-1 distinct other
 categories, one LoRA per category, every combination (24 / 72 / 96 / 48 sets for N = 2..5).
@@ -118,8 +121,13 @@ class Testbed:
             from localora import tiny  # builds the demo LoRAs on first use, so only when asked
 
             return tiny.ensure(self.lora_dir.removeprefix("tiny:"))
-        files = ", ".join(lora.file for lora in self.loras)
-        raise LocaloraError(f"testbed {self.name}: give --lora-dir, a folder holding {files} (sources in {self.path})")
+        needed = [lora.file for lora in self.loras]
+        for folder in loras.lora_folders().dirs:
+            if all((folder.path / f).is_file() for f in needed):
+                return folder.path
+        raise LocaloraError(f"testbed {self.name}: give --lora-dir, a folder holding {', '.join(needed)} "
+                            f"(none of ${loras.LORA_DIRS_ENV} or config.toml's lora_dirs holds them all; "
+                            f"sources in {self.path})")
 
 
 def set_id(combo: Sequence[TestbedLora]) -> str:

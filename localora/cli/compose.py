@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import (batch_option, catalog_option, float_list, float_pair, lora_option, plain_option,
-                                  profile_option, resolve_loras, sampling_options)
+from localora.cli.options import (batch_option, catalog_option, float_list, float_pair, lora_dir_option, lora_option,
+                                  plain_option, profile_option, resolve_loras, resolve_request, sampling_options)
 from localora.errors import LocaloraError
 from localora.search import STRATEGIES
 
@@ -37,14 +37,16 @@ def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0) -> None:
 
 
 # Options that a resumed run takes from its run.json, so giving them with --resume is an error.
-_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
+_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs", "profile")
 
 
 @click.command()
 @click.argument("prompt", required=False)
 @profile_option
-@lora_option("A LoRA to combine (at least two); an optional start weight. Repeatable.", metavar="NAME_OR_PATH[:START]")
+@lora_option("A LoRA to combine (at least two, with the prompt's <lora:NAME:START> tags); an optional start "
+             "weight. Repeatable.", metavar="NAME_OR_PATH[:START]")
 @catalog_option
+@lora_dir_option
 @click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
 @click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
 @click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
@@ -71,14 +73,16 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "profile")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 @batch_option
-def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds, search, budget, final_judge, sampling,
+def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge, sampling,
             temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain, batch):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
     then a final pick) and writes a run folder with every image, every VLM call, final.png,
     final.json and report.html. Every render uses --seed, so images differ only by their
-    weights. Ctrl-C leaves the folder resumable with --resume.
+    weights. Ctrl-C leaves the folder resumable with --resume. <lora:NAME:START> tags in PROMPT
+    add LoRAs as --lora does and are removed from the prompt the run keeps; without a start
+    weight, the A1111 sidecar's preferred weight is the start.
 
     --search random|cmaes|hybrid spend the same number of renders (--budget) on a CLIP
     objective instead (CLIP-T to the prompt plus mean CLIP-I to each LoRA alone) and keep the
@@ -100,7 +104,7 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
                                 f"drop {', '.join(ignored)}")
         given = None
         if lora_specs:
-            given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog)]
+            given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog, lora_dirs)]
         run, cfg, prof = session.reopen(Path(resume), given)
         _run(cfg, prof, run, plain, batch)
         return
@@ -108,7 +112,10 @@ def compose(prompt, profile, lora_specs, catalog, iterations, candidates, bounds
         raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
     prompts_dir = check_dir(prompts_dir)
     prof = load_profile(profile)
-    choices = resolve_loras(prof, lora_specs, catalog)
+    request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
+    prompt, choices = request.prompt, request.choices
+    if not prompt:
+        raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,

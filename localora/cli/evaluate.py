@@ -88,7 +88,8 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
 @click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's).")
 @click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
-@click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files.")
+@click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files, by the paths the testbed names (default: the "
+                   "first of $LOCALORA_LORA_DIRS and config.toml's lora_dirs that holds them all).")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order.")
 @click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
 @click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")

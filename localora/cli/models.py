@@ -1,10 +1,13 @@
-"""`localora models` (the profiles and whether their weights are here) and `localora loras inspect`."""
+"""`localora models` (the profiles and whether their weights are here), `localora loras inspect`
+and `localora loras list` (what the LoRA folders hold)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
+from localora.cli.options import lora_dir_option
 
 
 @click.command()
@@ -61,6 +64,38 @@ def loras_inspect(file):
     ]
     for k, v in rows:
         click.echo(f"{k:<9} {v}")
+
+
+@loras.command("list")
+@lora_dir_option
+def loras_list(lora_dirs):
+    """List the LoRA files in the LoRA folders, by the name to give to --lora or <lora:NAME>.
+
+    The folders are searched in this order: --lora-dir, $LOCALORA_LORA_DIRS, then lora_dirs in
+    config.toml; a name found in an earlier folder hides the same name in a later one.
+    """
+    from collections import Counter
+
+    from localora.diffusion import loras as loralib
+
+    folders = loralib.lora_folders(lora_dirs)
+    if not folders.dirs:
+        click.echo(folders.describe())
+        return
+    for folder in folders.dirs:
+        files = folders.files(folder)
+        state = "" if folder.path.is_dir() else ", missing"
+        click.echo(f"{folder.path}  ({folder.source}{state}): {len(files)} LoRA file{'s' * (len(files) != 1)}")
+        stems = Counter(f.stem.lower() for f in files)
+        for f in files:
+            rel = f.relative_to(folder.path)
+            # A stem two files share is ambiguous: such a file is named by its subfolder path, or,
+            # at the top of the folder, by its full path.
+            if stems[f.stem.lower()] == 1:
+                name = f.stem
+            else:
+                name = rel.with_suffix("").as_posix() if len(rel.parts) > 1 else "(ambiguous: give its path)"
+            click.echo(f"  {name:<32} {rel.as_posix()}")
 
 
 COMMANDS = [models, pull, loras]

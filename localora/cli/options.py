@@ -3,6 +3,7 @@
     @profile_option          --profile/-p
     @catalog_option          --catalog (repeatable)
     @lora_option(help)       --lora/-l NAME_OR_PATH[:WEIGHT] (repeatable)
+    @lora_dir_option         --lora-dir DIR (repeatable)  ->  lora_dirs
     @plain_option            --plain
     @batch_option            --batch N
     @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
@@ -11,10 +12,12 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from localora.diffusion.loras import LoraChoice
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 
@@ -22,6 +25,10 @@ profile_option = click.option("--profile", "-p", default=None,
                               help="Profile from models.toml (default: its default_profile, `tiny`).")
 catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
                               help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
+lora_dir_option = click.option(
+    "--lora-dir", "lora_dirs", multiple=True, metavar="DIR",
+    help="A folder of .safetensors LoRAs (A1111 models/Lora, ComfyUI models/loras): a bare name is a file "
+         "stem there, subfolders included; repeatable, searched before $LOCALORA_LORA_DIRS and config.toml.")
 plain_option = click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
 batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
                             help="Merge renders per UNet batch (0: as many as free memory holds; an "
@@ -56,22 +63,43 @@ def sampling_options(command):
     return wrapper
 
 
-def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...]):
-    """--lora NAME_OR_PATH[:WEIGHT] options -> LoraChoice list."""
+@dataclass(frozen=True)
+class LoraRequest:
+    """What the command line asks for: the prompt without its <lora:...> tags, and the LoRAs of
+    --lora then of the tags, in that order."""
+
+    prompt: str
+    choices: list[LoraChoice]
+
+
+def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = (),
+                    prompt: str = "") -> LoraRequest:
+    """--lora NAME_OR_PATH[:WEIGHT] options and <lora:NAME:WEIGHT> prompt tags -> LoraChoices. A name
+    is a catalog entry, else a path, else a file stem in the LoRA folders; the same file twice is an error."""
     from localora import profiles
     from localora.diffusion import loras
 
     known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
                               [Path(c) for c in catalogs])
-    choices = [loras.parse_choice(s, known) for s in specs]
+    folders = loras.lora_folders(lora_dirs)
+    text, tags = loras.split_lora_tags(prompt)
+    labelled = [(f"--lora {s}", loras.parse_choice(s, known, folders)) for s in specs]
+    for name, weight in tags:
+        tag = f"<lora:{name}>" if weight is None else f"<lora:{name}:{weight:g}>"
+        labelled.append((f"prompt tag {tag}", loras.choose(name, weight, known, folders, f"prompt tag {tag}")))
     seen: dict[Path, str] = {}
-    for spec, choice in zip(specs, choices):
+    for label, choice in labelled:
         path = choice.lora.path.resolve()
         if path in seen:
-            raise LocaloraError(f"--lora {seen[path]} and --lora {spec} are the same LoRA file ({path}); "
-                                f"give each LoRA once")
-        seen[path] = spec
-    return choices
+            raise LocaloraError(f"{seen[path]} and {label} are the same LoRA file ({path}); give each LoRA once")
+        seen[path] = label
+    return LoraRequest(text, [choice for _, choice in labelled])
+
+
+def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...],
+                  lora_dirs: tuple[str, ...] = ()) -> list[LoraChoice]:
+    """--lora NAME_OR_PATH[:WEIGHT] options -> LoraChoice list."""
+    return resolve_request(profile, specs, catalogs, lora_dirs).choices
 
 
 def float_pair(text: str, option: str) -> tuple[float, float]:

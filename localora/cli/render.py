@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import catalog_option, lora_option, profile_option, resolve_loras, sampling_options
+from localora.cli.options import (catalog_option, lora_dir_option, lora_option, profile_option, resolve_request,
+                                  sampling_options)
 from localora.diffusion.methods import METHODS
 from localora.errors import LocaloraError
 
@@ -14,26 +15,33 @@ from localora.errors import LocaloraError
 @click.command()
 @click.argument("prompt")
 @profile_option
-@lora_option("A LoRA by catalog name or .safetensors path, with an optional weight; repeatable.", required=True)
+@lora_option("A LoRA by catalog name, .safetensors path or file stem in a --lora-dir, with an optional weight; "
+             "repeatable. <lora:NAME:WEIGHT> tags in PROMPT add LoRAs too.")
 @catalog_option
+@lora_dir_option
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="merge", show_default=True,
               help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
 @sampling_options
 @click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True, help="LoRA Switch: steps per turn.")
 @click.option("--no-triggers", is_flag=True, help="Do not append the LoRAs' trigger words to the prompt.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="render.png", show_default=True)
-def generate(prompt, profile, lora_specs, catalog, method, sampling, no_triggers, out):
+def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, out):
     """Render PROMPT with several LoRAs combined by one method (merge, switch or composite).
 
-    Weights default to 1.0. Switch runs the LoRAs character first, then clothing, style,
-    background, object. Identical requests are served from the render cache.
+    LoRAs come from --lora and from A1111-style <lora:NAME:WEIGHT> tags in PROMPT (removed from the
+    text the model reads). Weights default to the A1111 sidecar's preferred weight, else 1.0.
+    Switch runs the LoRAs character first, then clothing, style, background, object. Identical
+    requests are served from the render cache.
     """
     from localora.diffusion import loras, methods
     from localora.diffusion.render import Renderer, RenderJob
     from localora.profiles import load_profile
 
     prof = load_profile(profile)
-    choices = resolve_loras(prof, lora_specs, catalog)
+    request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
+    choices, prompt = request.choices, request.prompt
+    if not choices:
+        raise LocaloraError("generate needs a LoRA: give --lora NAME, or a <lora:NAME> tag in the prompt")
     chosen, weights = methods.arrange(method, [c.lora for c in choices],
                                       [1.0 if c.weight is None else c.weight for c in choices])
     text = prompt if no_triggers else loras.with_triggers(prompt, list(chosen))

@@ -2,15 +2,25 @@
 
 A LoRA is a .safetensors file plus a name, a category and trigger words. Those come from a
 catalog (TOML), else the safetensors header (modelspec / kohya ss_* keys), else an A1111 sidecar
-.json, in that order. Only safetensors are read, and only their header until a render needs the
-tensors; pickled formats are refused without being opened.
+NAME.json ("activation text"), else civitai's NAME.civitai.info ("trainedWords"), in that order.
+The A1111 sidecar's "preferred weight" is the weight when the user gives none. Only safetensors
+are read, and only their header until a render needs the tensors; pickled formats are refused
+without being opened.
+
+A LoRA is named by a catalog entry, a path, or a bare name looked up by file stem in the LoRA
+folders (--lora-dir, then $LOCALORA_LORA_DIRS, then lora_dirs in config.toml), the way A1111
+(models/Lora/sub/x.safetensors) and ComfyUI (models/loras/x.safetensors) users name them; in a
+prompt, as A1111's <lora:NAME:WEIGHT> tag.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,19 +229,53 @@ def triggers_from_header(metadata: dict[str, str]) -> str:
     return ""
 
 
-def _sidecar(path: Path) -> dict:
-    side = path.with_suffix(".json")
+def _json_sidecar(side: Path) -> dict:
     if not side.is_file():
         return {}
     try:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, OSError):
         raise LocaloraError(f"{side}: sidecar is not valid JSON; fix or delete it") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise LocaloraError(f"{side}: sidecar must hold a JSON object ({{...}}); fix or delete it")
+    return data
+
+
+def _sidecar(path: Path) -> dict:
+    """A1111's NAME.json next to the LoRA: activation text, preferred weight, sd version."""
+    return _json_sidecar(path.with_suffix(".json"))
+
+
+def _civitai_info(path: Path) -> dict:
+    """NAME.civitai.info, the civitai API answer that download helpers save next to the file."""
+    return _json_sidecar(path.with_name(path.stem + ".civitai.info"))
 
 
 def triggers_from_sidecar(path: Path) -> str:
-    return str(_sidecar(path).get("activation text", "")).strip()
+    """A1111's "activation text", else civitai's "trainedWords" (comma-joined)."""
+    text = str(_sidecar(path).get("activation text", "")).strip()
+    if text:
+        return text
+    words = _civitai_info(path).get("trainedWords", [])
+    if not isinstance(words, list):
+        side = path.with_name(path.stem + ".civitai.info")
+        raise LocaloraError(f"{side}: \"trainedWords\" must be a list of strings; fix or delete the file")
+    return ", ".join(str(w).strip() for w in words if str(w).strip())
+
+
+def preferred_weight(path: Path) -> float | None:
+    """A1111's sidecar "preferred weight": the weight when the user gives none (0 means unset, as in A1111)."""
+    value = _sidecar(path).get("preferred weight")
+    if value is None or value == "":
+        return None
+    try:
+        weight = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise LocaloraError(f"{path.with_suffix('.json')}: \"preferred weight\" must be a number, got {value!r}; "
+                            f"fix or delete it")
+    return weight or None
 
 
 def lora_from_file(path: Path, name: str | None = None, category: str | None = None, triggers: str | None = None,
@@ -270,32 +314,209 @@ def read_catalog(path: Path) -> dict[str, Lora]:
     return out
 
 
-def parse_choice(text: str, catalog: dict[str, Lora]) -> LoraChoice:
-    """'NAME_OR_PATH[:WEIGHT]' -> LoraChoice. Negative weights are legal (as in A1111)."""
-    target, weight = text, None
-    if ":" in text:
-        head, tail = text.rsplit(":", 1)
-        if not (len(head) == 1 and head.isalpha()):  # leave Windows drive letters alone
-            target = head
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise LocaloraError(f"--lora {text}: weight '{tail}' is not a number (use NAME:0.8)") from None
-            if not math.isfinite(weight):
-                raise LocaloraError(f"--lora {text}: weight must be a finite number, got '{tail}'")
-    if target in catalog:
+def split_weight(text: str, where: str) -> tuple[str, float | None]:
+    """'NAME_OR_PATH[:WEIGHT]' -> (target, weight or None). Negative weights are legal (as in A1111)."""
+    if ":" not in text:
+        return text, None
+    head, tail = text.rsplit(":", 1)
+    if len(head) == 1 and head.isalpha():  # leave Windows drive letters alone
+        return text, None
+    return head, _weight(tail, where)
+
+
+def _weight(text: str, where: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise LocaloraError(f"{where}: weight '{text}' is not a number (use NAME:0.8)") from None
+    if not math.isfinite(weight):
+        raise LocaloraError(f"{where}: weight must be a finite number, got '{text}'")
+    return weight
+
+
+def parse_choice(text: str, catalog: dict[str, Lora], folders: LoraFolders | None = None) -> LoraChoice:
+    """'NAME_OR_PATH[:WEIGHT]' -> LoraChoice; see choose for how the name resolves."""
+    target, weight = split_weight(text, f"--lora {text}")
+    return choose(target, weight, catalog, folders, f"--lora {target}")
+
+
+def choose(target: str, weight: float | None, catalog: dict[str, Lora], folders: LoraFolders | None,
+           where: str) -> LoraChoice:
+    """A LoraChoice for a name: a catalog entry, else a path, else a file stem in the LoRA folders.
+    Without a weight, the A1111 sidecar's preferred weight (else None: the method's default)."""
+    lora = find_lora(target, catalog, folders, where)
+    return LoraChoice(lora, weight if weight is not None else preferred_weight(lora.path))
+
+
+def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None, where: str) -> Lora:
+    if target in catalog:  # a user's own catalog entry wins over a file of the same name in a folder
         lora = catalog[target]
         if not lora.path.is_file():
             raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
-        return LoraChoice(lora, weight)
+        return lora
     path = Path(target).expanduser()
     check_suffix(path)
+    if path.is_file():
+        return lora_from_file(path)
+    found = folders.find(target) if folders is not None and not path.is_absolute() else None
+    if found is not None:
+        return lora_from_file(found)
     if path.suffix.lower() == ".safetensors" or path.exists():
-        if not path.is_file():
-            raise LocaloraError(f"{path}: LoRA file not found; check the path")
-        return LoraChoice(lora_from_file(path), weight)
+        raise LocaloraError(f"{path}: LoRA file not found; check the path")
     known = ", ".join(sorted(catalog)) or "none"
-    raise LocaloraError(f"--lora {target}: no such LoRA name or .safetensors file; known names: {known}")
+    searched = folders.describe() if folders is not None else "no LoRA folders given"
+    raise LocaloraError(f"{where}: no such LoRA name or .safetensors file; known names: {known}; {searched}")
+
+
+# ------------------------------------------------------------------ LoRA folders
+
+LORA_DIRS_ENV = "LOCALORA_LORA_DIRS"
+
+
+@dataclass(frozen=True)
+class LoraDir:
+    path: Path
+    source: str  # where it was given: --lora-dir, $LOCALORA_LORA_DIRS or the config file
+
+
+@dataclass
+class LoraFolders:
+    """The LoRA folders, searched in order; each is listed once, on first use."""
+
+    dirs: tuple[LoraDir, ...]
+    _files: dict[Path, list[Path]] = field(default_factory=dict, repr=False)
+
+    def files(self, folder: LoraDir) -> list[Path]:
+        """Every .safetensors under the folder, subfolders included (pickles are never listed)."""
+        if folder.path not in self._files:
+            self._files[folder.path] = sorted(
+                p for p in folder.path.rglob("*") if p.suffix.lower() == ".safetensors" and p.is_file()
+            ) if folder.path.is_dir() else []
+        return self._files[folder.path]
+
+    def find(self, name: str) -> Path | None:
+        """The file a bare name means: its stem (or 'sub/stem' path), case-insensitive, in the first
+        folder that has one. Two in the same folder is an error listing both."""
+        key = name.replace("\\", "/").strip().strip("/").lower()
+        key = key.removesuffix(".safetensors")
+        for folder in self.dirs:
+            matches = [p for p in self.files(folder) if _key(p, folder.path, "/" in key) == key]
+            if len(matches) > 1:
+                raise LocaloraError(f"LoRA '{name}' is ambiguous in {folder.path}: {', '.join(map(str, matches))}; "
+                                    f"name it by its subfolder (sub/{Path(name).name}) or by path")
+            if matches:
+                return matches[0]
+        return None
+
+    def describe(self) -> str:
+        if not self.dirs:
+            return (f"no LoRA folders to search (give --lora-dir, ${LORA_DIRS_ENV} or lora_dirs in "
+                    f"{_config_name()})")
+        parts = [f"{d.path}" + ("" if d.path.is_dir() else " (missing)") for d in self.dirs]
+        return "searched folders: " + ", ".join(parts)
+
+
+def _key(path: Path, root: Path, with_subfolders: bool) -> str:
+    if with_subfolders:
+        return path.relative_to(root).with_suffix("").as_posix().lower()
+    return path.stem.lower()
+
+
+def _config_name() -> str:
+    from localora import paths
+
+    return str(paths.config_toml())
+
+
+def lora_folders(given: Sequence[str | Path] = ()) -> LoraFolders:
+    """The LoRA folders in search order: --lora-dir, then $LOCALORA_LORA_DIRS (os.pathsep-separated),
+    then lora_dirs in config.toml (relative to that file). A --lora-dir that is not a folder is an
+    error; a missing configured folder (an unplugged drive) is skipped, and named when a name is
+    not found."""
+    from localora import paths
+
+    dirs: list[LoraDir] = []
+    for d in given:
+        path = Path(d).expanduser()
+        if not path.is_dir():
+            raise LocaloraError(f"--lora-dir {d}: no such folder; give a folder holding .safetensors LoRAs")
+        dirs.append(LoraDir(path, "--lora-dir"))
+    for d in os.environ.get(LORA_DIRS_ENV, "").split(os.pathsep):
+        if d.strip():
+            dirs.append(LoraDir(Path(d.strip()).expanduser(), f"${LORA_DIRS_ENV}"))
+    config = paths.read_config()
+    entries = config.get("lora_dirs", [])
+    where = f"{paths.config_toml()}: lora_dirs"
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise LocaloraError(f"{where} must be a list of folder paths, e.g. lora_dirs = [\"~/models/Lora\"]")
+    for d in entries:
+        dirs.append(LoraDir(paths.config_toml().parent / Path(d).expanduser(), str(paths.config_toml())))
+    unique: dict[Path, LoraDir] = {}
+    for d in dirs:
+        unique.setdefault(d.path.resolve(), d)
+    return LoraFolders(tuple(unique.values()))
+
+
+# ------------------------------------------------------------------ <lora:NAME:WEIGHT> tags in prompts
+
+# A1111's extra-network syntax: <lora:ARGS> where ARGS (anything but '>') split on ':' are the name
+# (so a name holds no ':', but may hold spaces), then the text-encoder and UNet multipliers;
+# KEY=VALUE items (te=, unet=, dyn=) are named.
+_TAG = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
+    """The prompt without its <lora:...> tags (spaces and commas around them tidied), and
+    (name, weight or None) for each tag in order.
+
+    localora gives a LoRA one weight for all of its layers, so A1111's <lora:NAME:TE:UNET> is
+    accepted only when the two are equal (a different mix would render something A1111 does not);
+    otherwise, and for dyn= and unknown KEY=VALUE items, it is an error naming the tag.
+    """
+    tags = []
+    for m in _TAG.finditer(prompt):
+        tags.append(_parse_tag(m.group(0), m.group(1)))
+    if not tags:
+        return prompt, []
+    pieces = _TAG.split(prompt)[::2]  # split keeps the group: every other piece is the tag's args
+    text = pieces[0]
+    for piece in pieces[1:]:
+        text = _join(text, piece)
+    return text.strip().strip(",").strip(), tags  # a tag at either end leaves a dangling comma
+
+
+def _parse_tag(tag: str, args: str) -> tuple[str, float | None]:
+    items = args.split(":")
+    name = items[0].strip()
+    if not name:
+        raise LocaloraError(f"prompt tag {tag}: no LoRA name (write <lora:NAME> or <lora:NAME:0.8>)")
+    positional = [i.strip() for i in items[1:] if "=" not in i]
+    named = dict(tuple(x.strip() for x in i.split("=", 1)) for i in items[1:] if "=" in i)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown or len(positional) > 2:
+        extra = ", ".join(f"{k}=" for k in unknown) or f"a fourth item ({positional[2]})"
+        raise LocaloraError(f"prompt tag {tag}: localora does not support {extra}; write <lora:{name}:WEIGHT>")
+    te = named.get("te", positional[0] if positional else None)
+    unet = named.get("unet", positional[1] if len(positional) > 1 else None)
+    if unet is not None and te is None:
+        te = "1"  # A1111: an unset text-encoder multiplier is 1 (only an unset UNet one follows the other)
+    weights = {_weight(w, f"prompt tag {tag}") for w in (te, unet) if w is not None}
+    if len(weights) > 1:
+        raise LocaloraError(f"prompt tag {tag}: separate text-encoder and UNet weights are not supported "
+                            f"(localora gives a LoRA one weight); write <lora:{name}:WEIGHT>")
+    return name, weights.pop() if weights else None
+
+
+def _join(left: str, right: str) -> str:
+    """Glue the text on both sides of a removed tag: one space, or one comma where either side had one."""
+    left, right = left.rstrip(), right.lstrip()
+    if left.endswith(",") and right.startswith(","):
+        right = right[1:].lstrip()
+    if not left:
+        return right.lstrip(",").lstrip()
+    if not right or right.startswith(","):
+        return left + right
+    return left + " " + right
 
 
 def switch_order(loras: list[Lora]) -> list[int]:
