@@ -129,6 +129,27 @@ def test_baked_lora_alone_renders_the_merge_of_its_sources(arch, sources, baked,
     assert pixels <= 1
 
 
+def test_text_encoder_lora_without_out_proj_bakes_exactly(demo_loras, sd15_renderer, tmp_path):
+    # A peft LoRA on q_proj/v_proj only: diffusers would drop these layers from a kohya file
+    # unless it has an out_proj layer, so the bake adds a zero one.
+    pipe = sd15_renderer.pipeline()
+    tensors = {}
+    for component, suffixes in (("unet", ("attn1.to_k",)), ("text_encoder", ("self_attn.q_proj", "self_attn.v_proj"))):
+        for name, (a, b) in random_factors(getattr(pipe, component), suffixes, 2, seed=10).items():
+            tensors |= {f"{component}.{name}.lora_A.weight": a, f"{component}.{name}.lora_B.weight": b}
+    path = tmp_path / "te-qv.safetensors"
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1"})
+    loras, weights = [demo_loras["sd15"][0], Lora("te-qv", path)], [0.9, 1.3]
+    result = bake_lora(sd15_renderer, loras, weights, tmp_path / "baked.safetensors")
+    assert result.ranks["lora_te_text_model_encoder_layers_0_self_attn_out_proj"] == 1
+    merge = methods.get("merge")
+    expected = merge.run(pipe, sd15_renderer.adapters_for(loras), weights, PROMPT, sampling(), None)
+    got = merge.run(pipe, sd15_renderer.adapters_for([Lora("baked", result.path)]), [1.0], PROMPT, sampling(), None)
+    without_te = merge.run(pipe, sd15_renderer.adapters_for(loras[:1]), weights[:1], PROMPT, sampling(), None)
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert float((without_te - expected).abs().max() / expected.abs().max()) > 1e-3  # the text encoder layers count
+
+
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_ranks_add_up_where_loras_share_a_layer(arch, baked):
     ranks = baked[arch].ranks

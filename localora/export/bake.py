@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch loads with the pipeline, so that importing this modul
 
 BASE_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}  # kohya's ss_base_model_version
 ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora"}
+ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SD/SDXL
 
 
@@ -71,6 +72,7 @@ def bake_lora(renderer: Renderer, loras: Sequence[Lora], weights: Sequence[float
     pipe = renderer.pipeline()
     names = renderer.adapters_for(loras)
     factors = read_factors(pipe, names, loras)
+    add_out_projections(pipe, factors)
     tensors, ranks = concatenate(factors, weights, arch, pipe.unet.config)
     title = title or "+".join(lora.name for lora in loras)
     metadata = describe(renderer, loras, weights, arch, title, out, max(ranks.values()))
@@ -121,6 +123,28 @@ def read_factors(pipe, names: list[str], loras: list[Lora]) -> dict[tuple[str, s
         raise LocaloraError(f"bake: none of {', '.join(str(lora.path) for lora in loras)} has a LoRA layer "
                             f"in the pipeline; check the files are LoRAs for this base model")
     return found
+
+
+def add_out_projections(pipe, factors: dict[tuple[str, str], list[Factors | None]]) -> None:
+    """Give a text encoder whose baked attention layers lack every out_proj one zero LoRA there.
+
+    diffusers 0.42 tells the layout of a kohya text-encoder LoRA by its `out_proj` layers (as
+    `to_out_lora`): without one it drops the q/k/v layers without a word (kohya's trainer always
+    writes all four projections, a peft LoRA on q_proj/v_proj does not). A rank-1 block of zeros
+    adds exactly nothing anywhere, and makes diffusers read the file right.
+    """
+    import torch
+
+    for component in ("text_encoder", "text_encoder_2"):
+        attention = [m for c, m in factors if c == component and m.endswith(ATTENTION_PROJECTIONS)]
+        if not attention or any(m.endswith("self_attn.out_proj") for m in attention):
+            continue
+        module = attention[0].rsplit(".", 1)[0] + ".out_proj"
+        linear = getattr(pipe, component).get_submodule(module)
+        linear = getattr(linear, "base_layer", linear)  # peft wraps it when another LoRA touches it
+        zero = Factors(torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1), 1.0)
+        k = len(next(iter(factors.values())))
+        factors[(component, module)] = [zero] + [None] * (k - 1)
 
 
 def _check_plain(layer, name: str, lora: Lora, where: str) -> None:
