@@ -3,7 +3,8 @@
     LoRA 1 (A1: r1 x in, B1: out x r1, scale s1)  ┐
     ...                                           ├─> A = [A1; ...; Ak]               (r1+...+rk) x in
     LoRA k (Ak, Bk, sk), weights w1..wk           ┘   B = [w1 s1 B1 | ... | wk sk Bk]  out x (r1+...+rk)
-                                                      alpha = r1+...+rk                (kohya scale 1)
+                                                      loaded at weight 1.0, scale 1    (one alpha per file:
+                                                                                        see concatenate)
 
 so B A x = sum_k w_k s_k B_k A_k x: what Merge adds to every layer, exactly (no SVD, no loss),
 for linear and conv layers alike (a conv LoRA's rank is A's out-channels and B's in-channels).
@@ -104,7 +105,11 @@ def read_factors(pipe, names: list[str], loras: list[Lora]) -> dict[tuple[str, s
     from peft.tuners.lora import LoraLayer
 
     # peft's scaling is weight * alpha / r after set_adapters: weight 1 leaves the LoRA's own scale.
-    set_weights(pipe, names, [1.0] * len(names))
+    try:
+        set_weights(pipe, names, [1.0] * len(names))
+    except ValueError as e:  # diffusers: an adapter with no UNet layer cannot be activated (nor merged)
+        raise LocaloraError(f"bake: {', '.join(str(lora.path) for lora in loras)} cannot be active together "
+                            f"({str(e).splitlines()[0][:160]}); bake only LoRAs that Merge can render") from None
     found: dict[tuple[str, str], list[Factors | None]] = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
