@@ -225,3 +225,63 @@ def test_dora_is_refused(sdxl_renderer, tmp_path):
     with pytest.raises(LocaloraError, match="DoRA") as e:
         bake_lora(sdxl_renderer, [Lora("dora", path)], [1.0], tmp_path / "baked.safetensors")
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------ kohya key names
+
+SDXL_NAMES = {  # diffusers path -> the SGM path kohya's sd-scripts uses for full-size SDXL
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
+    "down_blocks.0.resnets.1.time_emb_proj": "input_blocks.2.0.emb_layers.1",
+    "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+    "mid_block.attentions.0.transformer_blocks.3.attn2.to_out.0": "middle_block.1.transformer_blocks.3.attn2.to_out.0",
+    "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+    "up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2": "output_blocks.2.1.transformer_blocks.9.ff.net.2",
+    "up_blocks.2.resnets.2.conv1": "output_blocks.8.0.in_layers.2",
+    "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+    "conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+}
+
+
+def test_sgm_names_are_kohyas():
+    from localora.export.keys import kohya_name, sgm_module
+
+    assert {d: sgm_module(d) for d in SDXL_NAMES} == SDXL_NAMES
+    assert kohya_name("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "sdxl") == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert kohya_name("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "sd15") == \
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    # transformers 5's CLIPTextModel has no text_model wrapper; kohya's names keep it
+    assert kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj", "sd15") == \
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1", "sdxl") == \
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    with pytest.raises(LocaloraError, match="no SGM"):
+        sgm_module("down_blocks.0.resnets.0.norm1")
+
+
+def test_sgm_names_round_trip_through_diffusers_on_full_sdxl():
+    """Every linear and conv layer of the full-size SDXL UNet: its kohya name, read back by
+    diffusers' own kohya loader (lora_state_dict), is the layer again."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from localora.export.keys import kohya_name
+
+    config = json.loads((Path(__file__).parent.parent / "scripts" / "fullsize" / "sdxl_unet.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    state = {}
+    for name in layers:
+        key = kohya_name("unet", name, "sdxl", unet.config.layers_per_block, unet.config.up_block_types)
+        state |= {f"{key}.lora_down.weight": torch.zeros(1), f"{key}.lora_up.weight": torch.zeros(1),
+                  f"{key}.alpha": torch.tensor(1.0)}
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert len(layers) > 700
+    assert {k.removesuffix(".lora_A.weight") for k in peft if k.endswith(".lora_A.weight")} == set(layers)
