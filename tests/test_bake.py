@@ -1,8 +1,8 @@
 """Baking: the baked LoRA alone at weight 1.0 renders what Merge renders of its sources.
 
 The sources are the demo LoRAs (rank 4, UNet attention only; one kohya file with alpha 2) plus two
-built here on the tiny pipeline's own modules: a diffusers-format LoRA of rank 2 with text-encoder
-layers, and a kohya-format one of rank 3, alpha 1.5 on other layers, a conv layer among them and
+built here on the tiny pipeline's own modules: a peft LoRA saved by diffusers (rank 2, alpha 3) with
+text-encoder layers, and a kohya-format one of rank 3, alpha 1.5 on other layers, a conv layer among them and
 its own text-encoder layers. So layers touched by one, several or all sources, of different
 ranks and scales, linear and conv, UNet and text encoders, are all in one bake.
 """
@@ -10,6 +10,7 @@ ranks and scales, linear and conv, UNet and text encoders, are all in one bake.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,35 @@ def random_factors(model: torch.nn.Module, suffixes: tuple[str, ...], rank: int,
     return out
 
 
+def peft_lora(arch: str, folder) -> Path:
+    """A LoRA as diffusers' training scripts make one: peft adapters (rank 2, alpha 3: scale 1.5,
+    random A and B) on fresh copies of the tiny UNet and text encoders, saved by the pipeline's
+    save_lora_weights with its adapter metadata. Self-attention q/v in the UNet; attention and
+    fc1 in every text encoder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from localora import tiny
+
+    root = tiny.ensure(arch)
+    torch.manual_seed(21)
+    parts = {"unet": (UNet2DConditionModel, r".*attn1\.(to_q|to_v)"),
+             "text_encoder": (CLIPTextModel, r".*(self_attn\.(q|k|v|out)_proj|mlp\.fc1)")}
+    if arch == "sdxl":
+        parts["text_encoder_2"] = (CLIPTextModelWithProjection, parts["text_encoder"][1])
+    layers, metadata = {}, {}
+    for component, (cls, targets) in parts.items():
+        config = LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False)
+        model = inject_adapter_in_model(config, cls.from_pretrained(root / component))
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    name = f"extra-te-{arch}.safetensors"
+    pipeline.save_lora_weights(folder, weight_name=name, **layers, **metadata)
+    return folder / name
+
+
 @pytest.fixture(scope="module")
 def sources(demo_loras, sdxl_renderer, sd15_renderer, tmp_path_factory):
     """arch -> the five source LoRAs."""
@@ -68,17 +98,7 @@ def sources(demo_loras, sdxl_renderer, sd15_renderer, tmp_path_factory):
     out = {}
     for arch in ("sdxl", "sd15"):
         pipe = renderer_for(arch, sdxl_renderer, sd15_renderer).pipeline()
-        # diffusers/peft layout, rank 2 (scale 1), on self-attention and every text encoder
-        tensors = {}
-        for name, (a, b) in random_factors(pipe.unet, ("attn1.to_q", "attn1.to_v"), 2, seed=5).items():
-            tensors |= {f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b}
-        for component in ENCODERS[arch]:
-            factors = random_factors(getattr(pipe, component), ATTENTION + ("mlp.fc1",), 2, seed=6)
-            for name, (a, b) in factors.items():
-                tensors |= {f"{component}.{name}.lora_A.weight": a, f"{component}.{name}.lora_B.weight": b}
-        te_path = folder / f"extra-te-{arch}.safetensors"
-        save_file(tensors, str(te_path), metadata={"modelspec.architecture": f"{'stable-diffusion-xl-v1-base' if arch == 'sdxl' else 'stable-diffusion-v1'}/lora",
-                                                   "modelspec.trigger_phrase": "extra te"})
+        te_path = peft_lora(arch, folder)
         # kohya layout, rank 3 with alpha 1.5 (scale 0.5), on cross-attention, a resnet conv and the text encoders
         tensors = {}
         unet = random_factors(pipe.unet, ("attn2.to_k", "attn2.to_out.0", "resnets.0.conv1"), 3, seed=7)
@@ -265,7 +285,6 @@ def test_sgm_names_are_kohyas():
 def test_sgm_names_round_trip_through_diffusers_on_full_sdxl():
     """Every linear and conv layer of the full-size SDXL UNet: its kohya name, read back by
     diffusers' own kohya loader (lora_state_dict), is the layer again."""
-    from pathlib import Path
 
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_unet_state_dict_to_peft
