@@ -234,17 +234,19 @@ def test_refusals(sources, sdxl_renderer, tmp_path):
     assert not out.exists()
 
 
-def test_dora_is_refused(sdxl_renderer, tmp_path):
+@pytest.mark.parametrize("extra, message", [("lora_magnitude_vector", "DoRA"), ("lora_B.bias", "a LoRA bias")])
+def test_lora_variants_are_refused(extra, message, sdxl_renderer, tmp_path):
     pipe = sdxl_renderer.pipeline()
     tensors = {}
     for name, (a, b) in random_factors(pipe.unet, ("attn1.to_q",), 2, seed=9).items():
         tensors |= {f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b,
-                    f"unet.{name}.lora_magnitude_vector": torch.ones(b.shape[0])}
-    path = tmp_path / "dora.safetensors"
+                    f"unet.{name}.{extra}": torch.ones(b.shape[0])}
+    path = tmp_path / f"{message.split()[-1].lower()}.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(LocaloraError, match="DoRA") as e:
-        bake_lora(sdxl_renderer, [Lora("dora", path)], [1.0], tmp_path / "baked.safetensors")
+    with pytest.raises(LocaloraError, match=message) as e:
+        bake_lora(sdxl_renderer, [Lora("variant", path)], [1.0], tmp_path / "baked.safetensors")
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert not (tmp_path / "baked.safetensors").exists()
 
 
 # ------------------------------------------------------------------ kohya key names
