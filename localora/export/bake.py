@@ -134,8 +134,9 @@ def add_out_projections(pipe, factors: dict[tuple[str, str], list[Factors | None
     """Give a text encoder whose baked attention layers lack every out_proj one zero LoRA there.
 
     diffusers 0.42 tells the layout of a kohya text-encoder LoRA by its `out_proj` layers (as
-    `to_out_lora`): without one it drops the q/k/v layers without a word (kohya's trainer always
-    writes all four projections, a peft LoRA on q_proj/v_proj does not). A rank-1 block of zeros
+    `to_out_lora`): without one it refuses the file ("Could not automatically infer state dict
+    type"), or, beside MLP layers, drops the q/k/v layers without a word. kohya's trainer always
+    writes all four projections; a peft LoRA on q_proj/v_proj does not. A rank-1 block of zeros
     adds exactly nothing anywhere, and makes diffusers read the file right.
     """
     import torch
