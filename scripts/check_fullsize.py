@@ -135,21 +135,13 @@ def set_adapters_cost() -> dict:
 
 # ------------------------------------------------------------------ 3. pipelines, kohya LoRA, methods
 
-def sgm_prefix(module: str) -> str:
-    """The SGM (original SDXL repo) name kohya uses for a diffusers attention block path."""
-    parts = module.split(".")
-    if parts[0] == "down_blocks":
-        return f"input_blocks_{3 * int(parts[1]) + int(parts[3]) + 1}_1", parts[4:]
-    if parts[0] == "mid_block":
-        return "middle_block_1", parts[3:]
-    return f"output_blocks_{3 * int(parts[1]) + int(parts[3])}_1", parts[4:]
-
-
 def kohya_lora(pipe, arch: str, path: Path) -> int:
     """A kohya LoRA over the UNet's attention blocks and every text encoder's attention and MLP
     projections, with the key names kohya writes for `arch`; returns the number of modules."""
     import torch
     from safetensors.torch import save_file
+
+    from localora.export.keys import kohya_name
 
     generator = torch.Generator().manual_seed(1)
     tensors, modules = {}, 0
@@ -165,20 +157,12 @@ def kohya_lora(pipe, arch: str, path: Path) -> int:
     for name, module in pipe.unet.named_modules():
         if ".attentions." in name and isinstance(module, torch.nn.Linear) and (
                 ".attn1." in name or ".attn2." in name or name.endswith(("proj_in", "proj_out")) or ".ff." in name):
-            if arch == "sdxl":
-                head, rest = sgm_prefix(name)
-                key = "lora_unet_" + head + "_" + "_".join(rest)
-            else:
-                key = "lora_unet_" + name.replace(".", "_")
-            add(key, module)
-    encoders = [("lora_te1_" if arch == "sdxl" else "lora_te_", pipe.text_encoder)]
-    if arch == "sdxl":
-        encoders.append(("lora_te2_", pipe.text_encoder_2))
-    for prefix, encoder in encoders:
-        for name, module in encoder.named_modules():
+            add(kohya_name("unet", name, arch), module)
+    for component in ("text_encoder", "text_encoder_2") if arch == "sdxl" else ("text_encoder",):
+        for name, module in getattr(pipe, component).named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name and name.endswith(
                     ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
-                add(prefix + name.replace(".", "_"), module)
+                add(kohya_name(component, name, arch), module)
     base = "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1"
     save_file(tensors, str(path), metadata={"ss_base_model_version": base, "ss_network_dim": str(RANK),
                                             "ss_network_alpha": str(ALPHA)})

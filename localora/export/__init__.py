@@ -1,0 +1,1 @@
+"""Exporting what a search found: the chosen weights baked into one LoRA file."""
