@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from localora.cli.options import catalog_option, lora_option, profile_option, resolve_loras, sampling_options
 from localora.diffusion.methods import METHODS
 from localora.errors import LocaloraError
+from localora.files import atomic_write
 
 
 @click.command()
@@ -41,8 +43,11 @@ def generate(prompt, profile, lora_specs, catalog, method, sampling, no_triggers
                                              sampling=sampling))
     out_path = Path(out)
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        result.image.save(out_path)
+        if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
+            atomic_write(out_path, lambda p: shutil.copyfile(result.path, p))
+        else:  # another format: Pillow encodes it, without the PNG's metadata
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            result.image.save(out_path)
     except OSError as e:
         raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
     source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"
