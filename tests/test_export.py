@@ -260,3 +260,22 @@ def test_png_text_chunks_round_trip_unicode(merged, tmp_path):
     assert png.text_chunks(tmp_path / "u.png")["parameters"] == "ein Hund mit Hut, 帽子"
     assert Image.open(tmp_path / "u.png").info["parameters"] == "ein Hund mit Hut, 帽子"
     assert idat(tmp_path / "u.png") == idat(rendered.path)
+
+
+def test_samplers_and_schedules_map_to_a1111_and_comfyui_names(sd15_renderer, demo_loras):
+    job = RenderJob("x", tuple(demo_loras["sd15"][:1]), (1.0,), "merge", Sampling(seed=2 ** 70))
+    info = sd15_renderer.info(sd15_renderer.resolve(job))
+    assert info.scheduler == "dpmpp_2m" and a1111.sampler(info) == ("DPM++ 2M", "Automatic")
+    karras = dataclasses.replace(info, sigmas="karras", seed=3)
+    assert a1111.sampler(karras) == ("DPM++ 2M", "Karras") and comfyui.sampler(karras) == ("dpmpp_2m", "karras")
+    assert "Schedule type: Karras" in a1111.infotext(karras)
+    ddim = dataclasses.replace(info, scheduler="ddim")
+    assert a1111.sampler(ddim) == ("DDIM", "Automatic") and comfyui.sampler(ddim) == ("ddim", "ddim_uniform")
+    assert comfyui.sampler(dataclasses.replace(info, scheduler="euler_a")) == ("euler_ancestral", "normal")
+    # A seed past ComfyUI's range: the PNG gets no graph (rendering goes on), the export says why.
+    from localora.errors import LocaloraError
+    from localora.export import png_texts
+
+    assert "prompt" not in png_texts(info) and "parameters" in png_texts(info)
+    with pytest.raises(LocaloraError, match="outside ComfyUI's range"):
+        comfyui.workflow(info)

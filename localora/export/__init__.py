@@ -50,7 +50,10 @@ def png_texts(info: RenderInfo) -> dict[str, str]:
     """The text chunks of a render's PNG: the infotext, and the ComfyUI graph of a Merge."""
     texts = {INFOTEXT_KEY: infotext(info)}
     if info.reproducible_elsewhere:
-        texts[COMFY_KEY] = json.dumps(workflow(info), ensure_ascii=False)
+        try:
+            texts[COMFY_KEY] = json.dumps(workflow(info), ensure_ascii=False)
+        except LocaloraError:
+            pass  # a weight or seed outside ComfyUI's ranges: no graph, and `export --to comfyui` says why
     return texts
 
 
