@@ -1,6 +1,7 @@
 """Small file helpers shared by the cache, the run folder and the few-shot library.
 
     atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file
+    file_hash(path)               sha256 of a file (and safetensors_data_hash: of its tensor data)
     clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
     hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
     storage_error(e, folder)      an OSError from a full, read-only or missing folder, as one line
@@ -23,16 +24,28 @@ from PIL import Image, UnidentifiedImageError
 
 from localora.errors import LocaloraError
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple[str, int, int, bool], str] = {}
 
 
 def file_hash(path: Path) -> str:
     """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
+    return _sha256(path, skip_header=False)
+
+
+def safetensors_data_hash(path: Path) -> str:
+    """sha256 of a .safetensors file's bytes after its header (what kohya and A1111 call the
+    "addnet" hash: it stays the same when only the metadata changes), remembered likewise."""
+    return _sha256(path, skip_header=True)
+
+
+def _sha256(path: Path, skip_header: bool) -> str:
     st = path.stat()
-    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, skip_header)
     if memo not in _HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as f:
+            if skip_header:  # 8 bytes little-endian header length, then the JSON header
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         _HASHES[memo] = h.hexdigest()

@@ -38,6 +38,9 @@ class DiffusionSpec:
     dtype: str = "float16"
     vae: str | None = None
     negative_prompt: str = ""
+    # A1111's "Model hash" (AutoV2: first 10 hex of the checkpoint file's sha256) of the same
+    # weights, for the infotext; a diffusers folder has no single file to hash.
+    a1111_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,9 @@ def load_catalog(path: Path | None = None) -> Catalog:
                                 f"use source = \"tiny:{d.arch}\" or arch = \"{d.source.removeprefix('tiny:')}\"")
         _choice(d.scheduler, SCHEDULERS, f"{path} [diffusion.{n}] scheduler")
         _choice(d.dtype, DTYPES, f"{path} [diffusion.{n}] dtype")
+        if d.a1111_hash is not None and not re.fullmatch(r"[0-9a-f]{10}", d.a1111_hash):
+            raise LocaloraError(f"{path} [diffusion.{n}]: a1111_hash '{d.a1111_hash}' is not 10 lowercase hex digits "
+                                f"(A1111's AutoV2 hash, as its infotext shows it); fix it or remove the key")
         if d.steps < 1 or d.width % 8 or d.height % 8:
             raise LocaloraError(f"{path} [diffusion.{n}]: steps must be >= 1 and width/height multiples of 8")
     for n, v in comps["vlm"].items():

@@ -25,6 +25,7 @@ from localora.ui.progress import LiveProgress
 from localora.scoring import judge
 from localora.cli import main
 from localora.errors import LocaloraError
+from localora.export import read_source
 from support import one_error_line
 
 SETS = ("demo-character_demo-clothing", "demo-character_demo-style")  # the tiny testbed's 2-element sets
@@ -102,6 +103,8 @@ def test_a_finished_bench_holds_every_row(resumed):
         assert -1 <= r["clip_t"] <= 1 and -1 <= r["clip_i"] <= 1
         assert r["clip_i"] == pytest.approx(statistics.fmean(json.loads(r["clip_i_each"]).values()))
         assert (out / r["image"]).read_bytes().startswith(PNG_SIGNATURE)
+        # a copy of the render's PNG, with the metadata that says how it was made
+        assert read_source(out / r["image"]).info.method == ("merge" if method == "reflect" else method)
     for p in pairs.values():
         assert p["baseline"] == "merge" and p["vlm_calls"] == 2  # both orders, one repeat
         answers = json.loads(p["answers"])

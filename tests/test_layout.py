@@ -16,7 +16,7 @@ ROOT = Path(localora.__file__).parent
 LAYERS = [
     {"errors", "paths", "files", "events", "__init__"},
     {"profiles", "devices", "tiny", "estimates", "hub"},
-    {"diffusion"}, {"export"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
+    {"diffusion", "export"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
 ]
 
 

@@ -178,11 +178,12 @@ class _Runner:
         self.progress.working(f"{case.set_id} seed {case.seed} {method}")
         start, before = time.perf_counter(), self._work()
         prompt = self.plan.testbed.prompt_for(case.combo)
-        image, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
-                                  else (*self._baseline(case, method), None))
+        source, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
+                                   else (*self._baseline(case, method), None))
+        image = open_image(source)
         refs = self._references(case)
         each = {i: float(self.scorer.clip_i(image, images)) for i, images in refs.items()}
-        rel = self._save(image, case, method)
+        rel = self._save(source, case, method)
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method,
@@ -218,18 +219,18 @@ class _Runner:
     def _loras(self, case: Case) -> list[Lora]:
         return [self.plan.loras[x.id] for x in case.combo]
 
-    def _baseline(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float]]:
+    def _baseline(self, case: Case, method: str) -> tuple[Path, dict[str, float]]:
         from localora.diffusion.render import RenderJob
 
         scale = self.plan.testbed.lora_scale
         loras, weights = methods.arrange(method, self._loras(case), (scale,) * len(case.combo))
         job = RenderJob(prompt=self.plan.testbed.prompt_for(case.combo), loras=loras, weights=weights,
                         method=method, sampling=self._sampling(case))
-        return self.renderer.render(job).image, {lo.name: scale for lo in loras}
+        return self.renderer.render(job).path, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float], int]:
-        """The method's search on the case, in its own run folder; the image, weights and the
-        number of candidate renders it was given."""
+    def _search(self, case: Case, method: str) -> tuple[Path, dict[str, float], int]:
+        """The method's search on the case, in its own run folder; the image's file, the weights
+        and the number of candidate renders it was given."""
         from localora.runs import session
         from localora.runs.folder import RunFolder
         from localora.search import STRATEGIES
@@ -258,7 +259,7 @@ class _Runner:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         finally:
             run.close()
-        return run.image(final.image), final.weights, c.iterations * (c.candidates + 1)
+        return run.path / final.image, final.weights, c.iterations * (c.candidates + 1)
 
     def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:
         """Per LoRA: the testbed's reference images, else that LoRA alone at weight 1.0.
@@ -275,9 +276,9 @@ class _Runner:
                     refs[lora.name] = list(lora.references)
                     continue
                 job = reference_job(self.plan.testbed.prompt, lora, self._sampling(case))
-                image = self.renderer.render(job).image
-                self._save(image, case, f"ref-{lora.name}")
-                refs[lora.name] = [image]
+                rendered = self.renderer.render(job)
+                self._save(rendered.path, case, f"ref-{lora.name}")
+                refs[lora.name] = [rendered.image]
             self._refs = (case, refs)
         return self._refs[1]
 
@@ -286,9 +287,10 @@ class _Runner:
 
         return Sampling(seed=case.seed, negative_prompt=self.plan.testbed.negative_prompt)
 
-    def _save(self, image: Image.Image, case: Case, name: str) -> str:
+    def _save(self, source: Path, case: Case, name: str) -> str:
+        """A copy of the PNG as rendered (cache or run folder): pixels and metadata, byte for byte."""
         rel = f"images/{case.set_id}/s{case.seed}-{name}.png"
-        atomic_write(self.out / rel, lambda p: image.save(p, format="PNG"))
+        atomic_write(self.out / rel, lambda p: shutil.copyfile(source, p))
         return rel
 
     def _work(self) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ components below them.
     cli/models.py     models, loras inspect
     cli/vlm.py        ask, doctor
     cli/evaluate.py   score, judge, bench, report
+    cli/export.py     export (to A1111, ComfyUI, diffusers)
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from localora.cli import compose, evaluate, models, render, vlm
+    from localora.cli import compose, evaluate, export, models, render, vlm
 
-    for module in (render, compose, models, vlm, evaluate):
+    for module in (render, compose, models, vlm, evaluate, export):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from localora.cli.options import (catalog_option, lora_dir_option, lora_option, 
                                   sampling_options)
 from localora.diffusion.methods import METHODS
 from localora.errors import LocaloraError
+from localora.files import atomic_write
 
 
 @click.command()
@@ -49,8 +51,11 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
                                              sampling=sampling))
     out_path = Path(out)
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        result.image.save(out_path)
+        if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
+            atomic_write(out_path, lambda p: shutil.copyfile(result.path, p))
+        else:  # another format: Pillow encodes it, without the PNG's metadata
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            result.image.save(out_path)
     except OSError as e:
         raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
     source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"

@@ -3,10 +3,19 @@
 Every render is addressed by a hash of everything that decides its pixels: the model build, the
 LoRA files' contents, the weights, the method and the sampling settings. A render that was made
 before is read back from the cache instead of denoised again.
+
+    CACHE/v2/xx/KEY.png    the image, with its A1111 infotext and (Merge) ComfyUI graph as PNG
+                           text chunks (localora/export): every PNG a user gets is a copy of it
+    CACHE/v2/xx/KEY.json   the job that made it
+
+The chunks name the LoRA files as the render at hand called them; a hit through files of other
+names (same contents, same key) rewrites the chunks, never the pixels, before the image is
+served. The chunks are not part of the key, so adding them needed no new cache format.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -19,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from localora import paths, profiles
+from localora import export, paths, profiles
 from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
@@ -29,6 +38,8 @@ from localora.diffusion.loras import Lora
 from localora.diffusion.rows import is_out_of_memory
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
+from localora.export import png
+from localora.export.info import RenderInfo, render_info
 from localora.profiles import Profile
 
 # 2: Composite on Euler-type schedulers drew its starting noise from the previous render's
@@ -129,6 +140,7 @@ class Renderer:
             key = self.key(one)
             hit = self._cached(key)
             if hit is not None:
+                self._label(self.cache_path(key), one)
                 self.stats.hits += 1
                 out[i] = Rendered(hit, key, self.cache_path(key), True, time.perf_counter() - start)
             else:
@@ -141,7 +153,8 @@ class Renderer:
         for one, image in zip(todo, images):
             key = self.key(one)
             path = self.cache_path(key)
-            atomic_write(path, lambda p: image.save(p, format="PNG"))
+            data = self._png(image, one)
+            atomic_write(path, lambda p: p.write_bytes(data))
             atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(one), indent=1)))
             self.stats.renders += 1
             for n, i in enumerate(misses[key]):
@@ -158,6 +171,29 @@ class Renderer:
         except OSError:
             path.unlink(missing_ok=True)  # a damaged cache entry is rendered again
             return None
+
+    def info(self, job: RenderJob) -> RenderInfo:
+        """What the exports say of this render (job resolved)."""
+        return render_info(job.prompt, [lora.path for lora in job.loras], list(job.weights), job.method,
+                           job.sampling, self.profile, self.devices.device.type)
+
+    def _png(self, image: Image.Image, job: RenderJob) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return export.annotate(buf.getvalue(), self.info(job))
+
+    def _label(self, path: Path, job: RenderJob) -> None:
+        """Give a cached PNG this job's text chunks if it lacks them (made before localora wrote
+        them) or names the LoRAs otherwise; its pixels are copied as they are."""
+        texts = export.png_texts(self.info(job))
+        try:
+            have = png.text_chunks(path)
+            if all(have.get(k) == v for k, v in texts.items()):
+                return
+            data = png.with_text(path.read_bytes(), texts, str(path))
+            atomic_write(path, lambda p: p.write_bytes(data))
+        except (OSError, LocaloraError) as e:  # a read-only shared cache still serves its images
+            log.warning("render cache %s: cannot write its metadata (%s); the image is served without it", path, e)
 
     def batchable(self, job: RenderJob) -> bool:
         return job.method == "merge" and self.profile.diffusion.scheduler not in STOCHASTIC_SCHEDULERS

@@ -1,0 +1,139 @@
+"""A1111 / Forge infotext: the `parameters` text a PNG from stable-diffusion-webui carries.
+
+    infotext(info) -> str          three lines, A1111's layout:
+        <prompt> <lora:NAME:WEIGHT> ...
+        Negative prompt: <negative>                       (only when there is one)
+        Steps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 5.0, Seed: 0, Size: 64x64,
+        [Model hash: ..., ]Model: ..., Lora hashes: "NAME: 0123456789ab, ...", [Note: "...", ]
+        Version: localora 0.1.0, localora: "{...json...}"
+    parse_infotext(text) -> dict   {"prompt", "negative_prompt", "fields", "loras", "localora"}
+    sampler(info) -> (Sampler, Schedule type)
+
+Layout, field order and quoting as A1111 writes them (read in AUTOMATIC1111/stable-diffusion-webui,
+modules/processing.py create_infotext and modules/infotext_utils.py quote / parse_generation_parameters,
+2026-12-01): settings as "Key: value" joined by ", "; a value holding ",", ":" or a newline is
+written as a JSON string. The prompt line holds one <lora:NAME:WEIGHT> tag per LoRA, NAME being the
+file's stem (A1111 finds a LoRA by its stem); "Lora hashes" names them with ":" and "," removed
+(extensions-builtin/Lora/extra_networks_lora.py) and gives the addnet hash's first 12 hex
+(network.py, modules/hashes.py addnet_hash_safetensors). Sampler and schedule labels are
+modules/sd_samplers_kdiffusion.py's and modules/sd_schedulers.py's.
+
+Switch and Composite are not LoRA stacks A1111 can run: their infotext says so in a Note field
+and in the localora entry, and the tags give the weights only as a starting point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from localora import __version__
+from localora.errors import LocaloraError
+from localora.export.info import RenderInfo
+
+# localora's scheduler -> A1111's sampler label. DDIM is A1111's timestep sampler of that name.
+SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
+# the sigma spacing of the diffusers config -> A1111's "Schedule type" label
+SCHEDULE_TYPES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite"}
+
+# A1111's own pattern of one "Key: value" setting (a value is a JSON string or runs to the next ",").
+_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_TAG = re.compile(r"\s*<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
+
+
+def quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def weight_text(w: float) -> str:
+    """The shortest text that reads back as the same float (1.0 -> "1", 0.35 -> "0.35")."""
+    text = repr(float(w))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def sampler(info: RenderInfo) -> tuple[str, str]:
+    return SAMPLERS[info.scheduler], SCHEDULE_TYPES[info.sigmas]
+
+
+def prompt_line(info: RenderInfo) -> str:
+    tags = " ".join(f"<lora:{x.name}:{weight_text(w)}>" for x, w in zip(info.loras, info.weights))
+    return f"{info.prompt} {tags}" if info.prompt else tags
+
+
+def note(info: RenderInfo) -> str | None:
+    """Why stock A1111 cannot redo this render, for Switch and Composite."""
+    if info.method == "switch":
+        return (f"a localora LoRA Switch render (one LoRA active at a time, rotating every {info.switch_every} "
+                f"steps); stock A1111 runs the tags merged, so it gives another image")
+    if info.method == "composite":
+        return ("a localora LoRA Composite render (one UNet pass per LoRA per step); stock A1111 runs the tags "
+                "merged, so it gives another image")
+    return None
+
+
+def settings(info: RenderInfo) -> dict[str, str | None]:
+    """The settings line's fields, in A1111's order; None is left out."""
+    name, schedule = sampler(info)
+    hashes = ", ".join(f"{x.name.replace(':', '').replace(',', '')}: {x.short_hash}" for x in info.loras)
+    return {
+        "Steps": str(info.steps), "Sampler": name, "Schedule type": schedule, "CFG scale": str(float(info.guidance)),
+        "Seed": str(info.seed), "Size": f"{info.width}x{info.height}", "Model hash": info.model_hash,
+        "Model": info.model, "Lora hashes": hashes,
+        "localora method": METHOD_NAMES[info.method] if info.method != "merge" else None, "Note": note(info),
+        "Version": f"localora {__version__}", "localora": info.entry_json(),
+    }
+
+
+def infotext(info: RenderInfo) -> str:
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in settings(info).items() if v is not None)
+    negative = f"\nNegative prompt: {info.negative_prompt}" if info.negative_prompt else ""
+    return f"{prompt_line(info)}{negative}\n{line}"
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """An infotext (localora's or any A1111/Forge one) as
+    {"prompt": the prompt without LoRA tags, "negative_prompt", "fields": {key: unquoted value},
+     "loras": [(name, weight text)] from the tags, "localora": the localora entry or None}.
+    A1111's reading, not its defaults: only fields present are returned."""
+    *lines, last = text.strip().split("\n")
+    if len(_SETTING.findall(last)) < 3:  # A1111's own test: no settings line, all prompt
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {k: unquote(v) for k, v in _SETTING.findall(last)}
+    full = "\n".join(prompt)
+    loras = [(m.group(1), m.group(2)) for m in _TAG.finditer(full)]
+    entry = None
+    if "localora" in fields:
+        try:
+            entry = json.loads(fields["localora"])
+        except ValueError:
+            entry = None
+    return {"prompt": _TAG.sub("", full).strip(), "negative_prompt": "\n".join(negative),
+            "fields": fields, "loras": loras, "localora": entry if isinstance(entry, dict) else None}
+
+
+def read_info(text: str, where: str) -> RenderInfo:
+    """The RenderInfo of a localora infotext; one error line for any other infotext."""
+    entry = parse_infotext(text)["localora"]
+    if entry is None:
+        raise LocaloraError(f"{where}: its infotext was not written by localora (no localora entry); only "
+                            f"localora renders can be exported to this target")
+    return RenderInfo.from_entry(entry, where)

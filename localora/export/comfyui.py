@@ -1,0 +1,105 @@
+"""ComfyUI: the API-format graph ("prompt") that redoes a Merge render with core nodes.
+
+    workflow(info) -> {node id: {"class_type", "inputs"}}
+        1 CheckpointLoaderSimple -> 10.. LoraLoader (one per LoRA, chained on MODEL and CLIP,
+        strength_model = strength_clip = weight) -> 3 / 4 CLIPTextEncode (positive / negative)
+        5 EmptyLatentImage -> 6 KSampler -> 7 VAEDecode -> 8 SaveImage
+    sampler(info) -> (sampler_name, scheduler)
+
+An input wired to another node is [node id, output index], as ComfyUI's API format has it. Only
+Merge is a stock LoRA stack: Switch and Composite renders get no graph (LocaloraError).
+
+The node inputs and the enum values below were read in comfyanonymous/ComfyUI on 2026-12-01:
+nodes.py (INPUT_TYPES of CheckpointLoaderSimple, LoraLoader, CLIPTextEncode, EmptyLatentImage,
+KSampler, VAEDecode, SaveImage) and comfy/samplers.py (KSAMPLER_NAMES / SAMPLER_NAMES,
+SCHEDULER_NAMES). Keep them here, in this one place, and check them again when ComfyUI changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localora.errors import LocaloraError
+from localora.export.info import RenderInfo
+
+# The sampler names localora maps to, a subset of comfy/samplers.py SAMPLER_NAMES.
+SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")
+# comfy/samplers.py SCHEDULER_NAMES, in full.
+SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal")
+# Which inputs each core node takes (nodes.py), to check a graph before it leaves localora.
+NODE_INPUTS = {
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "LoraLoader": ("model", "clip", "lora_name", "strength_model", "strength_clip"),
+    "CLIPTextEncode": ("text", "clip"),
+    "EmptyLatentImage": ("width", "height", "batch_size"),
+    "KSampler": ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                 "latent_image", "denoise"),
+    "VAEDecode": ("samples", "vae"),
+    "SaveImage": ("images", "filename_prefix"),
+}
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range (nodes.py)
+STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip range (nodes.py)
+
+_SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim"}
+# diffusers' default spacing is the model's own timesteps: ComfyUI's "normal"; DDIM's is ddim_uniform.
+_SCHEDULER = {"default": "normal", "karras": "karras", "exponential": "exponential", "beta": "beta"}
+
+
+def sampler(info: RenderInfo) -> tuple[str, str]:
+    name = _SAMPLER[info.scheduler]
+    schedule = "ddim_uniform" if name == "ddim" and info.sigmas == "default" else _SCHEDULER[info.sigmas]
+    return name, schedule
+
+
+def checkpoint_name(info: RenderInfo) -> str:
+    """What ComfyUI's checkpoint list should hold: the checkpoint's file name, or for a diffusers
+    folder the model name (save that model as one .safetensors under that name)."""
+    source = info.source.rstrip("/")
+    return source.rsplit("/", 1)[-1] if source.endswith(".safetensors") else f"{info.model}.safetensors"
+
+
+def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str, Any]]:
+    if not info.reproducible_elsewhere:
+        raise LocaloraError(f"{where}: a {info.method} render has no ComfyUI graph (only Merge is a stock LoRA "
+                            f"stack); export it --to a1111 or --to diffusers, or use a Merge render")
+    name, schedule = sampler(info)
+    graph: dict[str, dict[str, Any]] = {"1": {"class_type": "CheckpointLoaderSimple",
+                                              "inputs": {"ckpt_name": checkpoint_name(info)}}}
+    model, clip = ["1", 0], ["1", 1]
+    for i, (lora, weight) in enumerate(zip(info.loras, info.weights)):
+        node = str(10 + i)
+        graph[node] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": lora.file,
+            "strength_model": float(weight), "strength_clip": float(weight)}}
+        model, clip = [node, 0], [node, 1]
+    graph["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": info.prompt, "clip": clip}}
+    graph["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": info.negative_prompt, "clip": clip}}
+    graph["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": info.width, "height": info.height,
+                                                               "batch_size": 1}}
+    graph["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": info.seed, "steps": info.steps, "cfg": float(info.guidance), "sampler_name": name,
+        "scheduler": schedule, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "localora"}}
+    check(graph, where)
+    return graph
+
+
+def check(graph: dict[str, dict[str, Any]], where: str) -> None:
+    """Every node a core node with exactly its inputs, wires to existing nodes, enums and ranges valid."""
+    for node, spec in graph.items():
+        inputs = spec["inputs"]
+        if tuple(sorted(inputs)) != tuple(sorted(NODE_INPUTS[spec["class_type"]])):
+            raise AssertionError(f"node {node} {spec['class_type']}: inputs {sorted(inputs)}")
+        for value in inputs.values():
+            if isinstance(value, list) and value[0] not in graph:
+                raise AssertionError(f"node {node} wired to missing node {value[0]}")
+        if spec["class_type"] == "KSampler":
+            if inputs["sampler_name"] not in SAMPLER_NAMES or inputs["scheduler"] not in SCHEDULER_NAMES:
+                raise AssertionError(f"KSampler {inputs['sampler_name']} / {inputs['scheduler']}")
+            if not 0 <= inputs["seed"] <= SEED_MAX:
+                raise LocaloraError(f"{where}: seed {inputs['seed']} is outside ComfyUI's range 0..{SEED_MAX}")
+        if spec["class_type"] == "LoraLoader" and not STRENGTH_RANGE[0] <= inputs["strength_model"] <= STRENGTH_RANGE[1]:
+            raise LocaloraError(f"{where}: LoRA weight {inputs['strength_model']} is outside ComfyUI's LoraLoader "
+                                f"range {STRENGTH_RANGE[0]}..{STRENGTH_RANGE[1]}")
