@@ -17,6 +17,7 @@ from PIL import Image
 
 from localora import paths
 from localora.cli import main
+from localora.diffusion.loras import split_lora_tags
 from localora.diffusion.render import RenderJob
 from localora.diffusion.sampling import Sampling
 from localora.export import a1111, comfyui, png, read_source
@@ -73,8 +74,8 @@ def test_the_infotext_has_a1111s_layout_and_reads_back_as_the_render(merged, sdx
     assert lines[2].startswith(f"Steps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: {float(s.guidance)}, "
                                f"Seed: 7, Size: 32x32, Model: tiny-sdxl, Lora hashes: \"")
     parsed = a1111.parse_infotext(text)
-    assert parsed["prompt"] == PROMPT and parsed["negative_prompt"] == s.negative_prompt
-    assert parsed["loras"] == [(stems[0], "0.7"), (stems[1], "1.25")]
+    assert parsed["negative_prompt"] == s.negative_prompt
+    assert split_lora_tags(parsed["prompt"]) == (PROMPT, [(stems[0], 0.7), (stems[1], 1.25)])
     f = parsed["fields"]
     assert list(f) == ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Lora hashes",
                        "Version", "localora"]
@@ -97,8 +98,8 @@ def test_a_stock_a1111_infotext_parses():
             "Model hash: 45dee52b1a, Model: anything-v5, Lora hashes: \"add_detail: 7c6bad76eb54, style-x: "
             "0123456789ab\", Version: v1.10.1")
     p = a1111.parse_infotext(text)
-    assert p["prompt"] == "masterpiece, 1girl, smiling" and p["negative_prompt"] == "lowres, bad hands"
-    assert p["loras"] == [("add_detail", "0.5"), ("style-x", "1")]
+    assert p["negative_prompt"] == "lowres, bad hands"
+    assert split_lora_tags(p["prompt"]) == ("masterpiece, 1girl, smiling", [("add_detail", 0.5), ("style-x", 1.0)])
     assert p["fields"]["Lora hashes"] == "add_detail: 7c6bad76eb54, style-x: 0123456789ab"
     assert p["fields"]["Schedule type"] == "Karras" and p["fields"]["Model hash"] == "45dee52b1a"
     assert p["localora"] is None

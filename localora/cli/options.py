@@ -72,16 +72,23 @@ class LoraRequest:
     choices: list[LoraChoice]
 
 
-def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = (),
-                    prompt: str = "") -> LoraRequest:
-    """--lora NAME_OR_PATH[:WEIGHT] options and <lora:NAME:WEIGHT> prompt tags -> LoraChoices. A name
-    is a catalog entry, else a path, else a file stem in the LoRA folders; the same file twice is an error."""
+def lora_sources(profile, catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = ()):
+    """What LoRA names can mean for this profile: the catalog entries, and the LoRA folders."""
     from localora import profiles
     from localora.diffusion import loras
 
     known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
                               [Path(c) for c in catalogs])
-    folders = loras.lora_folders(lora_dirs)
+    return known, loras.lora_folders(lora_dirs)
+
+
+def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = (),
+                    prompt: str = "") -> LoraRequest:
+    """--lora NAME_OR_PATH[:WEIGHT] options and <lora:NAME:WEIGHT> prompt tags -> LoraChoices. A name
+    is a catalog entry, else a path, else a file stem in the LoRA folders; the same file twice is an error."""
+    from localora.diffusion import loras
+
+    known, folders = lora_sources(profile, catalogs, lora_dirs)
     text, tags = loras.split_lora_tags(prompt)
     labelled = [(f"--lora {s}", loras.parse_choice(s, known, folders)) for s in specs]
     for name, weight in tags:

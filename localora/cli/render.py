@@ -7,15 +7,20 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import (catalog_option, lora_dir_option, lora_option, profile_option, resolve_request,
-                                  sampling_options)
+from localora.cli.options import (catalog_option, lora_dir_option, lora_option, lora_sources, profile_option,
+                                  resolve_request, sampling_options)
 from localora.diffusion.methods import METHODS
 from localora.errors import LocaloraError
 from localora.files import atomic_write
 
 
+# What --from takes from the image, so giving one of these beside it is an error, not ignored.
+_FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "width", "height", "negative",
+               "switch_every", "no_triggers")
+
+
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @profile_option
 @lora_option("A LoRA by catalog name, .safetensors path or file stem in a --lora-dir, with an optional weight; "
              "repeatable. <lora:NAME:WEIGHT> tags in PROMPT add LoRAs too.")
@@ -26,29 +31,29 @@ from localora.files import atomic_write
 @sampling_options
 @click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True, help="LoRA Switch: steps per turn.")
 @click.option("--no-triggers", is_flag=True, help="Do not append the LoRAs' trigger words to the prompt.")
+@click.option("--from", "from_image", type=click.Path(dir_okay=False), default=None,
+              help="Render again what a PNG describes: a localora PNG exactly (its LoRAs found by sha256 in its "
+                   "run folder, a catalog or the --lora-dir folders), or an A1111/Forge PNG's prompt, <lora:...> "
+                   "tags, steps, CFG scale, seed and size.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="render.png", show_default=True)
-def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, out):
+def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, from_image, out):
     """Render PROMPT with several LoRAs combined by one method (merge, switch or composite).
 
     LoRAs come from --lora and from A1111-style <lora:NAME:WEIGHT> tags in PROMPT (removed from the
     text the model reads). Weights default to the A1111 sidecar's preferred weight, else 1.0.
     Switch runs the LoRAs character first, then clothing, style, background, object. Identical
-    requests are served from the render cache.
+    requests are served from the render cache. With --from IMAGE.png, every setting comes from
+    the image instead.
     """
-    from localora.diffusion import loras, methods
-    from localora.diffusion.render import Renderer, RenderJob
-    from localora.profiles import load_profile
+    from localora.diffusion.render import Renderer
 
-    prof = load_profile(profile)
-    request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
-    choices, prompt = request.choices, request.prompt
-    if not choices:
-        raise LocaloraError("generate needs a LoRA: give --lora NAME, or a <lora:NAME> tag in the prompt")
-    chosen, weights = methods.arrange(method, [c.lora for c in choices],
-                                      [1.0 if c.weight is None else c.weight for c in choices])
-    text = prompt if no_triggers else loras.with_triggers(prompt, list(chosen))
-    result = Renderer(prof).render(RenderJob(prompt=text, loras=chosen, weights=weights, method=method,
-                                             sampling=sampling))
+    if from_image is not None:
+        prof, job, notes = _from_image(Path(from_image), profile, catalog, lora_dirs)
+    else:
+        prof, job, notes = _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers)
+    for line in notes:
+        click.echo(f"note: {line}", err=True)
+    result = Renderer(prof).render(job)
     out_path = Path(out)
     try:
         if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
@@ -59,7 +64,48 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     except OSError as e:
         raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
     source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"
-    click.echo(f"{out_path}  ({method}, seed {sampling.seed}, {source})")
+    click.echo(f"{out_path}  ({job.method}, seed {job.sampling.seed}, {source})")
+
+
+def _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers):
+    from localora.diffusion import loras, methods
+    from localora.diffusion.render import RenderJob
+    from localora.profiles import load_profile
+
+    if prompt is None:
+        raise LocaloraError("generate needs a PROMPT (or --from IMAGE.png)")
+    prof = load_profile(profile)
+    request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
+    choices, prompt = request.choices, request.prompt
+    if not choices:
+        raise LocaloraError("generate needs a LoRA: give --lora NAME, or a <lora:NAME> tag in the prompt")
+    chosen, weights = methods.arrange(method, [c.lora for c in choices],
+                                      [1.0 if c.weight is None else c.weight for c in choices])
+    text = prompt if no_triggers else loras.with_triggers(prompt, list(chosen))
+    return prof, RenderJob(prompt=text, loras=chosen, weights=weights, method=method, sampling=sampling), ()
+
+
+def _from_image(path: Path, profile, catalog, lora_dirs):
+    from localora import profiles
+    from localora.diffusion.render import RenderJob
+    from localora.export import read_source
+    from localora.export.replay import replay
+
+    ctx = click.get_current_context()
+    given = [name for name in _FROM_TAKES
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        flags = ", ".join("PROMPT" if n == "prompt" else "--" + n.replace("_", "-").removesuffix("-specs")
+                          for n in given)
+        raise LocaloraError(f"--from takes every setting from the image; leave out {flags}")
+    source = read_source(path)
+    if source.info is not None and profile is None:
+        profile = source.info.profile
+    prof = profiles.load_profile(profile)
+    again = replay(source, prof, *lora_sources(prof, catalog, lora_dirs))
+    job = RenderJob(prompt=again.prompt, loras=again.loras, weights=again.weights, method=again.method,
+                    sampling=again.sampling)
+    return prof, job, again.notes
 
 
 COMMANDS = [generate]

@@ -6,7 +6,7 @@
         Steps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 5.0, Seed: 0, Size: 64x64,
         [Model hash: ..., ]Model: ..., Lora hashes: "NAME: 0123456789ab, ...", [Note: "...", ]
         Version: localora 0.1.0, localora: "{...json...}"
-    parse_infotext(text) -> dict   {"prompt", "negative_prompt", "fields", "loras", "localora"}
+    parse_infotext(text) -> dict   {"prompt", "negative_prompt", "fields", "localora"}
     sampler(info) -> (Sampler, Schedule type)
 
 Layout, field order and quoting as A1111 writes them (read in AUTOMATIC1111/stable-diffusion-webui,
@@ -40,7 +40,6 @@ METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite"}
 
 # A1111's own pattern of one "Key: value" setting (a value is a JSON string or runs to the next ",").
 _SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_TAG = re.compile(r"\s*<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
 
 
 def quote(value: Any) -> str:
@@ -104,8 +103,8 @@ def infotext(info: RenderInfo) -> str:
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """An infotext (localora's or any A1111/Forge one) as
-    {"prompt": the prompt without LoRA tags, "negative_prompt", "fields": {key: unquoted value},
-     "loras": [(name, weight text)] from the tags, "localora": the localora entry or None}.
+    {"prompt": the prompt line as written, <lora:...> tags included (diffusion.loras.split_lora_tags
+     reads them), "negative_prompt", "fields": {key: unquoted value}, "localora": the entry or None}.
     A1111's reading, not its defaults: only fields present are returned."""
     *lines, last = text.strip().split("\n")
     if len(_SETTING.findall(last)) < 3:  # A1111's own test: no settings line, all prompt
@@ -118,16 +117,14 @@ def parse_infotext(text: str) -> dict[str, Any]:
             line = line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     fields = {k: unquote(v) for k, v in _SETTING.findall(last)}
-    full = "\n".join(prompt)
-    loras = [(m.group(1), m.group(2)) for m in _TAG.finditer(full)]
     entry = None
     if "localora" in fields:
         try:
             entry = json.loads(fields["localora"])
         except ValueError:
             entry = None
-    return {"prompt": _TAG.sub("", full).strip(), "negative_prompt": "\n".join(negative),
-            "fields": fields, "loras": loras, "localora": entry if isinstance(entry, dict) else None}
+    return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative),
+            "fields": fields, "localora": entry if isinstance(entry, dict) else None}
 
 
 def read_info(text: str, where: str) -> RenderInfo:

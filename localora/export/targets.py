@@ -3,6 +3,8 @@
     to_a1111(source)      the prompt line with <lora:...> tags and the settings line
     to_comfyui(source)    the API-format workflow JSON (Merge renders only)
     to_diffusers(source)  a diffusers script; LoRA paths from the run folder when it knows them
+    to_lora(source, out, profile, catalog, folders)
+                          the render's LoRAs baked at its weights into one kohya LoRA file (export/bake.py)
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import json
 from pathlib import Path
 
 from localora import profiles
+from localora.diffusion.loras import Lora, LoraFolders
+from localora.errors import LocaloraError
 from localora.export import Source, comfyui
+from localora.export.replay import lora_paths, source_loras
 from localora.export.script import diffusers_script
-from localora.files import file_hash
+from localora.profiles import Profile
 
 
 def to_a1111(source: Source) -> str:
@@ -32,19 +37,20 @@ def to_diffusers(source: Source) -> str:
     return diffusers_script(info, source=model, lora_paths=lora_paths(source))
 
 
-def lora_paths(source: Source) -> list[Path] | None:
-    """The run's LoRA files, matched by sha256, when the run folder still knows them all."""
-    if source.run_dir is None:
-        return None
-    try:
-        run = json.loads((source.run_dir / "run.json").read_text(encoding="utf-8"))
-        known = {x["sha256"]: Path(x["path"]) for x in run["config"]["loras"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    out = []
-    for lora in source.localora().loras:
-        path = known.get(lora.sha256)
-        if path is None or not path.is_file() or file_hash(path) != lora.sha256:
-            return None
-        out.append(path)
-    return out
+def to_lora(source: Source, out: Path, profile: Profile, catalog: dict[str, Lora], folders: LoraFolders) -> str:
+    """Bake the image's LoRAs at its weights into `out`; returns what to tell the user. The baked
+    file at weight 1.0 renders the image's Merge (for Switch or Composite, their weights merged)."""
+    from localora.diffusion.render import Renderer
+    from localora.export.bake import bake_lora
+
+    info = source.localora()
+    if info.profile != profile.name:
+        raise LocaloraError(f"{source.path}: rendered with profile '{info.profile}', not '{profile.name}'; "
+                            f"give --profile {info.profile} (or leave --profile out)")
+    found = source_loras(source, catalog, folders)
+    result = bake_lora(Renderer(profile), found, info.weights, out, title=Path(out).stem)
+    weights = ", ".join(f"{lo.name}={w:g}" for lo, w in zip(found, info.weights))
+    line = f"{result.path}  (one kohya LoRA of rank {result.max_rank} from {weights}; use it at weight 1.0)"
+    if not info.reproducible_elsewhere:
+        line += f"; note: this is the Merge of a {info.method} render's weights, so it renders another image"
+    return line
