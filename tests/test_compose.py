@@ -168,6 +168,8 @@ def test_report_is_self_contained_html_showing_every_iteration(demo):
     assert "http://" not in page.replace("http://www.w3.org/", "") and "https://" not in page
     assert "Iteration 1" in page and "Iteration 2" in page and "<svg" in page and "Final pick" in page
     assert "a portrait of a girl in a garden" in page
+    # The final pick's A1111 line, as final.png stores it, with a button that copies it.
+    assert "&lt;lora:demo-character:" in page and "Steps: " in page and "navigator.clipboard.writeText" in page
     for name in ("demo-character", "demo-clothing", "demo-style"):
         assert f"<td>{name}</td>" in page and f"<figcaption>{name}</figcaption>" in page  # table, reference
 
