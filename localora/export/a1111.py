@@ -7,6 +7,7 @@
         [Model hash: ..., ]Model: ..., Lora hashes: "NAME: 0123456789ab, ...", [Note: "...", ]
         Version: localora 0.1.0, localora: "{...json...}"
     parse_infotext(text) -> dict   {"prompt", "negative_prompt", "fields", "localora"}
+    for_people(text) -> str        the infotext without the localora entry, to paste into A1111
     sampler(info) -> (Sampler, Schedule type)
 
 Layout, field order and quoting as A1111 writes them (read in AUTOMATIC1111/stable-diffusion-webui,
@@ -125,6 +126,16 @@ def parse_infotext(text: str) -> dict[str, Any]:
             entry = None
     return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative),
             "fields": fields, "localora": entry if isinstance(entry, dict) else None}
+
+
+def for_people(text: str) -> str:
+    """An infotext without its `localora` entry: what a person pastes into A1111's prompt box (A1111
+    ignores the entry, but it is a screenful of JSON). The PNG itself keeps the whole text."""
+    parsed = parse_infotext(text)
+    fields = {k: v for k, v in parsed["fields"].items() if k != "localora"}
+    negative = f"\nNegative prompt: {parsed['negative_prompt']}" if parsed["negative_prompt"] else ""
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items())
+    return f"{parsed['prompt']}{negative}\n{line}" if line else f"{parsed['prompt']}{negative}"
 
 
 def read_info(text: str, where: str) -> RenderInfo:

@@ -1,6 +1,6 @@
 """The `localora export --to` targets: Source -> the text written to -o or printed.
 
-    to_a1111(source)      the prompt line with <lora:...> tags and the settings line
+    to_a1111(source)      the prompt line with <lora:...> tags and the settings line (no localora entry)
     to_comfyui(source)    the API-format workflow JSON (Merge renders only)
     to_diffusers(source)  a diffusers script; LoRA paths from the run folder when it knows them
     to_lora(source, out, profile, catalog, folders)
@@ -15,14 +15,14 @@ from pathlib import Path
 from localora import profiles
 from localora.diffusion.loras import Lora, LoraFolders
 from localora.errors import LocaloraError
-from localora.export import Source, comfyui
+from localora.export import Source, a1111, comfyui
 from localora.export.replay import lora_paths, source_loras
 from localora.export.script import diffusers_script
 from localora.profiles import Profile
 
 
 def to_a1111(source: Source) -> str:
-    return source.infotext.strip() + "\n"
+    return a1111.for_people(source.infotext) + "\n"
 
 
 def to_comfyui(source: Source) -> str:

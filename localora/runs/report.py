@@ -58,7 +58,9 @@ def _figure(path: Path | None, caption: str, cls: str = "", link: str | None = N
 
 
 def _infotext(path: Path) -> str | None:
-    """The A1111 `parameters` text stored in a PNG, if it has one."""
+    """The A1111 line stored in a PNG (its `parameters` chunk, without the localora entry), if any."""
+    from localora.export import a1111
+
     if not path.is_file():
         return None
     try:
@@ -66,7 +68,7 @@ def _infotext(path: Path) -> str | None:
             text = im.info.get("parameters")
     except OSError:
         return None
-    return text if isinstance(text, str) and text.strip() else None
+    return a1111.for_people(text) if isinstance(text, str) and text.strip() else None
 
 
 # One inline handler, no external script: copies the <pre> before the button.
