@@ -37,3 +37,134 @@ def test_atomic_writes_get_the_mode_the_umask_gives(tmp_path, umask):
     want = 0o666 & ~umask
     for name in ("run.json", "images/x.png", "plain.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+# ------------------------------------------------------------------ LoRA files that lie
+
+SMALL = ["--steps", "1", "--width", "32", "--height", "32"]
+
+
+def gen(lora, tmp_path, profile="tiny"):
+    return run("generate", "x", "-p", profile, "-l", lora, "-o", tmp_path / "out.png", *SMALL)
+
+
+def _demo_tensors(demo_loras, arch="sdxl"):
+    from safetensors.torch import load_file
+
+    return load_file(str(next(lo.path for lo in demo_loras[arch] if lo.name == "demo-style")))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_lora_with_nan_or_inf_tensors_is_one_line_at_inspect(demo_loras, tmp_path, value):
+    from safetensors.torch import save_file
+
+    tensors = _demo_tensors(demo_loras)
+    key = sorted(k for k in tensors if "lora_A" in k)[3]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[5] = float(value)
+    bad = tmp_path / "poisoned.safetensors"
+    save_file(tensors, str(bad))
+    one_error_line(run("loras", "inspect", bad), str(bad), key, "NaN/Inf")
+    if value == "inf":  # before the render loads it, not after a black render
+        one_error_line(gen(bad, tmp_path), str(bad), key, "NaN/Inf")
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_the_finite_check_reads_a_file_once_per_content(demo_loras, tmp_path, monkeypatch):
+    from localora.diffusion import loras
+
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style").read_bytes())
+    reads = []
+    real = loras._first_nonfinite
+    monkeypatch.setattr(loras, "_first_nonfinite", lambda p: reads.append(p) or real(p))
+    loras._NONFINITE.clear()
+    loras.inspect(copy)
+    loras.inspect(copy)
+    renamed = tmp_path / "renamed.safetensors"
+    renamed.write_bytes(copy.read_bytes())
+    loras.inspect(renamed)
+    assert reads == [copy]
+
+
+def test_mismatched_up_down_ranks_are_one_line(demo_loras, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = _demo_tensors(demo_loras)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 2)
+    bad = tmp_path / "ranks.safetensors"
+    save_file(tensors, str(bad))
+    one_error_line(run("loras", "inspect", bad), str(bad), "mismatched ranks", key, "rank 6", "rank 4")
+    one_error_line(gen(bad, tmp_path), str(bad), "mismatched ranks")
+    del tensors[key]
+    save_file(tensors, str(bad))
+    one_error_line(run("loras", "inspect", bad), str(bad), f"no matching {key}")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_a_pickle_renamed_safetensors_says_so_unopened(tmp_path, how):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "unpickled"
+    f = tmp_path / "lora.safetensors"
+    if how == "torch.save":
+        torch.save({"w": torch.zeros(2), "payload": _Payload(str(marker))}, f)
+        assert f.read_bytes()[:4] == b"PK\x03\x04"
+    else:
+        f.write_bytes(pickle.dumps(_Payload(str(marker)), protocol=4))
+    for result in (run("loras", "inspect", f), gen(f, tmp_path)):
+        one_error_line(result, str(f), "this is a pickle, not safetensors")
+    assert not marker.exists()
+
+
+def _lora_file(path: Path, pairs: dict[str, tuple[int, int]], kohya: bool = False) -> Path:
+    """A LoRA with one (down, up) pair per module name: (in, out) widths, rank 4."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (width_in, width_out) in pairs.items():
+        down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+        tensors[name + down] = torch.zeros(4, width_in)
+        tensors[name + up] = torch.zeros(width_out, 4)
+    save_file(tensors, str(path))
+    return path
+
+
+FOREIGN = {
+    "flux-diffusers": ("Flux", {"transformer.single_transformer_blocks.0.attn.to_k": (64, 64)}, False),
+    "flux-kohya": ("Flux", {"lora_unet_double_blocks_0_img_attn_qkv": (64, 192)}, True),
+    "sd3-diffusers": ("SD3", {"transformer.transformer_blocks.0.ff_context.net.0.proj": (64, 256)}, False),
+    "sd3-kohya": ("SD3", {"lora_unet_joint_blocks_0_context_block_attn_qkv": (64, 192)}, True),
+    "sd2": ("SD2", {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (1024, 320)}, False),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_flux_sd3_and_sd2_loras_are_recognised(tmp_path, kind):
+    base, pairs, kohya = FOREIGN[kind]
+    f = _lora_file(tmp_path / f"{kind}.safetensors", pairs, kohya)
+    r = run("loras", "inspect", f)
+    assert r.exit_code == 0, r.output
+    assert f"base      {base} (" in r.output
+
+
+@pytest.mark.parametrize("kind,profile,ours", [("flux-diffusers", "tiny", "SDXL"), ("sd3-kohya", "tiny", "SDXL"),
+                                               ("sd2", "tiny-sd15", "SD1.5")])
+def test_a_foreign_base_lora_is_one_line_naming_both_bases(tmp_path, kind, profile, ours):
+    base, pairs, kohya = FOREIGN[kind]
+    f = _lora_file(tmp_path / f"{kind}.safetensors", pairs, kohya)
+    one_error_line(gen(f, tmp_path, profile), str(f), f"{base} LoRA", f"profile's base is {ours}",
+                   "renders SDXL and SD1.5 only")

@@ -85,12 +85,14 @@ def adapter_name(file_hash: str) -> str:
 
 def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
     """Load one LoRA file as adapter `name`, or fail with one line saying why it does not fit."""
-    info = loralib.inspect(lora.path)
+    info = loralib.inspect(lora.path)  # also refuses NaN/Inf tensors and mismatched ranks
     if info.arch and info.arch != arch:
-        raise LocaloraError(
-            f"{lora.path}: this is an {loralib.ARCH_NAMES[info.arch]} LoRA ({info.arch_evidence}) but the "
-            f"profile's base is {loralib.ARCH_NAMES[arch]}; use a profile with an {loralib.ARCH_NAMES[info.arch]} base"
-        )
+        theirs, ours = loralib.ARCH_NAMES[info.arch], loralib.ARCH_NAMES[arch]
+        article = "a" if theirs == "Flux" else "an"
+        fix = (f"use a profile with {article} {theirs} base" if info.arch in profiles.ARCHS
+               else f"localora renders SDXL and SD1.5 only: use a LoRA trained for {ours}")
+        raise LocaloraError(f"{lora.path}: this is {article} {theirs} LoRA ({info.arch_evidence}) but the "
+                            f"profile's base is {ours}; {fix}")
     before = _lora_layer_count(pipe)
     logging.getLogger("peft").setLevel(logging.ERROR)
     try:
