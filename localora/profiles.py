@@ -234,6 +234,21 @@ def locate(source: str, what: str) -> Path:
         ) from None
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_no_pickled_weights(path: Path, what: str) -> None:
+    """After a load with use_safetensors failed: if the folder holds pickled weights where the
+    safetensors should be, say so in one line (the loader's own message is about missing files)."""
+    pickled = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*")
+                     if p.suffix.lower() in PICKLED_WEIGHTS and p.is_file())
+    if pickled:
+        shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
+        raise LocaloraError(f"{what}: {path} has pickled weights ({shown}) but not all of their .safetensors; "
+                            f"pickles can run code when loaded, so localora loads only safetensors: fetch the "
+                            f"model's .safetensors files, or convert them with a trusted tool")
+
+
 def availability(source: str) -> str:
     """'ok', 'built on first use' or the reason it is missing; for `localora models`."""
     if is_tiny(source):

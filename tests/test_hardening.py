@@ -168,3 +168,62 @@ def test_a_foreign_base_lora_is_one_line_naming_both_bases(tmp_path, kind, profi
     f = _lora_file(tmp_path / f"{kind}.safetensors", pairs, kohya)
     one_error_line(gen(f, tmp_path, profile), str(f), f"{base} LoRA", f"profile's base is {ours}",
                    "renders SDXL and SD1.5 only")
+
+
+# ------------------------------------------------------------------ safetensors only, for models too
+
+def _models_toml(tmp_path, old: str, new: str) -> dict[str, str]:
+    from localora import paths
+
+    text = paths.models_toml().read_text()
+    assert old in text
+    changed = tmp_path / "models.toml"
+    changed.write_text(text.replace(old, new, 1))
+    return {"LOCALORA_MODELS": str(changed)}
+
+
+def _pickled_copy(part: str, weights: str, tmp_path) -> tuple[Path, Path]:
+    """A copy of a tiny model folder whose `weights` safetensors file is now a torch.save .bin (with
+    a payload that would leave a marker file if it were ever unpickled); (folder, marker)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from localora import tiny
+
+    folder = tmp_path / f"{part}-bin"
+    shutil.copytree(tiny.ensure(part), folder)
+    marker = tmp_path / "unpickled"
+    safetensors = folder / weights
+    bin_name = {"model.safetensors": "pytorch_model.bin"}.get(safetensors.name, safetensors.stem + ".bin")
+    torch.save({**load_file(str(safetensors)), "payload": _Payload(str(marker))}, safetensors.with_name(bin_name))
+    safetensors.unlink()
+    return folder, marker
+
+
+def test_a_diffusion_folder_with_only_bin_weights_is_one_line_never_unpickled(tmp_path, demo_loras):
+    folder, marker = _pickled_copy("sdxl", "unet/diffusion_pytorch_model.safetensors", tmp_path)
+    env = _models_toml(tmp_path, 'source = "tiny:sdxl"', f'source = "{folder}"')
+    style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    result = run("generate", "x", "-l", style, "-o", tmp_path / "out.png", *SMALL, env=env)
+    one_error_line(result, str(folder), "unet/diffusion_pytorch_model.bin", "localora loads only safetensors")
+    assert not marker.exists()
+
+
+def test_a_vlm_folder_with_only_bin_weights_is_one_line_never_unpickled(tmp_path):
+    folder, marker = _pickled_copy("qwen2-vl", "model.safetensors", tmp_path)
+    env = _models_toml(tmp_path, 'source = "tiny:qwen2-vl"', f'source = "{folder}"')
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    result = run("ask", "what is it?", "--image", image, env=env)
+    one_error_line(result, "VLM", str(folder), "pytorch_model.bin", "localora loads only safetensors")
+    assert not marker.exists()
+
+
+def test_a_clip_folder_with_only_bin_weights_is_one_line(tmp_path):
+    folder, _ = _pickled_copy("clip", "open_clip_model.safetensors", tmp_path)
+    env = _models_toml(tmp_path, 'source = "tiny:clip"', f'source = "{folder}"')
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    one_error_line(run("score", image, "--prompt", "a cat", env=env), str(folder), "safetensors")
