@@ -121,6 +121,9 @@ def check_tiny_source(source: str, kind: str, where: str) -> None:
         raise LocaloraError(f"{where}: no tiny {kind} model '{source}'; known: {known}")
 
 
+TOP_LEVEL_KEYS = ("default_profile", "profiles", "diffusion", "vlm", "clip")
+
+
 def load_catalog(path: Path | None = None) -> Catalog:
     """Read and check models.toml; every error names the file and the table at fault."""
     path = Path(path) if path else paths.models_toml()
@@ -131,6 +134,8 @@ def load_catalog(path: Path | None = None) -> Catalog:
     except tomllib.TOMLDecodeError as e:
         raise LocaloraError(f"{path}: not valid TOML ({e}); fix the file or restore it from the project") from None
 
+    # A misspelt table ([profile.x] for [profiles.x]) would otherwise be silently ignored.
+    check_keys(data, TOP_LEVEL_KEYS, (), str(path))
     comps: dict[str, dict[str, Any]] = {}
     for kind, cls in (("diffusion", DiffusionSpec), ("vlm", VLMSpec), ("clip", ClipSpec)):
         comps[kind] = {n: _build(cls, n, t, f"{path} [{kind}.{n}]") for n, t in data.get(kind, {}).items()}
@@ -249,14 +254,26 @@ def check_no_pickled_weights(path: Path, what: str) -> None:
                             f"model's .safetensors files, or convert them with a trusted tool")
 
 
-def availability(source: str) -> str:
-    """'ok', 'built on first use' or the reason it is missing; for `localora models`."""
+# The file that makes a folder a model of each kind; without it, a folder is not "ok" (an empty
+# folder, or the wrong one, would otherwise pass until the first load).
+MODEL_FILES = {"diffusion": "model_index.json", "vae": "config.json", "vlm": "config.json",
+               "clip": "open_clip_config.json"}
+
+
+def availability(source: str, kind: str | None = None) -> str:
+    """'ok', 'built on first use' or the reason it is missing; for `localora models`. A local
+    folder must hold the file of a model of `kind` (any kind's when not given)."""
     if is_tiny(source):
         from localora import tiny
 
         return "ok" if tiny.is_built(source.removeprefix("tiny:")) else "built on first use"
     try:
-        locate(source, source)
-        return "ok"
+        path = locate(source, source)
     except LocaloraError as e:
         return "missing: " + str(e).split(": ", 1)[1]
+    if path.is_dir():
+        wanted = [MODEL_FILES[kind]] if kind else sorted(set(MODEL_FILES.values()))
+        if not any((path / name).is_file() for name in wanted):
+            what = f"a {kind} model" if kind else "a model"
+            return f"missing: {path} has no {' or '.join(wanted)}, so it is not {what} folder; fix `source` in models.toml"
+    return "ok"

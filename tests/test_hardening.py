@@ -227,3 +227,28 @@ def test_a_clip_folder_with_only_bin_weights_is_one_line(tmp_path):
     image = tmp_path / "a.png"
     Image.new("RGB", (32, 32)).save(image)
     one_error_line(run("score", image, "--prompt", "a cat", env=env), str(folder), "safetensors")
+
+
+# ------------------------------------------------------------------ config that lies
+
+@pytest.mark.parametrize("old,kind,wanted", [('source = "tiny:sdxl"', "diffusion", "model_index.json"),
+                                             ('source = "tiny:qwen2-vl"', "vlm", "config.json"),
+                                             ('source = "tiny:clip"', "clip", "open_clip_config.json")])
+def test_an_empty_folder_as_source_is_not_ok(tmp_path, old, kind, wanted):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run("models", env=_models_toml(tmp_path, old, f'source = "{empty}"'))
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.strip().startswith(kind) and str(empty) in ln)
+    assert f"missing: {empty} has no {wanted}" in line and " ok" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+inf"])
+def test_guidance_that_is_not_finite_is_refused_when_read(tmp_path, value):
+    env = _models_toml(tmp_path, "guidance = ", f"guidance = {value} #")
+    one_error_line(run("models", env=env), "models.toml", "[diffusion.tiny-sdxl]", "'guidance' must be float")
+
+
+def test_a_misspelt_top_level_table_names_the_key_and_file(tmp_path):
+    env = _models_toml(tmp_path, "[profiles.tiny]\n", '[profile.mine]\ndiffusion = "tiny-sdxl"\n\n[profiles.tiny]\n')
+    one_error_line(run("models", env=env), env["LOCALORA_MODELS"], "unknown key(s) profile", "profiles")

@@ -21,9 +21,9 @@ def models():
     for p in cat.profiles.values():
         click.echo(f"\n{p.name}: {p.description}")
         for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):
-            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source)}")
+            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source, kind)}")
             if kind == "diffusion" and spec.vae:
-                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae)}")
+                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae, 'vae')}")
 
 
 @click.command()
