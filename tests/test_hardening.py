@@ -252,3 +252,27 @@ def test_guidance_that_is_not_finite_is_refused_when_read(tmp_path, value):
 def test_a_misspelt_top_level_table_names_the_key_and_file(tmp_path):
     env = _models_toml(tmp_path, "[profiles.tiny]\n", '[profile.mine]\ndiffusion = "tiny-sdxl"\n\n[profiles.tiny]\n')
     one_error_line(run("models", env=env), env["LOCALORA_MODELS"], "unknown key(s) profile", "profiles")
+
+
+# ------------------------------------------------------------------ the LoRA catalog
+
+@pytest.mark.parametrize("line,key", [('trigger = "my hero"', "trigger"), ('categroy = "style"', "categroy")])
+def test_a_catalog_key_that_is_not_known_names_the_key_entry_and_file(tmp_path, demo_loras, line, key):
+    style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    cat = tmp_path / "cat.toml"
+    cat.write_text(f'[loras.hero]\nfile = "{style}"\n{line}\n')
+    one_error_line(run("generate", "x", "--catalog", cat, "-l", "hero", *SMALL), str(cat), "[loras.hero]",
+                   f"unknown key(s) {key}", "triggers")
+
+
+def test_a_catalog_entry_without_triggers_keeps_the_files_own(tmp_path, demo_loras):
+    from localora.diffusion import loras
+
+    character = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-character")
+    cat = tmp_path / "cat.toml"
+    cat.write_text(f'[loras.hero]\nfile = "{character}"\ncategory = "character"\n')
+    hero = loras.find_lora("hero", loras.read_catalog(cat), None, "--lora hero")
+    assert (hero.name, hero.category, hero.triggers) == ("hero", "character", "demo character, red hair")
+    cat.write_text('loras_dir = "x"\n')
+    with pytest.raises(loras.LocaloraError, match="unknown key.*loras_dir"):
+        loras.read_catalog(cat)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, check_keys
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -390,6 +390,9 @@ def lora_from_file(path: Path, name: str | None = None, category: str | None = N
 
 # ------------------------------------------------------------------ catalogs
 
+CATALOG_KEYS = ("file", "category", "triggers", "references")
+
+
 def read_catalog(path: Path) -> dict[str, Lora]:
     """[loras.NAME] tables: file (relative to the catalog), category, triggers, references."""
     try:
@@ -398,11 +401,20 @@ def read_catalog(path: Path) -> dict[str, Lora]:
         raise LocaloraError(f"{path}: LoRA catalog not found") from None
     except tomllib.TOMLDecodeError as e:
         raise LocaloraError(f"{path}: not valid TOML ({e})") from None
+    check_keys(data, ("loras",), (), str(path))
     out = {}
     for name, t in data.get("loras", {}).items():
         where = f"{path} [loras.{name}]"
         if not isinstance(t, dict) or "file" not in t:
             raise LocaloraError(f"{where}: needs at least file = \"NAME.safetensors\"")
+        # A misspelt key (trigger, categroy) would be dropped, and the entry's empty triggers would
+        # then also hide the file's own trigger words.
+        check_keys(t, CATALOG_KEYS, ("file",), where)
+        for key in ("file", "triggers"):
+            if key in t and not isinstance(t[key], str):
+                raise LocaloraError(f"{where}: '{key}' must be a string, got {t[key]!r}")
+        if not isinstance(t.get("references", []), list) or not all(isinstance(r, str) for r in t.get("references", [])):
+            raise LocaloraError(f"{where}: 'references' must be a list of image paths, got {t['references']!r}")
         category = t.get("category")
         if category is not None and category not in CATEGORIES:
             raise LocaloraError(f"{where}: category '{category}' is not one of {', '.join(CATEGORIES)}")
@@ -453,6 +465,8 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
         lora = catalog[target]
         if not lora.path.is_file():
             raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
+        if not lora.triggers:  # an entry without triggers keeps the file's own (header, then sidecar)
+            lora = lora_from_file(lora.path, lora.name, lora.category, None, lora.references)
         return lora
     path = Path(target).expanduser()
     check_suffix(path)
