@@ -183,6 +183,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
     default = data.get("default_profile", "tiny")
     if default not in profiles:
         raise LocaloraError(f"{path}: default_profile '{default}' is not a defined profile")
+    user = paths.read_config()  # the user's own default wins over the file's
+    if user.default_profile is not None:
+        if user.default_profile not in profiles:
+            raise LocaloraError(f"{user.path}: default_profile '{user.default_profile}' is not a profile of {path}; "
+                                f"known profiles: {', '.join(sorted(profiles))}")
+        default = user.default_profile
     return Catalog(path=path, default_profile=default, profiles=profiles)
 
 

@@ -276,3 +276,51 @@ def test_a_catalog_entry_without_triggers_keeps_the_files_own(tmp_path, demo_lor
     cat.write_text('loras_dir = "x"\n')
     with pytest.raises(loras.LocaloraError, match="unknown key.*loras_dir"):
         loras.read_catalog(cat)
+
+
+# ------------------------------------------------------------------ the user's config.toml
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "config"
+    folder.mkdir()
+    monkeypatch.setenv("LOCALORA_CONFIG", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ('default_profil = "tiny"', ["unknown key(s) default_profil", "default_profile"]),
+    ("default_profile = 3", ["default_profile must be a profile name"]),
+    ('default_profile = "nope"', ["default_profile 'nope' is not a profile of", "models.toml", "tiny-sd15"]),
+    ('bounds = "0;1.5"', ["bounds must be MIN,MAX", "'0;1.5'"]),
+    ("bounds = [1.5, 0]", ["bounds must be MIN,MAX", "[1.5, 0]"]),
+    ("bounds = [0, inf]", ["bounds must be MIN,MAX"]),
+    ("bounds = [0, true]", ["bounds must be MIN,MAX"]),
+    ("out = 3", ["out must be a folder path"]),
+    ('lora_dirs = "~/loras"', ["lora_dirs must be a list of folder paths"]),
+])
+def test_a_bad_config_toml_is_one_line_naming_the_key_and_file(config_dir, text, fragments):
+    (config_dir / "config.toml").write_text(text + "\n")
+    one_error_line(run("models"), str(config_dir / "config.toml"), *fragments)
+
+
+def test_config_toml_sets_the_default_profile_bounds_and_run_parent(config_dir, demo_loras):
+    from localora import profiles
+    from localora.cli.options import run_parent, weight_bounds
+
+    (config_dir / "config.toml").write_text('default_profile = "tiny-sd15"\nbounds = [0, 0.5]\nout = "my-runs"\n')
+    r = run("models")
+    assert r.exit_code == 0, r.output
+    assert "(default: tiny-sd15)" in r.output
+    assert (f"your defaults: {config_dir / 'config.toml'} (default_profile = tiny-sd15; bounds = 0,0.5; "
+            f"out = {config_dir / 'my-runs'})") in r.output
+    assert profiles.load_profile().name == "tiny-sd15"
+    assert (weight_bounds(None), weight_bounds("0,2")) == ((0.0, 0.5), (0.0, 2.0))
+    assert run_parent() == config_dir / "my-runs"
+    # compose takes the bounds when --bounds is not given: a start weight of 0.9 is now outside them.
+    one_error_line(run("compose", "x", "-l", "demo-style:0.9", "-l", "demo-character"), "within the bounds 0..0.5")
+    (config_dir / "config.toml").write_text('bounds = "0,1.2"\n')
+    assert weight_bounds(None) == (0.0, 1.2)
+    (config_dir / "config.toml").unlink()
+    assert (weight_bounds(None), run_parent(), profiles.load_profile().name) == ((0.0, 1.5), Path("runs"), "tiny")
+    assert "your defaults: " in run("models").output and "(not there)" in run("models").output

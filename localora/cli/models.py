@@ -18,6 +18,10 @@ def models():
     cat = profiles.load_catalog()
     click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
     click.echo(f"your own copies go in {paths.config_dir()}: models.toml, prompts/NAME.txt")
+    user = paths.read_config()
+    sets = "; ".join(f"{k} = {v}" for k, v in user.settings().items())
+    state = sets if sets else ("sets nothing" if user.path.is_file() else "not there")
+    click.echo(f"your defaults: {user.path} ({state})")
     for p in cat.profiles.values():
         click.echo(f"\n{p.name}: {p.description}")
         for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):

@@ -559,12 +559,8 @@ def lora_folders(given: Sequence[str | Path] = ()) -> LoraFolders:
         if d.strip():
             dirs.append(LoraDir(Path(d.strip()).expanduser(), f"${LORA_DIRS_ENV}"))
     config = paths.read_config()
-    entries = config.get("lora_dirs", [])
-    where = f"{paths.config_toml()}: lora_dirs"
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise LocaloraError(f"{where} must be a list of folder paths, e.g. lora_dirs = [\"~/models/Lora\"]")
-    for d in entries:
-        dirs.append(LoraDir(paths.config_toml().parent / Path(d).expanduser(), str(paths.config_toml())))
+    for d in config.lora_dirs:
+        dirs.append(LoraDir(d, str(config.path)))
     unique: dict[Path, LoraDir] = {}
     for d in dirs:
         unique.setdefault(d.path.resolve(), d)
