@@ -202,31 +202,25 @@ def _pickled_copy(part: str, weights: str, tmp_path) -> tuple[Path, Path]:
     return folder, marker
 
 
-def test_a_diffusion_folder_with_only_bin_weights_is_one_line_never_unpickled(tmp_path, demo_loras):
-    folder, marker = _pickled_copy("sdxl", "unet/diffusion_pytorch_model.safetensors", tmp_path)
-    env = _models_toml(tmp_path, 'source = "tiny:sdxl"', f'source = "{folder}"')
+BIN_ONLY = {  # tiny part: (its weights file, the command that loads it, what the line names)
+    "sdxl": ("unet/diffusion_pytorch_model.safetensors", ["generate", "x", "-l", "{style}", "-o", "{out}", *SMALL],
+             ["unet/diffusion_pytorch_model.bin", "localora loads only safetensors"]),
+    "qwen2-vl": ("model.safetensors", ["ask", "what is it?", "--image", "{image}"],
+                 ["VLM", "pytorch_model.bin", "localora loads only safetensors"]),
+    "clip": ("open_clip_model.safetensors", ["score", "{image}", "--prompt", "a cat"], ["safetensors"]),
+}
+
+
+@pytest.mark.parametrize("part", list(BIN_ONLY))
+def test_a_model_folder_with_only_bin_weights_is_one_line_never_unpickled(tmp_path, demo_loras, part):
+    weights, command, fragments = BIN_ONLY[part]
+    folder, marker = _pickled_copy(part, weights, tmp_path)
+    env = _models_toml(tmp_path, f'source = "tiny:{part}"', f'source = "{folder}"')
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
-    result = run("generate", "x", "-l", style, "-o", tmp_path / "out.png", *SMALL, env=env)
-    one_error_line(result, str(folder), "unet/diffusion_pytorch_model.bin", "localora loads only safetensors")
+    args = [a.format(style=style, out=tmp_path / "out.png", image=tmp_path / "a.png") for a in command]
+    one_error_line(run(*args, env=env), str(folder), *fragments)
     assert not marker.exists()
-
-
-def test_a_vlm_folder_with_only_bin_weights_is_one_line_never_unpickled(tmp_path):
-    folder, marker = _pickled_copy("qwen2-vl", "model.safetensors", tmp_path)
-    env = _models_toml(tmp_path, 'source = "tiny:qwen2-vl"', f'source = "{folder}"')
-    image = tmp_path / "a.png"
-    Image.new("RGB", (32, 32)).save(image)
-    result = run("ask", "what is it?", "--image", image, env=env)
-    one_error_line(result, "VLM", str(folder), "pytorch_model.bin", "localora loads only safetensors")
-    assert not marker.exists()
-
-
-def test_a_clip_folder_with_only_bin_weights_is_one_line(tmp_path):
-    folder, _ = _pickled_copy("clip", "open_clip_model.safetensors", tmp_path)
-    env = _models_toml(tmp_path, 'source = "tiny:clip"', f'source = "{folder}"')
-    image = tmp_path / "a.png"
-    Image.new("RGB", (32, 32)).save(image)
-    one_error_line(run("score", image, "--prompt", "a cat", env=env), str(folder), "safetensors")
 
 
 # ------------------------------------------------------------------ config that lies
