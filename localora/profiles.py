@@ -249,13 +249,16 @@ PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_no_pickled_weights(path: Path, what: str) -> None:
-    """After a load with use_safetensors failed: if the folder holds pickled weights where the
-    safetensors should be, say so in one line (the loader's own message is about missing files)."""
-    pickled = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*")
-                     if p.suffix.lower() in PICKLED_WEIGHTS and p.is_file())
+    """After a load with use_safetensors failed: if a folder of the model holds pickled weights and
+    no safetensors (a component saved the old way), say so in one line; the loader's own message is
+    about missing files. A pickle beside safetensors (a repo's training_args.bin) is not the cause."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    with_safetensors = {p.parent for p in files if p.suffix.lower() == ".safetensors"}
+    pickled = sorted(p.relative_to(path).as_posix() for p in files
+                     if p.suffix.lower() in PICKLED_WEIGHTS and p.parent not in with_safetensors)
     if pickled:
         shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
-        raise LocaloraError(f"{what}: {path} has pickled weights ({shown}) but not all of their .safetensors; "
+        raise LocaloraError(f"{what}: {path} has pickled weights ({shown}) where its .safetensors should be; "
                             f"pickles can run code when loaded, so localora loads only safetensors: fetch the "
                             f"model's .safetensors files, or convert them with a trusted tool")
 
