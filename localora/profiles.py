@@ -245,7 +245,8 @@ def locate(source: str, what: str) -> Path:
         ) from None
 
 
-PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files that are pickles (they can run code when loaded): refused as LoRAs, named as model weights.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def check_no_pickled_weights(path: Path, what: str) -> None:
@@ -255,7 +256,7 @@ def check_no_pickled_weights(path: Path, what: str) -> None:
     files = [p for p in Path(path).rglob("*") if p.is_file()]
     with_safetensors = {p.parent for p in files if p.suffix.lower() == ".safetensors"}
     pickled = sorted(p.relative_to(path).as_posix() for p in files
-                     if p.suffix.lower() in PICKLED_WEIGHTS and p.parent not in with_safetensors)
+                     if p.suffix.lower() in PICKLE_SUFFIXES and p.parent not in with_safetensors)
     if pickled:
         shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
         raise LocaloraError(f"{what}: {path} has pickled weights ({shown}) where its .safetensors should be; "

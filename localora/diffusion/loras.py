@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localora.errors import LocaloraError, check_keys
+from localora.profiles import PICKLE_SUFFIXES
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # The bases localora renders (sdxl, sd15) and those it recognises only to refuse them by name.
 ARCH_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2", "sd3": "SD3", "flux": "Flux"}
 
