@@ -1,6 +1,7 @@
 """Small file helpers shared by the cache, the run folder and the few-shot library.
 
-    atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file
+    atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file;
+                                  the file gets the umask's mode, as open() would give it
     file_hash(path)               sha256 of a file (and safetensors_data_hash: of its tensor data)
     clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
     hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
@@ -53,12 +54,15 @@ def _sha256(path: Path, skip_header: bool) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half."""
+    """Write through a temporary file in the same folder, then rename: readers never see half.
+    The file gets the mode the umask gives any new file (0666 & ~umask), not mkstemp's 0600, so
+    teammates on a shared machine can read run folders and a shared render cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # after write(): a writer may have replaced the file
         os.replace(tmp, path)
     except OSError as e:
         if e.filename is None:  # a failed write() names no file; the error line must
@@ -67,6 +71,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere it can only be read by
+    setting it, which for a moment would give files other threads create the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 TMP_PREFIX = ".tmp-"

@@ -124,6 +124,9 @@ def check_tiny_source(source: str, kind: str, where: str) -> None:
         raise LocaloraError(f"{where}: no tiny {kind} model '{source}'; known: {known}")
 
 
+TOP_LEVEL_KEYS = ("default_profile", "profiles", "diffusion", "vlm", "clip")
+
+
 def load_catalog(path: Path | None = None) -> Catalog:
     """Read and check models.toml; every error names the file and the table at fault."""
     path = Path(path) if path else paths.models_toml()
@@ -134,6 +137,8 @@ def load_catalog(path: Path | None = None) -> Catalog:
     except tomllib.TOMLDecodeError as e:
         raise LocaloraError(f"{path}: not valid TOML ({e}); fix the file or restore it from the project") from None
 
+    # A misspelt table ([profile.x] for [profiles.x]) would otherwise be silently ignored.
+    check_keys(data, TOP_LEVEL_KEYS, (), str(path))
     comps: dict[str, dict[str, Any]] = {}
     for kind, cls in (("diffusion", DiffusionSpec), ("vlm", VLMSpec), ("clip", ClipSpec)):
         comps[kind] = {n: _build(cls, n, t, f"{path} [{kind}.{n}]") for n, t in data.get(kind, {}).items()}
@@ -184,6 +189,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
     default = data.get("default_profile", "tiny")
     if default not in profiles:
         raise LocaloraError(f"{path}: default_profile '{default}' is not a defined profile")
+    user = paths.read_config()  # the user's own default wins over the file's
+    if user.default_profile is not None:
+        if user.default_profile not in profiles:
+            raise LocaloraError(f"{user.path}: default_profile '{user.default_profile}' is not a profile of {path}; "
+                                f"known profiles: {', '.join(sorted(profiles))}")
+        default = user.default_profile
     return Catalog(path=path, default_profile=default, profiles=profiles)
 
 
@@ -240,14 +251,45 @@ def locate(source: str, what: str) -> Path:
         ) from None
 
 
-def availability(source: str) -> str:
-    """'ok', 'built on first use' or the reason it is missing; for `localora models`."""
+# Files that are pickles (they can run code when loaded): refused as LoRAs, named as model weights.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def check_no_pickled_weights(path: Path, what: str) -> None:
+    """After a load with use_safetensors failed: if a folder of the model holds pickled weights and
+    no safetensors (a component saved the old way), say so in one line; the loader's own message is
+    about missing files. A pickle beside safetensors (a repo's training_args.bin) is not the cause."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    with_safetensors = {p.parent for p in files if p.suffix.lower() == ".safetensors"}
+    pickled = sorted(p.relative_to(path).as_posix() for p in files
+                     if p.suffix.lower() in PICKLE_SUFFIXES and p.parent not in with_safetensors)
+    if pickled:
+        shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
+        raise LocaloraError(f"{what}: {path} has pickled weights ({shown}) where its .safetensors should be; "
+                            f"pickles can run code when loaded, so localora loads only safetensors: fetch the "
+                            f"model's .safetensors files, or convert them with a trusted tool")
+
+
+# The file that makes a folder a model of each kind; without it, a folder is not "ok" (an empty
+# folder, or the wrong one, would otherwise pass until the first load).
+MODEL_FILES = {"diffusion": "model_index.json", "vae": "config.json", "vlm": "config.json",
+               "clip": "open_clip_config.json"}
+
+
+def availability(source: str, kind: str | None = None) -> str:
+    """'ok', 'built on first use' or the reason it is missing; for `localora models`. A local
+    folder must hold the file of a model of `kind` (any kind's when not given)."""
     if is_tiny(source):
         from localora import tiny
 
         return "ok" if tiny.is_built(source.removeprefix("tiny:")) else "built on first use"
     try:
-        locate(source, source)
-        return "ok"
+        path = locate(source, source)
     except LocaloraError as e:
         return "missing: " + str(e).split(": ", 1)[1]
+    if path.is_dir():
+        wanted = [MODEL_FILES[kind]] if kind else sorted(set(MODEL_FILES.values()))
+        if not any((path / name).is_file() for name in wanted):
+            what = f"a {kind} model" if kind else "a model"
+            return f"missing: {path} has no {' or '.join(wanted)}, so it is not {what} folder; fix `source` in models.toml"
+    return "ok"

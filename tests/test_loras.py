@@ -31,6 +31,7 @@ def _tiny_lora(path, metadata=None, te2=False):
          "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2)}
     if te2:
         t["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)
+        t["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 2)  # a down needs its up
     save_file(t, str(path), metadata=metadata or {})
 
 

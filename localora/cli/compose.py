@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import (batch_option, catalog_option, float_list, float_pair, lora_dir_option, lora_option,
-                                  plain_option, profile_option, resolve_loras, resolve_request, sampling_options)
+from localora.cli.options import (batch_option, catalog_option, float_list, lora_dir_option, lora_option, plain_option,
+                                  profile_option, resolve_loras, resolve_request, run_parent, sampling_options,
+                                  weight_bounds)
 from localora.errors import LocaloraError
 from localora.search import STRATEGIES
 
@@ -32,7 +33,7 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0) -> None:
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0) -> None:
     from localora.runs import session
 
-    run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt))
+    run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
     _run(cfg, prof, run, plain, batch)
 
 
@@ -49,7 +50,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @lora_dir_option
 @click.option("--iterations", "-n", type=int, default=5, show_default=True, help="Generate-feedback-refine rounds.")
 @click.option("--candidates", "-c", type=int, default=5, show_default=True, help="Weight vectors proposed per round.")
-@click.option("--bounds", default="0,1.5", show_default=True, help="MIN,MAX for every weight.")
+@click.option("--bounds", default=None, help="MIN,MAX for every weight (default: bounds in config.toml, else 0,1.5).")
 # A plain string, checked by ComposeConfig: a typo is one error line, not click's usage block.
 @click.option("--search", default="vlm", show_default=True, metavar="[" + "|".join(STRATEGIES) + "]",
               help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()) + ".")
@@ -69,7 +70,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
               help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
 @click.option("--prompts", "prompts_dir", type=click.Path(), default=None,
               help="Folder of prompt templates overriding the shipped ones.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>, or under out in config.toml).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 @batch_option
@@ -119,7 +120,7 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
     cfg = ComposeConfig(
         prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
-        bounds=float_pair(bounds, "--bounds"), search=search, budget=budget, final_judge=final_judge,
+        bounds=weight_bounds(bounds), search=search, budget=budget, final_judge=final_judge,
         sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
@@ -133,7 +134,7 @@ DEMO_LORAS = ("demo-character", "demo-clothing", "demo-style")
 
 
 @click.command()
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>, or under out in config.toml).")
 @plain_option
 def demo(out, plain):
     """Compose the three demo LoRAs on the tiny profile: 2 iterations, 3 candidates.

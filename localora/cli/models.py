@@ -18,12 +18,16 @@ def models():
     cat = profiles.load_catalog()
     click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
     click.echo(f"your own copies go in {paths.config_dir()}: models.toml, prompts/NAME.txt")
+    user = paths.read_config()
+    sets = "; ".join(f"{k} = {v}" for k, v in user.settings().items())
+    state = sets if sets else ("sets nothing" if user.path.is_file() else "not there")
+    click.echo(f"your defaults: {user.path} ({state})")
     for p in cat.profiles.values():
         click.echo(f"\n{p.name}: {p.description}")
         for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):
-            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source)}")
+            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source, kind)}")
             if kind == "diffusion" and spec.vae:
-                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae)}")
+                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae, 'vae')}")
 
 
 @click.command()

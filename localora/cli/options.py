@@ -7,6 +7,10 @@
     @plain_option            --plain
     @batch_option            --batch N
     @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
+
+config.toml's defaults for options not given are read here: weight_bounds (--bounds) and
+run_parent (where --out-less run folders go). Its default_profile is applied where models.toml
+is read (profiles.load_catalog), so every command's --profile follows it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 
 profile_option = click.option("--profile", "-p", default=None,
-                              help="Profile from models.toml (default: its default_profile, `tiny`).")
+                              help="Profile from models.toml (default: default_profile in config.toml, else models.toml's, `tiny`).")
 catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
                               help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
 lora_dir_option = click.option(
@@ -115,6 +119,25 @@ def float_pair(text: str, option: str) -> tuple[float, float]:
     except ValueError:
         raise LocaloraError(f"{option} {text}: expected MIN,MAX, e.g. 0,1.5") from None
     return lo, hi
+
+
+DEFAULT_BOUNDS = (0.0, 1.5)
+
+
+def weight_bounds(text: str | None) -> tuple[float, float]:
+    """--bounds MIN,MAX if given, else bounds in config.toml, else 0,1.5."""
+    from localora import paths
+
+    if text is not None:
+        return float_pair(text, "--bounds")
+    return paths.read_config().bounds or DEFAULT_BOUNDS
+
+
+def run_parent() -> Path:
+    """The folder a run folder goes in when --out is not given: out in config.toml, else ./runs."""
+    from localora import paths
+
+    return paths.read_config().out or Path("runs")
 
 
 def float_list(text: str, option: str) -> tuple[float, ...]:

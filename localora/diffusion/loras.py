@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, check_keys
+from localora.profiles import PICKLE_SUFFIXES
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-ARCH_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2"}
+# The bases localora renders (sdxl, sd15) and those it recognises only to refuse them by name.
+ARCH_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2", "sd3": "SD3", "flux": "Flux"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Header:
 @dataclass(frozen=True)
 class LoraInfo:
     format: str  # "diffusers" or "kohya"
-    arch: str | None  # "sdxl", "sd15", "sd2" or None when nothing tells
+    arch: str | None  # a key of ARCH_NAMES, or None when nothing tells
     arch_evidence: str
     rank: int
     alpha: float | None
@@ -90,11 +91,35 @@ def read_header(path: Path) -> Header:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as e:
+        pickled = pickle_kind(path)
+        if pickled:
+            raise LocaloraError(
+                f"{path}: this is a pickle, not safetensors ({pickled}, named .safetensors); pickles can run "
+                f"code when loaded, so localora never opens them: get the .safetensors release or convert it "
+                f"with a trusted tool"
+            ) from None
         raise LocaloraError(
             f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
             f"the download may be truncated or corrupt, fetch it again"
         ) from None
     return Header(shapes, metadata)
+
+
+def pickle_kind(path: Path) -> str | None:
+    """What a file that safetensors cannot read starts like, if it is a pickle: torch.save writes
+    a zip archive (PK\\x03\\x04), older torch and plain pickle.dump a protocol 2-5 pickle (\\x80 N).
+    Asked only after safetensors failed: a safetensors file starts with its header's length, whose
+    first bytes can be anything."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04":
+        return "a zip archive, as torch.save writes"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"a protocol {head[1]} pickle"
+    return None
 
 
 def inspect(path: Path) -> LoraInfo:
@@ -121,6 +146,8 @@ def inspect(path: Path) -> LoraInfo:
             f"{path}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors; looks like {kinds}); "
             f"localora composes standard LoRA files only"
         )
+    check_pairs(header, down, path)
+    check_finite(path)
     ranks = {header.shapes[k][0] for k in down}
     arch, evidence = _arch(header, path)
     return LoraInfo(
@@ -128,6 +155,59 @@ def inspect(path: Path) -> LoraInfo:
         components=tuple(components), targets=tuple(targets), layers=len(modules),
         triggers=triggers_from_header(header.metadata) or triggers_from_sidecar(path), metadata=header.metadata,
     )
+
+
+def _up_key(down: str) -> str:
+    return down.replace(".lora_down.", ".lora_up.").replace(".lora_A.", ".lora_B.").replace(".lora.down.", ".lora.up.")
+
+
+def check_pairs(header: Header, down: list[str], path: Path) -> None:
+    """Every down (A) matrix has its up (B) matrix, of the same rank: B A is what a LoRA adds, and
+    a file where they disagree fails deep inside peft, or loads half its layers. The header's
+    shapes tell, so this costs nothing."""
+    for d in down:
+        up = _up_key(d)
+        if up not in header.shapes:
+            raise LocaloraError(f"{path}: {d} has no matching {up}; the file is damaged or not a plain LoRA, "
+                                f"fetch it again or export it again")
+        rank, up_rank = header.shapes[d][0], header.shapes[up][1] if len(header.shapes[up]) > 1 else None
+        if rank != up_rank:
+            raise LocaloraError(f"{path}: mismatched ranks: {d} has rank {rank} but {up} has rank {up_rank}; "
+                                f"the file is damaged, fetch it again or export it again")
+
+
+# sha256 of a LoRA file -> the first tensor holding NaN/Inf, or None. Reading every tensor costs
+# about what hashing the file does (a 200 MB LoRA: a fraction of a second), and a render hashes
+# its LoRAs anyway (adapter names, cache keys), so a file is checked once per content per process:
+# inspect is called at `loras inspect`, and before every adapter load, and renaming or copying a
+# file does not read it again, while a file changed in place gets a new hash and is read again.
+_NONFINITE: dict[str, str | None] = {}
+
+
+def check_finite(path: Path) -> None:
+    """One line if a tensor of the file holds NaN or Inf: such a LoRA turns every render black."""
+    from localora.files import file_hash
+
+    digest = file_hash(path)
+    if digest not in _NONFINITE:
+        _NONFINITE[digest] = _first_nonfinite(path)
+    bad = _NONFINITE[digest]
+    if bad is not None:
+        raise LocaloraError(f"{path}: tensor {bad} holds NaN/Inf values, so every render with it would be "
+                            f"black or noise; the file is damaged or was saved from a diverged training run: "
+                            f"fetch it again or use another epoch")
+
+
+def _first_nonfinite(path: Path) -> str | None:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return key
+    return None
 
 
 def _scalar(path: Path, key: str) -> float:
@@ -172,6 +252,10 @@ def _peft_alpha(metadata: dict[str, str]) -> float | None:
     return None
 
 
+FLUX_KEYS = ("single_transformer_blocks", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+             "double_blocks.", "single_blocks.")
+
+
 def _arch(header: Header, path: Path) -> tuple[str | None, str]:
     md = header.metadata
     spec = md.get("modelspec.architecture", "")
@@ -182,6 +266,10 @@ def _arch(header: Header, path: Path) -> tuple[str | None, str]:
             return "sd15", f"modelspec.architecture = {spec}"
         if "stable-diffusion-v2" in spec:
             return "sd2", f"modelspec.architecture = {spec}"
+        if "stable-diffusion-v3" in spec:
+            return "sd3", f"modelspec.architecture = {spec}"
+        if spec.startswith("flux"):
+            return "flux", f"modelspec.architecture = {spec}"
     base = md.get("ss_base_model_version", "")
     if base.startswith("sdxl"):
         return "sdxl", f"ss_base_model_version = {base}"
@@ -189,7 +277,19 @@ def _arch(header: Header, path: Path) -> tuple[str | None, str]:
         return "sd15", f"ss_base_model_version = {base}"
     if base.startswith("sd_v2"):
         return "sd2", f"ss_base_model_version = {base}"
+    if base.startswith("sd3"):
+        return "sd3", f"ss_base_model_version = {base}"
+    if base.startswith("flux"):
+        return "flux", f"ss_base_model_version = {base}"
     keys = header.shapes
+    # Transformer bases have no UNet: their block names tell (diffusers, kohya and ComfyUI names).
+    # Flux first: its double-stream blocks have "context" parts too, like SD3's joint blocks.
+    for k in keys:
+        if any(part in k for part in FLUX_KEYS):
+            return "flux", f"key {k}"
+    for k in keys:
+        if "joint_blocks" in k or (k.startswith("transformer.transformer_blocks.") and "context" in k):
+            return "sd3", f"key {k}"
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl", "has second text encoder (text_encoder_2) tensors"
     # Cross-attention key/value projections read the text embedding: its width tells the base.
@@ -290,6 +390,9 @@ def lora_from_file(path: Path, name: str | None = None, category: str | None = N
 
 # ------------------------------------------------------------------ catalogs
 
+CATALOG_KEYS = ("file", "category", "triggers", "references")
+
+
 def read_catalog(path: Path) -> dict[str, Lora]:
     """[loras.NAME] tables: file (relative to the catalog), category, triggers, references."""
     try:
@@ -298,11 +401,20 @@ def read_catalog(path: Path) -> dict[str, Lora]:
         raise LocaloraError(f"{path}: LoRA catalog not found") from None
     except tomllib.TOMLDecodeError as e:
         raise LocaloraError(f"{path}: not valid TOML ({e})") from None
+    check_keys(data, ("loras",), (), str(path))
     out = {}
     for name, t in data.get("loras", {}).items():
         where = f"{path} [loras.{name}]"
         if not isinstance(t, dict) or "file" not in t:
             raise LocaloraError(f"{where}: needs at least file = \"NAME.safetensors\"")
+        # A misspelt key (trigger, categroy) would be dropped, and the entry's empty triggers would
+        # then also hide the file's own trigger words.
+        check_keys(t, CATALOG_KEYS, ("file",), where)
+        for key in ("file", "triggers"):
+            if key in t and not isinstance(t[key], str):
+                raise LocaloraError(f"{where}: '{key}' must be a string, got {t[key]!r}")
+        if not isinstance(t.get("references", []), list) or not all(isinstance(r, str) for r in t.get("references", [])):
+            raise LocaloraError(f"{where}: 'references' must be a list of image paths, got {t['references']!r}")
         category = t.get("category")
         if category is not None and category not in CATEGORIES:
             raise LocaloraError(f"{where}: category '{category}' is not one of {', '.join(CATEGORIES)}")
@@ -353,6 +465,8 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
         lora = catalog[target]
         if not lora.path.is_file():
             raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
+        if not lora.triggers:  # an entry without triggers keeps the file's own (header, then sidecar)
+            lora = lora_from_file(lora.path, lora.name, lora.category, None, lora.references)
         return lora
     path = Path(target).expanduser()
     check_suffix(path)
@@ -445,12 +559,8 @@ def lora_folders(given: Sequence[str | Path] = ()) -> LoraFolders:
         if d.strip():
             dirs.append(LoraDir(Path(d.strip()).expanduser(), f"${LORA_DIRS_ENV}"))
     config = paths.read_config()
-    entries = config.get("lora_dirs", [])
-    where = f"{paths.config_toml()}: lora_dirs"
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise LocaloraError(f"{where} must be a list of folder paths, e.g. lora_dirs = [\"~/models/Lora\"]")
-    for d in entries:
-        dirs.append(LoraDir(paths.config_toml().parent / Path(d).expanduser(), str(paths.config_toml())))
+    for d in config.lora_dirs:
+        dirs.append(LoraDir(d, str(config.path)))
     unique: dict[Path, LoraDir] = {}
     for d in dirs:
         unique.setdefault(d.path.resolve(), d)

@@ -56,19 +56,20 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if spec.arch == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if spec.vae:
-        vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True)
     if path.is_file() and path.suffix.lower() != ".safetensors":
         loralib.check_suffix(path)
         raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
+    # use_safetensors: a folder that holds only pickled .bin weights fails instead of being unpickled.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if spec.vae:
+                vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
+                kwargs["vae"] = _from_pretrained(AutoencoderKL, vae_path, f"VAE of '{spec.name}'", **kwargs)
             if path.is_file():
                 pipe = cls.from_single_file(str(path), **kwargs)
             else:
-                pipe = cls.from_pretrained(path, **kwargs)
+                pipe = _from_pretrained(cls, path, f"{spec.arch.upper()} pipeline of '{spec.name}'", **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise LocaloraError(
             f"{path}: cannot load the {spec.arch.upper()} pipeline of '{spec.name}' ({str(e).splitlines()[0][:160]}); "
@@ -79,18 +80,29 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     return pipe.to(device)
 
 
+def _from_pretrained(cls, path: Path, what: str, **kwargs):
+    """cls.from_pretrained from safetensors only; a folder whose weights are all pickles is one line."""
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError):
+        profiles.check_no_pickled_weights(path, what)
+        raise
+
+
 def adapter_name(file_hash: str) -> str:
     return "lora_" + file_hash[:16]
 
 
 def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
     """Load one LoRA file as adapter `name`, or fail with one line saying why it does not fit."""
-    info = loralib.inspect(lora.path)
+    info = loralib.inspect(lora.path)  # also refuses NaN/Inf tensors and mismatched ranks
     if info.arch and info.arch != arch:
-        raise LocaloraError(
-            f"{lora.path}: this is an {loralib.ARCH_NAMES[info.arch]} LoRA ({info.arch_evidence}) but the "
-            f"profile's base is {loralib.ARCH_NAMES[arch]}; use a profile with an {loralib.ARCH_NAMES[info.arch]} base"
-        )
+        theirs, ours = loralib.ARCH_NAMES[info.arch], loralib.ARCH_NAMES[arch]
+        article = "a" if theirs == "Flux" else "an"
+        fix = (f"use a profile with {article} {theirs} base" if info.arch in profiles.ARCHS
+               else f"localora renders SDXL and SD1.5 only: use a LoRA trained for {ours}")
+        raise LocaloraError(f"{lora.path}: this is {article} {theirs} LoRA ({info.arch_evidence}) but the "
+                            f"profile's base is {ours}; {fix}")
     before = _lora_layer_count(pipe)
     logging.getLogger("peft").setLevel(logging.ERROR)
     try:

@@ -55,9 +55,9 @@ def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, b
     return Components(devices, renderer, VLM(profile.vlm, devices=devices), ClipScorer.load(profile.clip, devices))
 
 
-def default_out(prompt: str) -> Path:
+def default_out(prompt: str, parent: Path = Path("runs")) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "run"
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    return parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
 
 
 def _versions() -> dict[str, str]:

@@ -154,7 +154,7 @@ def _build_demo_loras(out: Path, seed: int, arch: str) -> None:
 
     from localora import tiny
 
-    unet = UNet2DConditionModel.from_pretrained(tiny.ensure(arch) / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny.ensure(arch) / "unet", use_safetensors=True)
     spec = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora"}[arch]
     kohya_base = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}[arch]
     catalog = ["# The demo LoRAs of the tiny profile: random weights, real file formats.\n"]

@@ -118,10 +118,23 @@ class VLM:
         return profiles.run_dtype(self.spec.dtype, self.devices.device.type, cpu=self.spec.dtype)
 
     def _load(self, device: torch.device) -> torch.nn.Module:
+        try:
+            return self._load_weights(device)
+        except OSError as e:
+            if e.errno is not None:  # the disk's own error (full, unreadable): the CLI names it
+                raise
+            what = f"VLM '{self.spec.name}'"
+            profiles.check_no_pickled_weights(self.path, what)
+            raise LocaloraError(f"{what}: cannot load {self.path} ({str(e).splitlines()[0][:160]}); check the "
+                                f"folder is a complete transformers model with .safetensors weights, or fetch "
+                                f"it again") from None
+
+    def _load_weights(self, device: torch.device) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
 
         dtype = getattr(torch, self._dtype_name)
-        common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True)
+        # use_safetensors: a folder that holds only pickled .bin weights fails instead of being unpickled.
+        common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True, use_safetensors=True)
         if self.spec.quantization != "none":
             try:
                 model = AutoModelForImageTextToText.from_pretrained(
