@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localora.diffusion import loras as loralib
-from localora import profiles
+from localora import profiles, verbosity
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
 if TYPE_CHECKING:  # torch loads with the first pipeline, so that commands without a model start fast
     import torch
-
-
-def _quiet() -> None:
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def _scheduler(name: str, config: Any):
@@ -49,7 +37,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     """The diffusers pipeline for `spec`, from local files only, on `device`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    _quiet()
+    verbosity.quiet_libraries()
     cls = StableDiffusionXLPipeline if spec.arch == "sdxl" else StableDiffusionPipeline
     path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
     dtype = dtype_for(spec, device)
@@ -63,8 +51,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         loralib.check_suffix(path)
         raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with verbosity.hushed():
             if path.is_file():
                 pipe = cls.from_single_file(str(path), **kwargs)
             else:
@@ -92,10 +79,8 @@ def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
             f"profile's base is {loralib.ARCH_NAMES[arch]}; use a profile with an {loralib.ARCH_NAMES[info.arch]} base"
         )
     before = _lora_layer_count(pipe)
-    logging.getLogger("peft").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with verbosity.hushed("peft"):
             pipe.load_lora_weights(str(lora.path), adapter_name=name)
     except LocaloraError:
         raise
