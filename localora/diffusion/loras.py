@@ -19,12 +19,13 @@ import json
 import math
 import os
 import re
+import struct
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, MissingError
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -84,9 +85,9 @@ def read_header(path: Path) -> Header:
 
     check_suffix(path)
     if not path.is_file():
-        raise LocaloraError(f"{path}: LoRA file not found; check the path or the catalog entry")
+        raise MissingError(f"{path}: LoRA file not found; check the path or the catalog entry")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # "pt" would import torch: seconds for a header
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as e:
@@ -130,11 +131,24 @@ def inspect(path: Path) -> LoraInfo:
     )
 
 
-def _scalar(path: Path, key: str) -> float:
-    from safetensors import safe_open
+# safetensors dtype -> struct format of one element; BF16 is the high half of an F32.
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "<f", "I64": "<q", "I32": "<i", "I16": "<h",
+                   "I8": "<b", "U8": "<B"}
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key).item()
+
+def _scalar(path: Path, key: str) -> float:
+    """A one-element tensor (kohya's alpha) read from the file's bytes: no torch, any dtype (numpy has
+    no bfloat16)."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        entry = json.loads(f.read(size))[key]
+        start, end = entry["data_offsets"]
+        f.seek(8 + size + start)
+        raw = f.read(end - start)
+    fmt = _SCALAR_FORMATS.get(entry["dtype"])
+    if fmt is None or len(raw) != (2 if entry["dtype"] == "BF16" else struct.calcsize(fmt)):
+        raise LocaloraError(f"{path}: {key} is not a one-number tensor ({entry['dtype']}, {len(raw)} bytes)")
+    return struct.unpack(fmt, b"\x00\x00" + raw if entry["dtype"] == "BF16" else raw)[0]
 
 
 def _kohya_component(module: str) -> str:
@@ -352,7 +366,7 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
     if target in catalog:  # a user's own catalog entry wins over a file of the same name in a folder
         lora = catalog[target]
         if not lora.path.is_file():
-            raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
+            raise MissingError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
         return lora
     path = Path(target).expanduser()
     check_suffix(path)
@@ -362,7 +376,7 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
     if found is not None:
         return lora_from_file(found)
     if path.suffix.lower() == ".safetensors" or path.exists():
-        raise LocaloraError(f"{path}: LoRA file not found; check the path")
+        raise MissingError(f"{path}: LoRA file not found; check the path")
     known = ", ".join(sorted(catalog)) or "none"
     searched = folders.describe() if folders is not None else "no LoRA folders given"
     raise LocaloraError(f"{where}: no such LoRA name or .safetensors file; known names: {known}; {searched}")
