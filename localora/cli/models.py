@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from localora import verbosity
 from localora.cli.options import emit, json_option, lora_dir_option
 
 
@@ -44,7 +45,8 @@ def pull(profile):
     """
     from localora import hub, profiles
 
-    for path in hub.pull(profiles.load_profile(profile), click.echo):
+    progress = (lambda line: None) if verbosity.quiet() else click.echo
+    for path in hub.pull(profiles.load_profile(profile), progress):
         click.echo(str(path))
 
 
