@@ -65,6 +65,8 @@ def test_exit_codes_are_listed_in_help():
 def test_usage_and_bad_input_exit_2(tmp_path):
     r = run("compose", "x", "--iterations", "many")
     assert r.exit_code == USAGE and "--iterations" in r.output
+    r = run("-v", "--quiet", "models")
+    assert r.exit_code == USAGE and "exclude each other" in r.output
     pickled = tmp_path / "old.ckpt"
     pickled.write_bytes(b"\x80\x04not opened")
     r = run("loras", "inspect", pickled)
