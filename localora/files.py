@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, MissingError, RuntimeFailure
 
 _HASHES: dict[tuple[str, int, int, bool], str] = {}
 
@@ -150,7 +150,7 @@ def storage_error(e: OSError, hint: str = "free space, fix the permissions or ch
     if e.errno not in STORAGE_ERRNOS:
         return None
     where = e.filename if e.filename is not None else "a file localora writes"
-    return LocaloraError(f"{where}: {STORAGE_ERRNOS[e.errno]}; {hint}")
+    return RuntimeFailure(f"{where}: {STORAGE_ERRNOS[e.errno]}; {hint}")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -167,7 +167,7 @@ def open_image(image: Image.Image | str | Path) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     path = Path(image).expanduser()
     if not path.is_file():
-        raise LocaloraError(f"image {path}: no such file")
+        raise MissingError(f"image {path}: no such file")
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")  # reads the pixels, so a truncated file fails here

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from localora import paths
-from localora.errors import LocaloraError, check_keys
+from localora.errors import LocaloraError, MissingError, check_keys
 
 ARCHS = ("sdxl", "sd15")
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
@@ -238,17 +238,31 @@ def locate(source: str, what: str) -> Path:
     if is_local_path(source):
         p = Path(source).expanduser()
         if not p.exists():
-            raise LocaloraError(f"{what}: local path {p} does not exist; fix `source` in models.toml")
+            raise MissingError(f"{what}: local path {p} does not exist; fix `source` in models.toml")
         return p
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(source, local_files_only=True))
     except Exception:
-        raise LocaloraError(
-            f"{what}: '{source}' is not in the local Hugging Face cache; fetch the profile's models once with "
-            f"`localora pull PROFILE` (or `hf download {source}`), or set `source` in models.toml to a local folder"
-        ) from None
+        raise _not_cached(what, source) from None
+
+
+def _not_cached(what: str, repo_id: str) -> MissingError:
+    return MissingError(
+        f"{what}: '{repo_id}' is not in the local Hugging Face cache; fetch the profile's models once with "
+        f"`localora pull PROFILE` (or `hf download {repo_id}`), or set `source` in models.toml to a local folder")
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The main revision's snapshot in the local HF cache, as snapshot_download(local_files_only=True)
+    finds it, read directly: importing huggingface_hub's client takes seconds `localora models` need not spend."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    folder = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = folder / "refs" / "main"
+    snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    return snapshot if snapshot is not None and snapshot.is_dir() else None
 
 
 # Files that are pickles (they can run code when loaded): refused as LoRAs, named as model weights.
@@ -283,6 +297,9 @@ def availability(source: str, kind: str | None = None) -> str:
         from localora import tiny
 
         return "ok" if tiny.is_built(source.removeprefix("tiny:")) else "built on first use"
+    repo_id = source.removeprefix("hf-hub:")
+    if not is_local_path(repo_id):
+        return "ok" if _cached_snapshot(repo_id) else "missing: " + str(_not_cached(source, repo_id)).split(": ", 1)[1]
     try:
         path = locate(source, source)
     except LocaloraError as e:

@@ -235,21 +235,21 @@ def test_doctor(cli):
     assert "8.6 GiB one at a time" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--image", "{missing}", "q"], "missing.png: no such file"),
-    (["--image", "{text}", "q"], "notes.png: not an image"),
-    (["--profile", "sdxl-realistic", "--image", "{ok}", "q"], "is not in the local Hugging Face cache"),
-    (["--json", "weights", "--loras", "0", "--image", "{ok}", "q"], "at least one LoRA name"),
-    (["--json", "weights", "--image", "{ok}", "q"], "needs --loras"),
-    (["--json", "weights", "--loras", "2", "--lo", "1", "--hi", "0", "q"], "lo <= hi"),
-    (["--json", "weights", "--loras", "2", "--max-new-tokens", "3", "--image", "{ok}", "q"], "cut the answer short"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--image", "{missing}", "q"], "missing.png: no such file", 3),  # exit 3: a file that is not here
+    (["--image", "{text}", "q"], "notes.png: not an image", 2),
+    (["--profile", "sdxl-realistic", "--image", "{ok}", "q"], "is not in the local Hugging Face cache", 3),
+    (["--json", "weights", "--loras", "0", "--image", "{ok}", "q"], "at least one LoRA name", 2),
+    (["--json", "weights", "--image", "{ok}", "q"], "needs --loras", 2),
+    (["--json", "weights", "--loras", "2", "--lo", "1", "--hi", "0", "q"], "lo <= hi", 2),
+    (["--json", "weights", "--loras", "2", "--max-new-tokens", "3", "--image", "{ok}", "q"], "cut the answer short", 2),
 ])
-def test_ask_user_errors_are_one_line(cli, pictures, tmp_path, args, message):
+def test_ask_user_errors_are_one_line(cli, pictures, tmp_path, args, message, code):
     text = tmp_path / "notes.png"
     text.write_text("not pixels")
     fill = {"{missing}": str(tmp_path / "missing.png"), "{text}": str(text), "{ok}": str(pictures[0])}
     r = cli("ask", *[fill.get(a, a) for a in args])
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == code, r.output
     assert "Traceback" not in r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output

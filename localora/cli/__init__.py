@@ -1,11 +1,11 @@
 """The `localora` command line: one module per command group, thin layers over the runs and
 components below them.
 
-    cli/__init__.py   the group, and one error line instead of a traceback
-    cli/options.py    options shared by several commands
+    cli/__init__.py   the group (-v/--quiet), one error line instead of a traceback, exit codes
+    cli/options.py    options shared by several commands, --json output, shell completion
     cli/render.py     generate
     cli/compose.py    compose, demo, open
-    cli/models.py     models, loras inspect
+    cli/models.py     models, loras inspect, loras list
     cli/vlm.py        ask, doctor
     cli/evaluate.py   score, judge, bench, report
     cli/export.py     export (to A1111, ComfyUI, diffusers)
@@ -17,27 +17,50 @@ import sys
 
 import click
 
-from localora.errors import LocaloraError
+from localora import verbosity
+from localora.errors import EXIT_CODES, FAILED, INTERRUPTED, LocaloraError
 
 
 class _Cli(click.Group):
-    """Prints a LocaloraError, or a full, read-only or misplaced folder, as one line and exits 2,
-    instead of a traceback. Files already written stay whole (every write is atomic)."""
+    """Prints a LocaloraError, a full, read-only or misplaced folder, or an out-of-memory as one
+    line and exits with its code (errors.EXIT_CODES), instead of a traceback. Files already
+    written stay whole (every write is atomic)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LocaloraError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e), e.code)
+        except KeyboardInterrupt:  # click would say "Aborted!" and exit 1; compose and bench say more first
+            click.echo("\ninterrupted", err=True)
+            sys.exit(INTERRUPTED)
         except OSError as e:
             from localora.files import storage_error
 
-            line = storage_error(e, _hint(e.filename))
-            if line is None:
+            error = storage_error(e, _hint(e.filename))
+            if error is None:
                 raise
-            click.echo(f"error: {line}", err=True)
-            sys.exit(2)
+            _fail(str(error), FAILED)
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
+            _fail(f"out of accelerator memory ({str(e).splitlines()[0][:120]}); try --batch 1, a smaller "
+                  f"--width/--height, or placement = \"swap\" in the profile (localora doctor tells the estimate)",
+                  FAILED)
+
+
+def _fail(line: str, code: int) -> None:
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    # Only a command that loaded torch can run out of accelerator memory; never import it here.
+    if "torch" not in sys.modules:
+        return False
+    from localora.diffusion.rows import is_out_of_memory
+
+    return is_out_of_memory(e)
 
 
 def _hint(filename: object) -> str:
@@ -51,10 +74,19 @@ def _hint(filename: object) -> str:
     return "free space or fix its permissions, or choose another folder (--out)"
 
 
-@click.group(cls=_Cli)
+# \b keeps click from rewrapping the table.
+EPILOG = "\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
+
+
+@click.group(cls=_Cli, epilog=EPILOG)
 @click.version_option(package_name="localora")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show library warnings and logging, and timings per stage.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the result lines and errors (no progress, no notes).")
+def main(verbose: bool, quiet: bool) -> None:
     """Find how to combine several LoRAs, locally: render, let a local VLM look, refine."""
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other; give one")
+    verbosity.set_level(verbosity.VERBOSE if verbose else verbosity.QUIET if quiet else verbosity.NORMAL)
 
 
 def _register() -> None:

@@ -4,41 +4,126 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from localora.cli.options import (batch_option, catalog_option, float_list, lora_dir_option, lora_option, plain_option,
-                                  profile_option, resolve_loras, resolve_request, run_parent, sampling_options,
-                                  weight_bounds)
-from localora.errors import LocaloraError
+from localora import verbosity
+from localora.cli.options import (batch_option, catalog_option, emit, float_list, json_option, lora_dir_option,
+                                  lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
+                                  sampling_options, weight_bounds)
+from localora.diffusion.methods import METHODS
+from localora.errors import INTERRUPTED, LocaloraError
 from localora.search import STRATEGIES
 
 
-def _run(cfg, prof, run, plain: bool, batch: int = 0) -> None:
-    from localora.runs import session
+class _Watch:
+    """The run's UI, passed every event, keeping what the summary needs on the way: the done
+    event, and the seconds each stage took (renders by role, VLM calls by step, model moves)."""
+
+    def __init__(self, ui: Any):
+        self.ui = ui
+        self.done: dict[str, Any] | None = None
+        self.stages: dict[str, list[float]] = {}  # stage -> [count, seconds]
+
+    def _add(self, stage: str, seconds: float) -> None:
+        count_seconds = self.stages.setdefault(stage, [0, 0.0])
+        count_seconds[0] += 1
+        count_seconds[1] += seconds
+
+    def event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "done":
+            self.done = event
+        elif event["type"] == "render":
+            self._add(f"render {event['role']}" + (" (cached)" if event.get("cached") else ""), event["seconds"])
+        elif event["type"] == "vlm":
+            self._add(f"vlm {event['step']}", event["seconds"])
+        self.ui.event(event)
+
+    def step(self, i: int, total: int) -> None:
+        self.ui.step(i, total)
+
+    def placement(self, p: Any) -> None:
+        if p.done:
+            self._add(f"model {p.action} {p.component}", p.seconds)
+        self.ui.placement(p)
+
+    def __enter__(self):
+        self.ui.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ui.__exit__(*exc)
+
+    def timing_lines(self) -> list[str]:
+        width = max((len(s) for s in self.stages), default=0)
+        return ["timings per stage (this process):"] + [
+            f"  {stage:<{width}}  {int(n):>4} x {secs / n:7.2f} s = {secs:8.2f} s"
+            for stage, (n, secs) in sorted(self.stages.items(), key=lambda kv: -kv[1][1])]
+
+
+class _Silent:
+    """--quiet: no progress at all, only the result lines."""
+
+    def event(self, event: dict[str, Any]) -> None: ...
+    def step(self, i: int, total: int) -> None: ...
+    def placement(self, p: Any) -> None: ...
+    def __enter__(self): return self
+    def __exit__(self, *exc) -> None: ...
+
+
+def _ui(plain: bool, as_json: bool) -> Any:
+    from rich.console import Console
+
     from localora.ui.live import LiveUI, PlainUI
 
-    ui = PlainUI() if plain or not sys.stdout.isatty() else LiveUI()
+    if verbosity.quiet():
+        return _Silent()
+    # With --json, stdout carries only the JSON document: progress goes to stderr.
+    stream = sys.stderr if as_json else sys.stdout
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    return PlainUI(console) if plain or not stream.isatty() else LiveUI(console)
+
+
+def summary(final, run, renders: int | None) -> dict[str, Any]:
+    """compose's result, for --json and the two human lines alike."""
+    return {"weights": final.weights, "iteration": final.iteration, "renders": renders,
+            "run_folder": str(run.path), "image": str(run.path / "final.png"), "report": str(run.path / "report.html")}
+
+
+def summary_lines(d: dict[str, Any]) -> list[str]:
+    spent = "" if d["renders"] is None else f", {d['renders']} renders"
+    return ["final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in d["weights"].items())
+            + f" (round {d['iteration']}{spent})",
+            f"run folder: {d['run_folder']}   image: {d['image']}   report: {d['report']}"]
+
+
+def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+    from localora.runs import session
+
+    ui = _Watch(_ui(plain, as_json))
     try:
         with ui:
             final = session.compose(cfg, prof, run, ui, batch=batch)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
-        sys.exit(130)
-    click.echo("final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in final.weights.items())
-               + f" (round {final.iteration})")
-    click.echo(f"run folder: {run.path}   image: {run.path / 'final.png'}   report: {run.path / 'report.html'}")
+        sys.exit(INTERRUPTED)
+    data = summary(final, run, ui.done.get("renders") if ui.done else None)
+    emit(as_json, data, summary_lines(data))
+    if verbosity.verbose():
+        for line in ui.timing_lines():
+            click.echo(line, err=True)
 
 
-def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0) -> None:
+def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False) -> None:
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
-    _run(cfg, prof, run, plain, batch)
+    _run(cfg, prof, run, plain, batch, as_json)
 
 
 # Options that a resumed run takes from its run.json, so giving them with --resume is an error.
-_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs", "profile")
+_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs", "profile", "as_json")
 
 
 @click.command()
@@ -60,7 +145,12 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @click.option("--final-judge", is_flag=True,
               help="The VLM's pairwise judge picks the final image among the top 3 by the CLIP objective "
                    "(for vlm: of the refined images, instead of the select step).")
+@click.option("--method", "-m", type=click.Choice(list(METHODS)), default="merge", show_default=True,
+              help="How every render of the run combines the LoRAs: "
+                   + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @sampling_options
+@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True,
+              help="--method switch: denoising steps per LoRA turn.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
 @click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Weight levels the few-shot design uses.")
@@ -74,8 +164,10 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 @batch_option
-def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge, sampling,
-            temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out, resume, plain, batch):
+@json_option
+def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
+            method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out,
+            resume, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -88,7 +180,11 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     --search random|cmaes|hybrid spend the same number of renders (--budget) on a CLIP
     objective instead (CLIP-T to the prompt plus mean CLIP-I to each LoRA alone) and keep the
     best by it; hybrid lets the VLM propose each round's population for CMA-ES.
+
+    --method switch|composite searches the weights for that way of rendering: every render of
+    the run (the LoRAs alone, the few-shot examples, every candidate) uses it.
     """
+    from localora.diffusion import methods
     from localora.profiles import load_profile
     from localora.runs import session
     from localora.search.config import ComposeConfig
@@ -107,7 +203,7 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
         if lora_specs:
             given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog, lora_dirs)]
         run, cfg, prof = session.reopen(Path(resume), given)
-        _run(cfg, prof, run, plain, batch)
+        _run(cfg, prof, run, plain, batch, as_json)
         return
     if not prompt:
         raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
@@ -117,16 +213,19 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     prompt, choices = request.prompt, request.choices
     if not prompt:
         raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
-    starts = tuple(c.weight for c in choices) if any(c.weight is not None for c in choices) else None
+    # In the order the method runs them (Switch: character first), so the run's LoRAs, start
+    # weights and every render agree.
+    loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])
+    starts = starts if any(w is not None for w in starts) else None
     cfg = ComposeConfig(
-        prompt=prompt, loras=tuple(c.lora for c in choices), iterations=iterations, candidates=candidates,
+        prompt=prompt, loras=loras, iterations=iterations, candidates=candidates, method=method,
         bounds=weight_bounds(bounds), search=search, budget=budget, final_judge=final_judge,
         sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,
     )
-    _start(cfg, prof, out, plain, batch)
+    _start(cfg, prof, out, plain, batch, as_json)
 
 
 DEMO_PROMPT = "a portrait of a girl in a garden"

@@ -7,27 +7,37 @@ from pathlib import Path
 
 import click
 
-from localora.cli.options import lora_dir_option
+from localora import verbosity
+from localora.cli.options import emit, json_option, lora_dir_option
 
 
 @click.command()
-def models():
+@json_option
+def models(as_json):
     """List the profiles of models.toml and whether each model is available here."""
     from localora import paths, profiles
 
     cat = profiles.load_catalog()
-    click.echo(f"profiles in {cat.path} (default: {cat.default_profile})")
-    click.echo(f"your own copies go in {paths.config_dir()}: models.toml, prompts/NAME.txt")
     user = paths.read_config()
+    data = {"models_toml": str(cat.path), "default_profile": cat.default_profile, "config_dir": str(paths.config_dir()),
+            "config": {"path": str(user.path), "exists": user.path.is_file(), "settings": user.settings()},
+            "profiles": []}
+    for p in cat.profiles.values():
+        parts = [(kind, spec.name, spec.source) for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip))]
+        if p.diffusion.vae:
+            parts.insert(1, ("vae", p.diffusion.vae, p.diffusion.vae))
+        data["profiles"].append({"name": p.name, "description": p.description, "models": [
+            {"role": role, "name": name, "source": source, "availability": profiles.availability(source, role)}
+            for role, name, source in parts]})
     sets = "; ".join(f"{k} = {v}" for k, v in user.settings().items())
     state = sets if sets else ("sets nothing" if user.path.is_file() else "not there")
-    click.echo(f"your defaults: {user.path} ({state})")
-    for p in cat.profiles.values():
-        click.echo(f"\n{p.name}: {p.description}")
-        for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip)):
-            click.echo(f"  {kind:<9} {spec.name:<22} {profiles.availability(spec.source, kind)}")
-            if kind == "diffusion" and spec.vae:
-                click.echo(f"  {'vae':<9} {spec.vae:<22} {profiles.availability(spec.vae, 'vae')}")
+    lines = [f"profiles in {data['models_toml']} (default: {data['default_profile']})",
+             f"your own copies go in {data['config_dir']}: models.toml, prompts/NAME.txt",
+             f"your defaults: {user.path} ({state})"]
+    for p in data["profiles"]:
+        lines += [f"\n{p['name']}: {p['description']}"]
+        lines += [f"  {m['role']:<9} {m['name']:<22} {m['availability']}" for m in p["models"]]
+    emit(as_json, data, lines)
 
 
 @click.command()
@@ -40,7 +50,8 @@ def pull(profile):
     """
     from localora import hub, profiles
 
-    for path in hub.pull(profiles.load_profile(profile), click.echo):
+    progress = (lambda line: None) if verbosity.quiet() else click.echo
+    for path in hub.pull(profiles.load_profile(profile), progress):
         click.echo(str(path))
 
 

@@ -7,28 +7,112 @@
     @plain_option            --plain
     @batch_option            --batch N
     @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
+    @json_option             --json  ->  as_json; then emit(as_json, data, human_lines)
 
 config.toml's defaults for options not given are read here: weight_bounds (--bounds) and
 run_parent (where --out-less run folders go). Its default_profile is applied where models.toml
 is read (profiles.load_catalog), so every command's --profile follows it.
+
+Completion (click's shell_complete=, so `_LOCALORA_COMPLETE=bash_source localora` works):
+complete_profiles and complete_loras read models.toml, the catalogs and the LoRA folders only,
+never a model, so a Tab press answers at once and imports no torch.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from localora.diffusion.loras import LoraChoice
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 
-profile_option = click.option("--profile", "-p", default=None,
+
+# ------------------------------------------------------------------ completion
+
+def profile_names() -> list[str]:
+    """The profiles of models.toml; none when it cannot be read (completion must never fail)."""
+    from localora import profiles
+
+    try:
+        return list(profiles.load_catalog().profiles)
+    except LocaloraError:
+        return []
+
+
+def complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(n) for n in profile_names() if n.startswith(incomplete)]
+
+
+def lora_names(profile_name: str | None = None, catalogs: Iterable[str] = (), lora_dirs: Iterable[str] = ()) -> list[str]:
+    """What --lora takes as a bare name: catalog entries, then file stems in the LoRA folders (by
+    'sub/stem' where a stem repeats in a folder). Reads TOML and lists folders; builds nothing."""
+    from localora import paths, profiles, tiny
+    from localora.diffusion import loras
+
+    names: list[str] = []
+    try:
+        prof = profiles.load_catalog().get(profile_name)
+        demo = f"loras-{prof.diffusion.arch}"
+        cats = [tiny.root() / demo / "catalog.toml"] if profiles.is_tiny(prof.diffusion.source) and tiny.is_built(demo) else []
+    except LocaloraError:
+        cats = []
+    user = paths.home() / "loras.toml"
+    for cat in cats + ([user] if user.is_file() else []) + [Path(c) for c in catalogs]:
+        try:
+            names += loras.read_catalog(cat)
+        except LocaloraError:
+            continue
+    try:
+        folders = loras.lora_folders([d for d in lora_dirs if Path(d).expanduser().is_dir()])
+    except LocaloraError:
+        return list(dict.fromkeys(names))
+    for folder in folders.dirs:
+        files = folders.files(folder)
+        stems = [f.stem.lower() for f in files]
+        for f in files:
+            rel = f.relative_to(folder.path).with_suffix("")
+            names.append(f.stem if stems.count(f.stem.lower()) == 1 else rel.as_posix())
+    return list(dict.fromkeys(names))
+
+
+def complete_loras(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """--lora NAME: the names for the --profile, --catalog and --lora-dir given so far; a path is
+    left to the shell's file completion, and nothing is offered once a :WEIGHT is being typed."""
+    if ":" in incomplete:
+        return []
+    if incomplete.startswith((".", "/", "~")) or "\\" in incomplete:
+        return [CompletionItem(incomplete, type="file")]
+    p = ctx.params
+    names = lora_names(p.get("profile"), p.get("catalog") or (), p.get("lora_dirs") or ())
+    low = incomplete.lower()
+    return [CompletionItem(n) for n in names if n.lower().startswith(low)]
+
+
+def complete_testbeds(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """bench --testbed: the shipped testbeds by name; a .toml path is left to the shell."""
+    from localora.bench import testbeds
+
+    if "/" in incomplete or incomplete.endswith(".toml"):
+        return [CompletionItem(incomplete, type="file")]
+    return [CompletionItem(n) for n in testbeds.names() if n.startswith(incomplete)]
+
+
+# ------------------------------------------------------------------ the options
+
+profile_option = click.option("--profile", "-p", default=None, shell_complete=complete_profiles,
                               help="Profile from models.toml (default: default_profile in config.toml, else models.toml's, `tiny`).")
 catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
                               help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON document on stdout instead of the lines (same numbers).")
 lora_dir_option = click.option(
     "--lora-dir", "lora_dirs", multiple=True, metavar="DIR",
     help="A folder of .safetensors LoRAs (A1111 models/Lora, ComfyUI models/loras): a bare name is a file "
@@ -40,7 +124,18 @@ batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, sh
 
 
 def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT]"):
-    return click.option("--lora", "-l", "lora_specs", multiple=True, required=required, metavar=metavar, help=help)
+    return click.option("--lora", "-l", "lora_specs", multiple=True, required=required, metavar=metavar, help=help,
+                        shell_complete=complete_loras)
+
+
+def emit(as_json: bool, data: Any, lines: Iterable[str] = ()) -> None:
+    """A command's result: one JSON document on stdout with --json, else the human lines. Both
+    come from the same values, so a script reads what a person sees."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    for line in lines:
+        click.echo(line)
 
 
 _SAMPLING = (

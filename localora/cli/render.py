@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from localora import verbosity
 from localora.cli.options import (catalog_option, lora_dir_option, lora_option, lora_sources, profile_option,
                                   resolve_request, sampling_options)
 from localora.diffusion.methods import METHODS
@@ -51,7 +52,7 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
         prof, job, notes = _from_image(Path(from_image), profile, catalog, lora_dirs)
     else:
         prof, job, notes = _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers)
-    for line in notes:
+    for line in notes if not verbosity.quiet() else ():
         click.echo(f"note: {line}", err=True)
     result = Renderer(prof).render(job)
     out_path = Path(out)

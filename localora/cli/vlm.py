@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import platform
-import sys
+from typing import Any
 
 import click
 
-from localora import package_version, profiles
+from localora import package_version, profiles, verbosity
 from localora.estimates import ACTIVATIONS, BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
-from localora.errors import LocaloraError
+from localora.cli.options import complete_profiles, emit, json_option
+from localora.errors import LocaloraError, MissingError
 
 JSON_KINDS = ("weights", "candidates", "choice", "judge", "feedback", "refine")
 
@@ -38,17 +39,9 @@ def _schema(kind: str, loras: str | None, lo: float, hi: float, m: int, options:
     return schemas.refine(names, lo, hi, max_chars)
 
 
-def _quiet_transformers() -> None:
-    # Loading bars from the tiny build and from_pretrained would bury a one-line answer.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 @click.command()
 @click.argument("question")
-@click.option("--profile", "profile_name", default=None, help="Profile from models.toml.")
+@click.option("--profile", "-p", "profile_name", default=None, shell_complete=complete_profiles, help="Profile from models.toml.")
 @click.option("--image", "images", multiple=True, help="An image to show, in order (repeatable).")
 @click.option("--system", default=None, help="System message (default: the model's own).")
 @click.option("--json", "kind", type=click.Choice(JSON_KINDS), default=None, help="Constrained JSON answer.")
@@ -74,7 +67,7 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
         question = f"{question}\n{schema.describe()}"
     pictures = [load_image(p) for p in images]  # bad files fail before any model loads
     profile = profiles.load_profile(profile_name)
-    _quiet_transformers()
+    verbosity.quiet_libraries(diffusers=False)  # loading bars would bury a one-line answer
     vlm = VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
     answer = vlm.chat(system, pictures, question, schema=schema, temperature=temperature, seed=seed,
                       max_new_tokens=max_new_tokens)
@@ -86,54 +79,83 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
 
 # ------------------------------------------------------------------ doctor
 
-def _gpu_line() -> str:
+def _gpu() -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        return "no GPU (torch.cuda.is_available() is False)"
+        return {"name": None, "free_gib": None, "total_gib": None}
     free, total = torch.cuda.mem_get_info()
-    return f"{torch.cuda.get_device_name()}: {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB"
+    return {"name": torch.cuda.get_device_name(), "free_gib": round(free / GIB, 1), "total_gib": round(total / GIB, 1)}
 
 
-@click.command()
-@click.option("--profile", "profile_name", default=None, help="Profile to check (default: the default one).")
-def doctor(profile_name) -> None:
-    """Versions, GPU, which weights of a profile are here, and its estimated peak GPU memory."""
+def _gpu_line(gpu: dict[str, Any]) -> str:
+    if gpu["name"] is None:
+        return "no GPU (torch.cuda.is_available() is False)"
+    return f"{gpu['name']}: {gpu['free_gib']:.1f} GiB free of {gpu['total_gib']:.1f} GiB"
+
+
+def _doctor_data(profile: profiles.Profile) -> dict[str, Any]:
+    """What doctor reports, as values: the human lines and --json are both made from it."""
     import torch
 
-    profile = profiles.load_profile(profile_name)
-    click.echo(f"python {platform.python_version()}")
-    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
-    click.echo(f"torch {torch.__version__} ({cuda}; CUDA available: {'yes' if torch.cuda.is_available() else 'no'})")
-    for package in ("transformers", "diffusers", "bitsandbytes", "xgrammar", "open_clip_torch"):
-        click.echo(f"{package} {package_version(package)}")
-    click.echo(f"GPU: {_gpu_line()}")
-
-    click.echo(f"profile {profile.name} (placement {profile.placement}, device {profile.device})")
     sources = [("diffusion", profile.diffusion.name, profile.diffusion.source)]
     if profile.diffusion.vae:
         sources.append(("vae", profile.diffusion.vae, profile.diffusion.vae))
     sources += [("vlm", profile.vlm.name, profile.vlm.source), ("clip", profile.clip.name, profile.clip.source)]
-    missing = []
-    for role, name, source in sources:
-        state = profiles.availability(source)
-        click.echo(f"  {role:9} {name}: {state}")
-        missing += [name] if state.startswith("missing") else []
-
+    found = [{"role": role, "name": name, "availability": profiles.availability(source)} for role, name, source in sources]
     sizes = estimate_gib(profile)
     known = {n: s for n, s in sizes.items() if s is not None}
-    one_at_a_time, together = max(known.values(), default=0.0), sum(known.values())
-    unknown = [n for n, s in sizes.items() if s is None]
-    click.echo(f"estimated peak GPU memory: {together + CUDA_CONTEXT_GIB:.1f} GiB with every model resident, "
-               f"{one_at_a_time + CUDA_CONTEXT_GIB:.1f} GiB one at a time"
-               + (f" (not counting {', '.join(unknown)}: size unknown)" if unknown else ""))
-    click.echo("  " + ", ".join(f"{n} {'?' if s is None else f'{s:.1f}'} GiB" for n, s in sizes.items()))
-    click.echo(f"  basis: {BASIS}")
-    click.echo(f"placement {profile.placement}: {_placement_line(profile, known)}")
-    if missing:
-        click.echo(f"error: {', '.join(missing)} not here; fetch with `localora pull {profile.name}` "
-                   f"(on a connected machine, then copy the Hugging Face cache)", err=True)
-        sys.exit(3)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "packages": {p: package_version(p) for p in ("transformers", "diffusers", "bitsandbytes", "xgrammar",
+                                                     "open_clip_torch")},
+        "gpu": _gpu(),
+        "profile": profile.name, "placement": profile.placement, "device": profile.device,
+        "models": found,
+        "missing": [m["name"] for m in found if m["availability"].startswith("missing")],
+        "estimate_gib": {
+            "resident": round(sum(known.values()) + CUDA_CONTEXT_GIB, 1),
+            "one_at_a_time": round(max(known.values(), default=0.0) + CUDA_CONTEXT_GIB, 1),
+            "per_model": {n: None if s is None else round(s, 1) for n, s in sizes.items()},
+            "basis": BASIS,
+        },
+        "plan": _placement_line(profile, known),
+    }
+
+
+def _doctor_lines(d: dict[str, Any]) -> list[str]:
+    est = d["estimate_gib"]
+    cuda = f"CUDA {d['cuda']}" if d["cuda"] else "CPU-only build"
+    unknown = [n for n, s in est["per_model"].items() if s is None]
+    return [
+        f"python {d['python']}",
+        f"torch {d['torch']} ({cuda}; CUDA available: {'yes' if d['cuda_available'] else 'no'})",
+        *(f"{package} {version}" for package, version in d["packages"].items()),
+        f"GPU: {_gpu_line(d['gpu'])}",
+        f"profile {d['profile']} (placement {d['placement']}, device {d['device']})",
+        *(f"  {m['role']:9} {m['name']}: {m['availability']}" for m in d["models"]),
+        f"estimated peak GPU memory: {est['resident']:.1f} GiB with every model resident, "
+        f"{est['one_at_a_time']:.1f} GiB one at a time"
+        + (f" (not counting {', '.join(unknown)}: size unknown)" if unknown else ""),
+        "  " + ", ".join(f"{n} {'?' if s is None else f'{s:.1f}'} GiB" for n, s in est["per_model"].items()),
+        f"  basis: {est['basis']}",
+        f"placement {d['placement']}: {d['plan']}",
+    ]
+
+
+@click.command()
+@click.option("--profile", "-p", "profile_name", default=None, shell_complete=complete_profiles,
+              help="Profile to check (default: the default one).")
+@json_option
+def doctor(profile_name, as_json) -> None:
+    """Versions, GPU, which weights of a profile are here, and its estimated peak GPU memory."""
+    profile = profiles.load_profile(profile_name)
+    data = _doctor_data(profile)
+    emit(as_json, data, _doctor_lines(data))
+    if data["missing"]:
+        raise MissingError(f"{', '.join(data['missing'])} not here; fetch with `localora pull {profile.name}` "
+                           f"(on a connected machine, then copy the Hugging Face cache)")
 
 
 def _placement_line(profile: profiles.Profile, gib: dict[str, float]) -> str:

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import re
+import struct
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localora.errors import LocaloraError, check_keys
+from localora.errors import LocaloraError, MissingError, check_keys
 from localora.profiles import PICKLE_SUFFIXES
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -85,9 +86,9 @@ def read_header(path: Path) -> Header:
 
     check_suffix(path)
     if not path.is_file():
-        raise LocaloraError(f"{path}: LoRA file not found; check the path or the catalog entry")
+        raise MissingError(f"{path}: LoRA file not found; check the path or the catalog entry")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # "pt" would import torch: seconds for a header
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as e:
@@ -198,23 +199,56 @@ def check_finite(path: Path) -> None:
                             f"fetch it again or use another epoch")
 
 
-def _first_nonfinite(path: Path) -> str | None:
-    import torch
-    from safetensors import safe_open
+# safetensors float dtype -> (numpy view of its bits, the exponent mask): a value is NaN or Inf
+# exactly when all its exponent bits are set. Reading bits works for bfloat16, which numpy lacks,
+# and needs no torch, so `loras inspect` stays quick.
+_FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+               "BF16": ("<u2", 0x7F80)}
 
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return key
+
+def _raw_header(path: Path) -> tuple[int, dict]:
+    """The safetensors header as stored: its length, and name -> {dtype, shape, data_offsets}."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return size, json.loads(f.read(size))
+
+
+def _first_nonfinite(path: Path) -> str | None:
+    import numpy as np
+
+    size, header = _raw_header(path)
+    if path.stat().st_size <= 8 + size:
+        return None  # no tensor data at all
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    for key, entry in header.items():
+        if key == "__metadata__" or entry.get("dtype") not in _FLOAT_BITS:
+            continue
+        view, mask = _FLOAT_BITS[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        bits = data[start:end].view(view)
+        if bool(((bits & mask) == mask).any()):
+            return key
     return None
 
 
-def _scalar(path: Path, key: str) -> float:
-    from safetensors import safe_open
+# safetensors dtype -> struct format of one element; BF16 is the high half of an F32.
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "<f", "I64": "<q", "I32": "<i", "I16": "<h",
+                   "I8": "<b", "U8": "<B"}
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key).item()
+
+def _scalar(path: Path, key: str) -> float:
+    """A one-element tensor (kohya's alpha) read from the file's bytes: no torch, any dtype (numpy has
+    no bfloat16)."""
+    size, header = _raw_header(path)
+    entry = header[key]
+    start, end = entry["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(8 + size + start)
+        raw = f.read(end - start)
+    fmt = _SCALAR_FORMATS.get(entry["dtype"])
+    if fmt is None or len(raw) != (2 if entry["dtype"] == "BF16" else struct.calcsize(fmt)):
+        raise LocaloraError(f"{path}: {key} is not a one-number tensor ({entry['dtype']}, {len(raw)} bytes)")
+    return struct.unpack(fmt, b"\x00\x00" + raw if entry["dtype"] == "BF16" else raw)[0]
 
 
 def _kohya_component(module: str) -> str:
@@ -464,7 +498,7 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
     if target in catalog:  # a user's own catalog entry wins over a file of the same name in a folder
         lora = catalog[target]
         if not lora.path.is_file():
-            raise LocaloraError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
+            raise MissingError(f"{lora.path}: LoRA file of catalog entry '{target}' not found; fix its `file`")
         if not lora.triggers:  # an entry without triggers keeps the file's own (header, then sidecar)
             lora = lora_from_file(lora.path, lora.name, lora.category, None, lora.references)
         return lora
@@ -476,7 +510,7 @@ def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None
     if found is not None:
         return lora_from_file(found)
     if path.suffix.lower() == ".safetensors" or path.exists():
-        raise LocaloraError(f"{path}: LoRA file not found; check the path")
+        raise MissingError(f"{path}: LoRA file not found; check the path")
     known = ", ".join(sorted(catalog)) or "none"
     searched = folders.describe() if folders is not None else "no LoRA folders given"
     raise LocaloraError(f"{where}: no such LoRA name or .safetensors file; known names: {known}; {searched}")

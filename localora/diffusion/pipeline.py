@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localora.diffusion import loras as loralib
-from localora import profiles
+from localora import profiles, verbosity
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
 if TYPE_CHECKING:  # torch loads with the first pipeline, so that commands without a model start fast
     import torch
-
-
-def _quiet() -> None:
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def _scheduler(name: str, config: Any):
@@ -49,7 +37,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     """The diffusers pipeline for `spec`, from local files only, on `device`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    _quiet()
+    verbosity.quiet_libraries()
     cls = StableDiffusionXLPipeline if spec.arch == "sdxl" else StableDiffusionPipeline
     path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
     dtype = dtype_for(spec, device)
@@ -61,8 +49,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
     # use_safetensors: a folder that holds only pickled .bin weights fails instead of being unpickled.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with verbosity.hushed():
             if spec.vae:
                 vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
                 kwargs["vae"] = _from_pretrained(AutoencoderKL, vae_path, f"VAE of '{spec.name}'", **kwargs)
@@ -104,10 +91,8 @@ def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
         raise LocaloraError(f"{lora.path}: this is {article} {theirs} LoRA ({info.arch_evidence}) but the "
                             f"profile's base is {ours}; {fix}")
     before = _lora_layer_count(pipe)
-    logging.getLogger("peft").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with verbosity.hushed("peft"):
             pipe.load_lora_weights(str(lora.path), adapter_name=name)
     except LocaloraError:
         raise

@@ -32,7 +32,7 @@ from localora import export, paths, profiles
 from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, RuntimeFailure
 from localora.files import atomic_write, clean_temporaries, file_hash, stable_hash
 from localora.diffusion.loras import Lora
 from localora.diffusion.rows import is_out_of_memory
@@ -265,7 +265,7 @@ def _check_finite(latents: torch.Tensor, job: RenderJob) -> None:
     """A render with NaN or Inf must fail, not decode to a black image and enter the cache."""
     if not bool(torch.isfinite(latents).all()):
         files = ", ".join(str(lora.path) for lora in job.loras)
-        raise LocaloraError(f"render failed: NaN/Inf in the latents with the LoRAs {files}; one may hold NaN/Inf "
+        raise RuntimeFailure(f"render failed: NaN/Inf in the latents with the LoRAs {files}; one may hold NaN/Inf "
                             f"weights (check each alone with `localora generate`), or half precision overflowed")
 
 

@@ -17,7 +17,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from localora.errors import LocaloraError
+from localora.errors import LocaloraError, MissingError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TEXT_TYPES = (b"tEXt", b"zTXt", b"iTXt")
@@ -68,7 +68,7 @@ def text_chunks(path: Path) -> dict[str, str]:
     try:
         png = path.read_bytes()
     except FileNotFoundError:
-        raise LocaloraError(f"{path}: no such file") from None
+        raise MissingError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise LocaloraError(f"{path}: is a folder, not a PNG file (a run folder needs its final.png)") from None
     out = {}
