@@ -5,6 +5,7 @@ The answer source here is scripted: the answers are the input under test, the ju
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ IMG_B = Image.new("RGB", (8, 8), (0, 0, 255))
 @dataclass
 class _Answer:
     value: Any
+    text: str = ""
 
 
 class Scripted:
@@ -41,7 +43,8 @@ class Scripted:
         self.calls.append({"system": system, "images": images, "text": text, "schema": schema, "seed": seed, **sampling})
         first, second = ("a" if images[0] is IMG_A else "b"), ("a" if images[1] is IMG_A else "b")
         s1, s2 = self.rule(first, second, seed)
-        return _Answer({"image_1": s1, "image_2": s2})
+        value = {"explanation_1": f"{first} first", "explanation_2": f"{second} second", "image_1": s1, "image_2": s2}
+        return _Answer(value, json.dumps(value))
 
 
 def _s(composition: float, quality: float) -> dict[str, float]:
@@ -77,13 +80,21 @@ def test_both_orders_every_repeat_with_its_own_seed_and_the_prompt():
     assert [x.first for x in result.answers] == ["a", "b"] * 3
     text = model.calls[0]["text"]
     assert "1. character (Kamado Nezuko): kamado nezuko, black hair, pink eyes, forehead\n2. style (Hand-drawn Style): lineart, hand-drawn style" in text
-    for criterion in ("Deduct 3 points for each element", "Deduct 1 point for each missing or wrong feature",
-                      "lack harmony", "Deduct 3 points for each deformity", "texture, lighting or colour",
-                      "Deduct 1 point for each minor flaw", "Evaluate critically", "0.5"):
+    # The reference criteria: -3 once for any missing element (not per element), further
+    # deductions allowed on both dimensions, explanation first, avoid a double tie.
+    for criterion in ("Deduct 3 points once if any element is missing or wrongly depicted",
+                      "Deduct 1 point for each missing or wrong feature", "minor inconsistency", "lack harmony",
+                      "lacks coherence or realism", "Deduct 3 points for each deformity", "texture, lighting or colour",
+                      "Deduct 1 point for each minor flaw", "overall aesthetics or clarity", "Evaluate critically",
+                      "step by step", "Only then give the four scores", "same score on both dimensions", "0.5"):
         assert criterion in text
+    assert "for each element that is missing" not in text
     assert "{" + "elements}" not in text and "{" + "answer_format}" not in text
-    assert schemas.judge_scores().describe() in text and model.calls[0]["system"] == judge.system_text()
-    assert model.calls[0]["schema"].grammar == schemas.judge_scores().grammar
+    assert schemas.judge_answer().describe() in text and model.calls[0]["system"] == judge.system_text()
+    assert model.calls[0]["schema"].grammar == schemas.judge_answer().grammar
+    # Each answer keeps its explanations, by position, and its text.
+    assert [(x.explanation_1, x.explanation_2) for x in result.answers[:2]] == [("a first", "b second"),
+                                                                                 ("b first", "a second")]
     # Repeats are sampled (greedy ones would repeat themselves); a single ask is greedy.
     assert {c["temperature"] for c in model.calls} == {judge.REPEAT_TEMPERATURE}
     once = Scripted(model.rule)
@@ -158,3 +169,21 @@ def test_judge_command_with_the_tiny_vlm(tmp_path):
     scores = [float(x) for x in lines[-3].split()[2:] + lines[-2].split()[2:]]
     assert len(scores) == 4 and all(0 <= x <= 10 for x in scores)
     assert re.fullmatch(r"A vs B \(2 answers, both orders\): composition (win|tie|loss), quality (win|tie|loss)", lines[-1])
+
+
+def test_the_tiny_vlm_explains_both_images_before_scoring_at_any_seed():
+    """Sampled at temperature 1 from the random tiny Qwen2-VL: every answer parses, and its text
+    holds both explanations before the first score."""
+    from localora import profiles
+    from localora.vlm.model import VLM
+
+    vlm = VLM(profiles.load_profile("tiny").vlm)
+    a, b = IMG_A.resize((64, 64)), IMG_B.resize((64, 64))
+    result = judge.judge_pair(vlm, a, b, ELEMENTS, repeats=3, seed=5)
+    assert len(result.answers) == 6 and len({x.text for x in result.answers}) > 1  # sampled, not greedy
+    for x in result.answers:
+        positions = [x.text.index(f'"{key}":') for key in ("explanation_1", "explanation_2", "image_1", "image_2")]
+        assert positions == sorted(positions) and positions[0] == 1, x.text
+        assert x.explanation_1 and x.explanation_2
+        assert len(x.explanation_1) <= schemas.JUDGE_EXPLANATION_CHARS
+        assert schemas.judge_answer().parse(x.text)["image_1"] == x.position_1

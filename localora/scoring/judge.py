@@ -83,8 +83,9 @@ def judge_prompt(elements: Sequence[Element], prompts_dir: Path | None = None) -
 # ------------------------------------------------------------------ the VLM call
 
 def judge_schema() -> Any:
-    """The answer schema the VLM backend constrains decoding with (the shape read_scores reads)."""
-    return schemas.judge_scores()
+    """The answer schema the VLM backend constrains decoding with (the shape read_scores reads):
+    an explanation of each image, then the scores, as the reference evaluator answers."""
+    return schemas.judge_answer()
 
 
 def read_scores(value: Any) -> tuple[dict[str, float], dict[str, float]]:
@@ -103,16 +104,28 @@ def read_scores(value: Any) -> tuple[dict[str, float], dict[str, float]]:
     return pair  # type: ignore[return-value]
 
 
+def read_explanations(value: Any) -> tuple[str, str]:
+    """The explanations of the image shown first and second; empty for a scores-only answer
+    (a template override or an answer logged before explanations were asked for)."""
+    if not isinstance(value, dict):
+        return "", ""
+    return tuple(str(value.get(f"explanation_{i}", "")) for i in (1, 2))  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------ pure aggregation
 
 @dataclass(frozen=True)
 class Asked:
-    """One answer: which image was shown first ("a" or "b"), the seed, the scores by position."""
+    """One answer: which image was shown first ("a" or "b"), the seed, the scores and
+    explanations by position, and the answer's text as decoded (explanations before scores)."""
 
     first: str
     seed: int
     position_1: dict[str, float]
     position_2: dict[str, float]
+    explanation_1: str = ""
+    explanation_2: str = ""
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,6 +239,6 @@ def judge_pair(
         for first, images in (("a", [a, b]), ("b", [b, a])):
             answer = model.chat(system, images, text, schema=schema, seed=seed + r, **sampling)
             p1, p2 = read_scores(answer.value)
-            answers.append(Asked(first, seed + r, p1, p2))
+            answers.append(Asked(first, seed + r, p1, p2, *read_explanations(answer.value), str(answer.text)))
     scores = debias(answers)
     return Judgement(scores, verdict(scores, margin), tuple(answers))
