@@ -198,7 +198,7 @@ def test_report_table_matches_the_database(reported):
                                  str(len(mine))])
         assert _md_table(text, heading) == expected, heading
     pairs = list(table(out, "pairs").values())
-    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    judged = _md_table(text, "### Averaged verdicts")
     for m in ("switch", "composite", "reflect"):
         for d in judge.DIMENSIONS:
             verdicts = [p[d] for p in pairs if p["method"] == m]
@@ -232,7 +232,7 @@ def test_report_counts_wins_ties_and_losses():
     settings = {"testbed": "t", "profile": "p", "lora_scale": 0.8, "baseline": "merge", "iterations": 1,
                 "candidates": 2, "fewshot": False, "repeats": 1}
     text = bench_report.markdown(results, pairs, settings, [])
-    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    judged = _md_table(text, "### Averaged verdicts")
     assert judged[0] == ["switch", "composition", "0.0% (0)", "100.0% (1)", "0.0% (0)", "1", "5.00 / 5.00"]
     assert judged[2] == ["reflect", "composition", "66.7% (2)", "0.0% (0)", "33.3% (1)", "3", "6.33 / 5.33"]
     assert judged[3] == ["reflect", "quality", "33.3% (1)", "66.7% (2)", "0.0% (0)", "3", "6.00 / 5.67"]

@@ -165,10 +165,56 @@ def test_judge_command_with_the_tiny_vlm(tmp_path):
     result = CliRunner().invoke(judge_cmd, args)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert lines[-3].split()[:2] == ["A", str(tmp_path / "a.png")] and lines[-2].split()[0] == "B"
-    scores = [float(x) for x in lines[-3].split()[2:] + lines[-2].split()[2:]]
+    assert lines[-5].split()[:2] == ["A", str(tmp_path / "a.png")] and lines[-4].split()[0] == "B"
+    scores = [float(x) for x in lines[-5].split()[2:] + lines[-4].split()[2:]]
     assert len(scores) == 4 and all(0 <= x <= 10 for x in scores)
-    assert re.fullmatch(r"A vs B \(2 answers, both orders\): composition (win|tie|loss), quality (win|tie|loss)", lines[-1])
+    assert re.fullmatch(r"A vs B \(2 answers, both orders\): composition (win|tie|loss), quality (win|tie|loss)", lines[-3])
+    for line, d in zip(lines[-2:], judge.DIMENSIONS):
+        m = re.fullmatch(rf"A vs B outcomes, {d}: (\d) win / (\d) tie / (\d) loss of 2; win rate \d+% "
+                         r"\(95% Wilson \d+%-\d+%\)", line)
+        assert m and sum(map(int, m.groups())) == 2, line
+
+
+@pytest.mark.parametrize("args, fragment", [(["--repeats", "0"], "--repeats 0"),
+                                            (["--judge-temperature", "-1"], "--judge-temperature -1")])
+def test_judge_command_bad_repeats_or_temperature(tmp_path, args, fragment):
+    from click.testing import CliRunner
+
+    from localora.cli import main
+    from support import one_error_line
+
+    IMG_A.save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["judge", str(tmp_path / "a.png"), str(tmp_path / "a.png"), "--profile", "tiny",
+                                       "--element", "character (X): x", *args])
+    one_error_line(result, fragment, "at least 1" if "repeats" in fragment else "0 (greedy)")
+
+
+def test_every_repeat_and_order_is_one_outcome():
+    # +3 for whoever is shown first, B truly 1 better in composition: the A-first answers are
+    # A's wins in composition (6+3 > 7), the B-first ones A's losses; quality: A first wins.
+    true = {"a": _s(6.0, 6.0), "b": _s(7.0, 6.0)}
+    result = judge.judge_pair(Scripted(lambda f, s, seed: ({k: v + 3 for k, v in true[f].items()}, true[s])),
+                              IMG_A, IMG_B, ELEMENTS, repeats=2, seed=7)
+    assert [(o.repeat, o.first) for o in result.outcomes] == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert [o.verdict["composition"] for o in result.outcomes] == ["win", "loss"] * 2
+    assert [o.verdict["quality"] for o in result.outcomes] == ["win", "loss"] * 2
+    assert result.outcomes[1].a == _s(6.0, 6.0) and result.outcomes[1].b == _s(10.0, 9.0)
+    assert (result.outcomes[0].explanation_a, result.outcomes[1].explanation_a) == ("a first", "a second")
+    r = result.rates()["composition"]
+    assert (r.wins, r.ties, r.losses, r.n, r.win_rate) == (2, 0, 2, 4, 0.5)
+    # The averaged view of the same answers: B better in composition, a tie in quality.
+    assert result.verdict == {"composition": "loss", "quality": "tie"}
+
+
+def test_wilson_interval_matches_published_values():
+    # 95% Wilson score intervals (Newcombe 1998, table I): 81/263, 15/148, 0/20, 1/29.
+    assert judge.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert judge.wilson(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    assert judge.wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert judge.wilson(1, 29) == pytest.approx((0.0061, 0.1718), abs=1e-4)
+    assert judge.wilson(0, 0) == (0.0, 1.0)
+    ties = judge.rates([{"composition": "tie", "quality": "win"}] * 3 + [{"composition": "win", "quality": "win"}])
+    assert ties["composition"].win_rate == 0.25 and ties["composition"].ties == 3  # ties stay in the denominator
 
 
 def test_the_tiny_vlm_explains_both_images_before_scoring_at_any_seed():

@@ -23,6 +23,7 @@ from localora.diffusion.loras import Lora
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Profile, load_profile
+from localora.scoring.judge import REPEAT_TEMPERATURE
 
 BASELINES = tuple(methods.METHODS)  # merge, switch, composite: every LoRA at the testbed's scale
 REFLECT = "reflect"  # the search loop; its strategy in localora.search.STRATEGIES
@@ -42,10 +43,17 @@ class BenchConfig:
     baseline: str = "merge"  # every other method is judged against it
     lora_dir: str | None = None
     repeats: int = 1
+    judge_temperature: float | None = None  # None: greedy for one repeat, judge.REPEAT_TEMPERATURE for more
     iterations: int = 5
     candidates: int = 5
     fewshot: bool = True
     profile: str | None = None  # None: the testbed's
+
+    def temperature(self) -> float | None:
+        """The judge's sampling temperature; None is greedy (one repeat, or 0 asked for)."""
+        if self.judge_temperature is not None:
+            return self.judge_temperature or None
+        return REPEAT_TEMPERATURE if self.repeats > 1 else None
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -58,8 +66,12 @@ class BenchConfig:
             raise LocaloraError(f"--judge-baseline {self.baseline} must be one of --methods ({', '.join(self.methods)})")
         if self.limit is not None and self.limit < 1:
             raise LocaloraError(f"--limit must be at least 1, got {self.limit}")
-        if min(self.repeats, self.iterations, self.candidates) < 1:
-            raise LocaloraError("--repeats, --iterations and --candidates must be at least 1")
+        if self.repeats < 1:
+            raise LocaloraError(f"--repeats {self.repeats}: give at least 1 (each repeat asks the judge both orders)")
+        if self.judge_temperature is not None and self.judge_temperature < 0:
+            raise LocaloraError(f"--judge-temperature {self.judge_temperature:g}: give 0 (greedy) or more")
+        if min(self.iterations, self.candidates) < 1:
+            raise LocaloraError("--iterations and --candidates must be at least 1")
         searches = [m for m in self.methods if m in SEARCH_STRATEGY]
         if searches and self.elements < 2:
             raise LocaloraError(f"{', '.join(searches)} combine at least 2 LoRAs; --elements {self.elements} is too "
@@ -100,7 +112,7 @@ class Plan:
             "models": {k: asdict(getattr(self.profile, k)) for k in ("diffusion", "vlm", "clip")},
             "loras": {i: file_hash(lo.path) for i, lo in self.loras.items()},
             "references": {i: [file_hash(r) for r in lo.references] for i, lo in self.loras.items()},
-            "baseline": c.baseline, "repeats": c.repeats, "iterations": c.iterations, "candidates": c.candidates,
+            "baseline": c.baseline, "repeats": c.repeats, "judge_temperature": c.temperature(), "iterations": c.iterations, "candidates": c.candidates,
             "fewshot": c.fewshot, "fewshot_threshold": self.profile.clip.fewshot_threshold,
         }
 

@@ -37,7 +37,7 @@ def write(folder: Path) -> list[Path]:
     """Write the report and its plots into `folder`; returns their paths."""
     folder = Path(folder)
     store = Store.open(folder)
-    results, pairs, settings = store.results(), store.pairs(), store.settings()
+    results, pairs, settings, outcomes = store.results(), store.pairs(), store.settings(), store.outcomes()
     if not results:
         raise LocaloraError(f"{folder}: the bench has no finished rows yet; run `localora bench --out {folder}` first")
     baseline = settings["baseline"]
@@ -55,7 +55,7 @@ def write(folder: Path) -> list[Path]:
     if curves:
         _save(_objective_figure(curves), folder / OBJECTIVE_PNG)
         plots.append(OBJECTIVE_PNG)
-    text = markdown(results, pairs, settings, plots, curves)
+    text = markdown(results, pairs, settings, plots, curves, outcomes)
     atomic_write(folder / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
     return [folder / REPORT] + [folder / name for name in plots]
 
@@ -84,6 +84,33 @@ def winrates(pairs: Rows) -> dict[str, dict[str, judge.Counts]]:
         scores = [judge.PairScores({d: p[f"{d}_a"] for d in judge.DIMENSIONS}, {d: p[f"{d}_b"] for d in judge.DIMENSIONS})
                   for p in pairs if p["method"] == m]
         out[m] = judge.aggregate(scores)
+    return out
+
+
+def outcome_rates(outcomes: Rows) -> dict[str, dict[str, judge.Rate]]:
+    """method -> judge dimension -> win / tie / loss over the stored outcomes (every repeat and
+    order) of the method against the baseline."""
+    return {m: judge.rates([o for o in outcomes if o["method"] == m]) for m in methods_in(outcomes)}
+
+
+def position_bias(outcomes: Rows) -> dict[str, dict[str, tuple[int, int, int, int, int]]]:
+    """judge model -> dimension -> (first-shown wins, second-shown wins, ties, order pairs that
+    agree, order pairs): how often the image shown first scores higher, and how often one repeat's
+    two orders give the same verdict (an unbiased judge: first wins = second wins, agreement 100%)."""
+    out = {}
+    for model in sorted({o["judge"] for o in outcomes}):
+        mine = [o for o in outcomes if o["judge"] == model]
+        both: dict[tuple, dict[str, dict]] = {}
+        for o in mine:
+            both.setdefault((o["set_id"], o["seed"], o["method"], o["baseline"], o["repeat"]), {})[o["first"]] = o
+        orders = [x for x in both.values() if set(x) == {"a", "b"}]
+        out[model] = {}
+        for d in judge.DIMENSIONS:
+            # "win" is A's side; A was first when first == "a".
+            first = sum((o[d] == "win") if o["first"] == "a" else (o[d] == "loss") for o in mine)
+            ties = sum(o[d] == "tie" for o in mine)
+            agree = sum(x["a"][d] == x["b"][d] for x in orders)
+            out[model][d] = (first, len(mine) - first - ties, ties, agree, len(orders))
     return out
 
 
@@ -126,7 +153,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 # ------------------------------------------------------------------ report.md
 
 def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str],
-             curves: dict[str, list[tuple[int, float]]] | None = None) -> str:
+             curves: dict[str, list[tuple[int, float]]] | None = None, outcomes: Rows | None = None) -> str:
     baseline = settings["baseline"]
     sizes = sorted({r["elements"] for r in results})
     per_size = ", ".join(f"{len({r['set_id'] for r in results if r['elements'] == n})} of {n} elements" for n in sizes)
@@ -159,12 +186,24 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
             lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for _, v in points) + " |")
         if OBJECTIVE_PNG in plots:
             lines += ["", f"![best objective over renders]({OBJECTIVE_PNG})"]
+    every_outcome = outcomes or []  # position bias is the judge's, whichever pair it judged
+    outcomes = [o for o in every_outcome if o["baseline"] == baseline]
     lines += ["", f"## Pairwise judge: each method vs {baseline}", ""]
     if not pairs:
         lines.append("No judged pairs yet.")
     else:
+        lines += ["### Over outcomes", ""]
+        if outcomes:
+            lines += _outcome_lines(outcomes, baseline)
+            lines += ["", "One outcome per judge answer: every repeat and both orders of every pair. Win rate = wins / "
+                      "outcomes, ties counted separately (not as half wins); the interval is the 95% Wilson score "
+                      "interval, which treats outcomes as independent although the answers about one pair are not."]
+        else:
+            lines.append("No per-answer outcomes stored (these pairs were judged by an older localora).")
+        lines += ["", "### Averaged verdicts", ""]
         lines += _judge_lines(pairs, baseline)
-        lines += ["", "Win rate = wins / pairs; a pair's scores are averaged over both orders before the verdict."]
+        lines += ["", "Win rate = wins / pairs; a pair's scores are averaged over both orders and every repeat before "
+                  "its one verdict (the MLC protocol)."]
         if WINRATE_PNG in plots:
             lines += ["", f"![win / tie / loss vs {baseline}]({WINRATE_PNG})"]
         if len(sizes) > 1:
@@ -175,6 +214,10 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
                 lines += _judge_lines(subset, baseline) if subset else ["No judged pairs."]
             if BY_ELEMENTS_PNG in plots:
                 lines += ["", f"![win / tie / loss vs {baseline} by number of elements]({BY_ELEMENTS_PNG})"]
+    if every_outcome:
+        lines += ["", "## Position bias", "", *_bias_lines(every_outcome), "",
+                  "First-shown wins: outcomes in which the image shown first scored higher; an unbiased judge has "
+                  "as many second-shown wins. Order agreement: repeats whose two orders gave the same verdict."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +226,28 @@ def _clip_lines(results: Rows) -> list[str]:
     for m, cols in clip_table(results).items():
         (i_mean, i_std, n), (t_mean, t_std, _) = cols["clip_i"], cols["clip_t"]
         lines.append(f"| {m} | {i_mean:.4f} ± {i_std:.4f} | {t_mean:.4f} ± {t_std:.4f} | {n} |")
+    return lines
+
+
+def _outcome_lines(outcomes: Rows, baseline: str) -> list[str]:
+    lines = [f"| Method vs {baseline} | Dimension | Win | Tie | Loss | Outcomes | Win rate (95% Wilson) |",
+             "|---|---|---|---|---|---|---|"]
+    for m, dims in outcome_rates(outcomes).items():
+        for d, r in dims.items():
+            shares = " | ".join(f"{r.share(key):.1%} ({getattr(r, key)})" for key, _, _ in OUTCOMES)
+            lo, hi = r.interval
+            lines.append(f"| {m} | {d} | {shares} | {r.n} | {r.win_rate:.1%} [{lo:.1%}, {hi:.1%}] |")
+    return lines
+
+
+def _bias_lines(outcomes: Rows) -> list[str]:
+    lines = ["| Judge model | Dimension | First-shown wins | Second-shown wins | Ties | Order agreement |",
+             "|---|---|---|---|---|---|"]
+    for model, dims in position_bias(outcomes).items():
+        for d, (first, second, ties, agree, orders) in dims.items():
+            n = first + second + ties
+            lines.append(f"| {model} | {d} | {first / n:.1%} ({first}) | {second / n:.1%} ({second}) | "
+                         f"{ties / n:.1%} ({ties}) | {agree / orders if orders else 0:.1%} ({agree} of {orders}) |")
     return lines
 
 

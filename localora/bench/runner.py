@@ -58,6 +58,7 @@ class Row:
     table: str  # "results" or "pairs"
     values: dict[str, Any]
     line: str  # one line for the progress display
+    children: tuple[tuple[str, dict[str, Any]], ...] = ()  # committed with it: a pair's outcomes
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     have = {(r["set_id"], r["seed"], r["method"]): r for r in store.results()}
     calls = 0
     for row in rows(p, work, parts, progress, store.start_session(sys.argv[1:]), have):
-        store.add(row.table, row.values)
+        store.add(row.table, row.values, row.children)
         progress.finished(row.line)
         calls += row.values["vlm_calls"]
     stats = parts.renderer.stats
@@ -200,18 +201,26 @@ class _Runner:
         base = self.plan.cfg.baseline
         self.progress.working(f"{case.set_id} seed {case.seed} judge {method} vs {base}")
         start, calls = time.perf_counter(), self.vlm.calls
+        temperature = self.plan.cfg.temperature()
         j = judge.judge_pair(self.vlm, image, base_image, [x.element() for x in case.combo],
-                             repeats=self.plan.cfg.repeats, seed=case.seed)
+                             repeats=self.plan.cfg.repeats, seed=case.seed, temperature=temperature or 0.0)
+        finished = time.time()
+        key = {"set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base}
+        outcomes = tuple(("outcomes", {
+            **key, "repeat": o.repeat, "first": o.first, "judge": self.plan.profile.vlm.name, "temperature": temperature,
+            **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", o.a), ("b", o.b))},
+            **o.verdict, "explanation_a": o.explanation_a, "explanation_b": o.explanation_b,
+            "session": self.session, "finished": finished}) for o in j.outcomes)
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base,
             **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", j.scores.a), ("b", j.scores.b))},
             **j.verdict, "answers": json.dumps([asdict(a) for a in j.answers]),
             "vlm_calls": self.vlm.calls - calls, "seconds": round(time.perf_counter() - start, 3),
-            "session": self.session, "finished": time.time(),
+            "session": self.session, "finished": finished,
         }
         verdicts = ", ".join(f"{d} {j.verdict[d]}" for d in judge.DIMENSIONS)
         return Row("pairs", row, f"{case.set_id} seed {case.seed} {method} vs {base}: {verdicts}  "
-                                 f"({row['vlm_calls']} VLM calls, {row['seconds']:.1f}s)")
+                                 f"({row['vlm_calls']} VLM calls, {row['seconds']:.1f}s)", outcomes)
 
     # ------------------------------------------------------------ images
 

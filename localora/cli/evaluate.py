@@ -39,13 +39,16 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.argument("image_b", type=_image)
 @click.option("--profile", "profile_name", default=None, help="Profile whose VLM judges (default: the default profile).")
 @click.option("--element", "elements", multiple=True, required=True, help="'category (Name): trigger, words'; one per element, repeatable.")
-@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Times to ask each order, with seeds seed, seed+1, ...")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Times to ask each order, with seeds seed, seed+1, ...; each answer is one outcome.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", default=None, type=click.FloatRange(min=0), help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
+@click.option("--judge-temperature", "--temperature", "temperature", default=None, type=float,
+              help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
 def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
           temperature: float | None, prompts_dir: Path | None) -> None:
-    """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, averaged) and give the verdict."""
+    """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
+    scores and verdict, and win / tie / loss over the answers."""
+    check_judging(repeats, temperature)
     prompts_dir = check_dir(prompts_dir)
     parsed = [judging.parse_element(e) for e in elements]
     profile = profiles.load_profile(profile_name)
@@ -59,6 +62,18 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tupl
         click.echo(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
     verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
     click.echo(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
+    for d, r in result.rates().items():
+        lo, hi = r.interval
+        click.echo(f"A vs B outcomes, {d}: {r.wins} win / {r.ties} tie / {r.losses} loss of {r.n}; "
+                   f"win rate {r.win_rate:.0%} (95% Wilson {lo:.0%}-{hi:.0%})")
+
+
+def check_judging(repeats: int, temperature: float | None) -> None:
+    """--repeats and --judge-temperature, one error line each, before any model loads."""
+    if repeats < 1:
+        raise LocaloraError(f"--repeats {repeats}: give at least 1 (each repeat asks the judge both orders)")
+    if temperature is not None and temperature < 0:
+        raise LocaloraError(f"--judge-temperature {temperature:g}: give 0 (greedy) or more")
 
 
 def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
@@ -90,7 +105,9 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
 @click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files, by the paths the testbed names (default: the "
                    "first of $LOCALORA_LORA_DIRS and config.toml's lora_dirs that holds them all).")
-@click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order.")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order; each answer is one stored outcome.")
+@click.option("--judge-temperature", default=None, type=float,
+              help=f"Judge: sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
 @click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")
 @click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
@@ -98,7 +115,7 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
-          lora_dir: str | None, repeats: int, iterations: int, candidates: int, no_fewshot: bool,
+          lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int, no_fewshot: bool,
           profile_name: str | None, out: Path, plain: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
@@ -114,7 +131,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     cfg = BenchConfig(
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
         seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
-        repeats=repeats, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
+        repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
     )
     ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     try:

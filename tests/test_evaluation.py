@@ -1,0 +1,112 @@
+"""Evaluation as the papers run it, on a tiny bench: judge outcomes per repeat and order, position
+bias, held-out CLIP-I references, seeds, ablation variants and the report's tables and grid.
+
+One module-scoped bench (one 2-element set, two seeds, two repeats) serves every test; the
+expected numbers are counted here from the stored rows, independently of bench/report.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+import pytest
+
+from localora.bench.store import DB_FILE
+from localora.scoring import judge
+from test_bench import cli
+
+SEEDS = (0, 1)
+REPEATS = 2
+ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods", "merge,switch",
+        "--seeds", ",".join(map(str, SEEDS)), "--repeats", str(REPEATS))
+
+
+def rows(out, name: str) -> list[dict]:
+    with sqlite3.connect(out / DB_FILE) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(f"SELECT * FROM {name}")]
+
+
+def md_table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after `heading`, past its header and rule."""
+    lines = iter(text.split(heading + "\n", 1)[1].splitlines())
+    first = next(ln for ln in lines if ln.startswith("|"))
+    body = [first, *itertools.takewhile(lambda ln: ln.startswith("|"), lines)]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in body[2:]]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, localora_home):
+    out = tmp_path_factory.mktemp("eval") / "b"
+    result = cli(*ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    result = cli("report", out)
+    assert result.exit_code == 0, result.output
+    return out, (out / "report.md").read_text()
+
+
+def test_each_pair_and_seed_stores_both_orders_of_every_repeat(bench):
+    out, _ = bench
+    pairs, outcomes = rows(out, "pairs"), rows(out, "outcomes")
+    assert {(p["seed"], p["method"]) for p in pairs} == {(s, "switch") for s in SEEDS}
+    for p in pairs:
+        mine = [o for o in outcomes if (o["set_id"], o["seed"], o["method"], o["baseline"]) ==
+                (p["set_id"], p["seed"], p["method"], p["baseline"])]
+        assert sorted((o["repeat"], o["first"]) for o in mine) == [(r, f) for r in range(REPEATS) for f in "ab"]
+        assert p["vlm_calls"] == 2 * REPEATS
+        assert {o["temperature"] for o in mine} == {judge.REPEAT_TEMPERATURE} and {o["judge"] for o in mine} == {"tiny-qwen2-vl"}
+        for o in mine:
+            assert o["explanation_a"] and o["explanation_b"]
+            for d in judge.DIMENSIONS:
+                diff = o[f"{d}_a"] - o[f"{d}_b"]
+                assert o[d] == ("win" if diff > 0 else "loss" if diff < 0 else "tie")
+        # The averaged view is the mean of the same answers.
+        for d in judge.DIMENSIONS:
+            assert p[f"{d}_a"] == pytest.approx(sum(o[f"{d}_a"] for o in mine) / len(mine))
+
+
+def test_the_reports_win_rates_are_a_count_over_stored_outcomes(bench):
+    out, text = bench
+    outcomes = rows(out, "outcomes")
+    table = md_table(text, "### Over outcomes")
+    for d in judge.DIMENSIONS:
+        verdicts = [o[d] for o in outcomes if o["method"] == "switch"]
+        n = len(verdicts)
+        assert n == len(SEEDS) * REPEATS * 2
+        counts = [verdicts.count(v) for v in ("win", "tie", "loss")]
+        lo, hi = judge.wilson(counts[0], n)
+        expected = ["switch", d, *(f"{c / n:.1%} ({c})" for c in counts), str(n),
+                    f"{counts[0] / n:.1%} [{lo:.1%}, {hi:.1%}]"]
+        assert next(r for r in table if r[:2] == ["switch", d]) == expected
+    assert "### Averaged verdicts" in text
+
+
+def test_the_report_shows_position_bias_per_judge_model(bench):
+    out, text = bench
+    outcomes = rows(out, "outcomes")
+    table = md_table(text, "## Position bias")
+    for d in judge.DIMENSIONS:
+        first_won = [o for o in outcomes if o[d] == ("win" if o["first"] == "a" else "loss")]
+        ties = [o for o in outcomes if o[d] == "tie"]
+        repeats = {}
+        for o in outcomes:
+            repeats.setdefault((o["seed"], o["repeat"]), {})[o["first"]] = o[d]
+        agree = sum(v["a"] == v["b"] for v in repeats.values())
+        n = len(outcomes)
+        second = n - len(first_won) - len(ties)
+        assert next(r for r in table if r[:2] == ["tiny-qwen2-vl", d]) == [
+            "tiny-qwen2-vl", d, f"{len(first_won) / n:.1%} ({len(first_won)})", f"{second / n:.1%} ({second})",
+            f"{len(ties) / n:.1%} ({len(ties)})", f"{agree / len(repeats):.1%} ({agree} of {len(repeats)})"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--repeats", "0"), "--repeats 0"),
+    (("--judge-temperature", "-0.5"), "--judge-temperature -0.5"),
+])
+def test_bad_judge_settings_are_one_line(tmp_path, extra, fragment):
+    from support import one_error_line
+
+    one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge,switch", *extra, "--out", tmp_path / "b"),
+                   fragment)
+    assert not (tmp_path / "b").exists()
