@@ -8,18 +8,22 @@ expected numbers are counted here from the stored rows, independently of bench/r
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
+import statistics
 
 import pytest
 
+from localora.bench.plan import DEFAULT_REFERENCE_SEEDS
 from localora.bench.store import DB_FILE
+from localora.scoring.clipscore import clipscore
 from localora.scoring import judge
 from test_bench import cli
 
 SEEDS = (0, 1)
 REPEATS = 2
-ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods", "merge,switch",
-        "--seeds", ",".join(map(str, SEEDS)), "--repeats", str(REPEATS))
+ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods", "merge,switch,random",
+        "--iterations", "1", "--candidates", "2", "--seeds", ",".join(map(str, SEEDS)), "--repeats", str(REPEATS))
 
 
 def rows(out, name: str) -> list[dict]:
@@ -49,7 +53,7 @@ def bench(tmp_path_factory, localora_home):
 def test_each_pair_and_seed_stores_both_orders_of_every_repeat(bench):
     out, _ = bench
     pairs, outcomes = rows(out, "pairs"), rows(out, "outcomes")
-    assert {(p["seed"], p["method"]) for p in pairs} == {(s, "switch") for s in SEEDS}
+    assert {(p["seed"], p["method"]) for p in pairs} == {(s, m) for s in SEEDS for m in ("switch", "random")}
     for p in pairs:
         mine = [o for o in outcomes if (o["set_id"], o["seed"], o["method"], o["baseline"]) ==
                 (p["set_id"], p["seed"], p["method"], p["baseline"])]
@@ -91,7 +95,7 @@ def test_the_report_shows_position_bias_per_judge_model(bench):
         ties = [o for o in outcomes if o[d] == "tie"]
         repeats = {}
         for o in outcomes:
-            repeats.setdefault((o["seed"], o["repeat"]), {})[o["first"]] = o[d]
+            repeats.setdefault((o["seed"], o["method"], o["repeat"]), {})[o["first"]] = o[d]
         agree = sum(v["a"] == v["b"] for v in repeats.values())
         n = len(outcomes)
         second = n - len(first_won) - len(ties)
@@ -110,3 +114,62 @@ def test_bad_judge_settings_are_one_line(tmp_path, extra, fragment):
     one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge,switch", *extra, "--out", tmp_path / "b"),
                    fragment)
     assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------ CLIP-I against unseen references
+
+def test_clip_i_references_are_rendered_at_seeds_no_search_used(bench):
+    out, _ = bench
+    results = rows(out, "results")
+    searched = {r["seed"] for r in results}
+    # The search runs' own seeds, from their run folders: every render there is at that seed.
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*/run.json")]
+    assert len(runs) == len(SEEDS)  # random, once per seed
+    searched |= {run["config"]["sampling"]["seed"] for run in runs}
+    for r in results:
+        refs = json.loads(r["clip_i_references"])
+        assert list(refs) == json.loads(r["loras"])
+        seeds = {x["seed"] for xs in refs.values() for x in xs}
+        assert seeds == set(DEFAULT_REFERENCE_SEEDS) and not seeds & searched
+        assert all((out / x["image"]).is_file() for xs in refs.values() for x in xs)
+    assert searched == set(SEEDS)
+
+
+def test_clip_i_is_reported_per_element_and_as_their_mean(bench):
+    out, text = bench
+    results = rows(out, "results")
+    table = md_table(text, "## CLIP scores")
+    header = text.split("## CLIP scores\n", 1)[1].strip().splitlines()[0]
+    assert header == "| Method | CLIP-T | CLIP-I | CLIP-I character | CLIP-I clothing | n |"
+    for row in table:
+        mine = [r for r in results if r["method"] == row[0]]
+        for cell, value in zip(row[2:5], (lambda r: r["clip_i"],
+                                          lambda r: json.loads(r["clip_i_elements"])["character"],
+                                          lambda r: json.loads(r["clip_i_elements"])["clothing"])):
+            per_seed = [statistics.fmean(value(r) for r in mine if r["seed"] == s) for s in SEEDS]
+            assert cell == f"{statistics.fmean(per_seed):.4f} ± {statistics.stdev(per_seed):.4f}"
+        assert row[-1] == "1 set × 2 seeds"
+
+
+def test_report_clipscore_sets_clipscore_beside_the_cosine(bench, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(bench[0], out)
+    assert cli("report", out, "--clipscore").exit_code == 0
+    text = (out / "report.md").read_text()
+    header = text.split("## CLIP scores\n", 1)[1].strip().splitlines()[0]
+    assert header.startswith("| Method | CLIP-T | CLIPScore-T | CLIP-I | CLIPScore-I |")
+    merge = [r for r in rows(out, "results") if r["method"] == "merge"]
+    row = next(r for r in md_table(text, "## CLIP scores") if r[0] == "merge")
+    per_seed = [statistics.fmean(250 * max(r["clip_t"], 0) for r in merge if r["seed"] == s) for s in SEEDS]
+    assert row[2] == f"{statistics.fmean(per_seed):.4f} ± {statistics.stdev(per_seed):.4f}"
+    assert clipscore(0.34) == pytest.approx(85.0) and clipscore(-0.2) == 0.0
+
+
+def test_seeds_that_meet_the_reference_seeds_are_refused(tmp_path):
+    from support import one_error_line
+
+    seed = DEFAULT_REFERENCE_SEEDS[1]
+    one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge", "--seeds", f"0,{seed}",
+                       "--out", tmp_path / "b"), f"--seeds {seed}", "CLIP-I references")

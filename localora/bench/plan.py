@@ -30,6 +30,11 @@ REFLECT = "reflect"  # the search loop; its strategy in localora.search.STRATEGI
 SEARCH_STRATEGY = {REFLECT: "vlm", "random": "random", "cmaes": "cmaes", "hybrid": "hybrid"}
 METHODS = (*BASELINES, *SEARCH_STRATEGY)
 DEFAULT_METHODS = (*BASELINES, REFLECT)
+# CLIP-I references are each LoRA alone rendered at these seeds. Every search renders at the
+# case's seed and looks at the single-LoRA render of that seed, so scoring against it would score
+# the search against what it tuned on; these seeds are far from any seed a user picks, and a
+# bench whose --seeds meet them is refused.
+DEFAULT_REFERENCE_SEEDS = (900001, 900002, 900003)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class BenchConfig:
     candidates: int = 5
     fewshot: bool = True
     profile: str | None = None  # None: the testbed's
+    reference_seeds: tuple[int, ...] = DEFAULT_REFERENCE_SEEDS  # CLIP-I references, never a search seed
 
     def temperature(self) -> float | None:
         """The judge's sampling temperature; None is greedy (one repeat, or 0 asked for)."""
@@ -72,6 +78,12 @@ class BenchConfig:
             raise LocaloraError(f"--judge-temperature {self.judge_temperature:g}: give 0 (greedy) or more")
         if min(self.iterations, self.candidates) < 1:
             raise LocaloraError("--iterations and --candidates must be at least 1")
+        if not self.reference_seeds or len(set(self.reference_seeds)) != len(self.reference_seeds):
+            raise LocaloraError("--reference-seeds: give one or more distinct seeds")
+        shared = sorted(set(self.seeds or ()) & set(self.reference_seeds))
+        if shared:
+            raise LocaloraError(f"--seeds {','.join(map(str, shared))} also render the CLIP-I references "
+                                f"(--reference-seeds {','.join(map(str, self.reference_seeds))}); pick other seeds")
         searches = [m for m in self.methods if m in SEARCH_STRATEGY]
         if searches and self.elements < 2:
             raise LocaloraError(f"{', '.join(searches)} combine at least 2 LoRAs; --elements {self.elements} is too "
@@ -114,6 +126,7 @@ class Plan:
             "references": {i: [file_hash(r) for r in lo.references] for i, lo in self.loras.items()},
             "baseline": c.baseline, "repeats": c.repeats, "judge_temperature": c.temperature(), "iterations": c.iterations, "candidates": c.candidates,
             "fewshot": c.fewshot, "fewshot_threshold": self.profile.clip.fewshot_threshold,
+            "reference_seeds": list(c.reference_seeds),
         }
 
 
@@ -123,6 +136,10 @@ def plan(cfg: BenchConfig) -> Plan:
     bed = testbeds.load(cfg.testbed)
     sets = bed.composition_sets(cfg.elements)[: cfg.limit]
     seeds = cfg.seeds if cfg.seeds is not None else bed.seeds
+    shared = sorted(set(seeds) & set(cfg.reference_seeds))
+    if shared:
+        raise LocaloraError(f"testbed {bed.name}: seed(s) {','.join(map(str, shared))} also render the CLIP-I "
+                            f"references; pass other --seeds or --reference-seeds")
     profile = load_profile(cfg.profile or bed.profile)
     loras = bed.resolve(cfg.lora_dir)
     return Plan(cfg, bed, profile, loras, tuple(Case(combo, s) for combo in sets for s in seeds))

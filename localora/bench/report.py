@@ -13,12 +13,16 @@ the judge can never count differently.
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localora.scoring import clipscore as scales
 from localora.scoring import judge
+from localora.bench.testbeds import CATEGORIES
 from localora.bench.plan import METHODS, REFLECT, SEARCH_STRATEGY, run_folder
 from localora.bench.store import Store
 from localora.errors import LocaloraError
@@ -33,7 +37,7 @@ OUTCOMES = (("wins", "Win", "#4c9a5a"), ("ties", "Tie", "#b0b0b0"), ("losses", "
 Rows = list[dict[str, Any]]
 
 
-def write(folder: Path) -> list[Path]:
+def write(folder: Path, clipscore: bool = False) -> list[Path]:
     """Write the report and its plots into `folder`; returns their paths."""
     folder = Path(folder)
     store = Store.open(folder)
@@ -55,7 +59,7 @@ def write(folder: Path) -> list[Path]:
     if curves:
         _save(_objective_figure(curves), folder / OBJECTIVE_PNG)
         plots.append(OBJECTIVE_PNG)
-    text = markdown(results, pairs, settings, plots, curves, outcomes)
+    text = markdown(results, pairs, settings, plots, curves, outcomes, clipscore)
     atomic_write(folder / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
     return [folder / REPORT] + [folder / name for name in plots]
 
@@ -68,13 +72,57 @@ def methods_in(rows: Rows) -> list[str]:
     return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
 
 
-def clip_table(results: Rows) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """method -> {"clip_i"/"clip_t": (mean, sample std, n)} over every set and seed."""
-    out = {}
-    for m in methods_in(results):
-        rows = [r for r in results if r["method"] == m]
-        out[m] = {k: _mean_std([r[k] for r in rows]) for k in ("clip_i", "clip_t")}
-    return out
+@dataclass(frozen=True)
+class Spread:
+    """A score over seeds: the mean of the per-seed means over sets, and the sample standard
+    deviation of those per-seed means (None with one seed: there is no spread to show)."""
+
+    mean: float
+    std: float | None
+    seeds: int
+
+    def cell(self) -> str:
+        return f"{self.mean:.4f}" if self.std is None else f"{self.mean:.4f} ± {self.std:.4f}"
+
+
+def over_seeds(rows: Rows, value: Callable[[dict[str, Any]], float | None]) -> Spread | None:
+    """`value` of each row (None: the row lacks it), averaged per seed, then over seeds."""
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            by_seed.setdefault(r["seed"], []).append(v)
+    if not by_seed:
+        return None
+    means = [statistics.fmean(vs) for vs in by_seed.values()]
+    return Spread(statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else None, len(means))
+
+
+def elements_in(results: Rows) -> list[str]:
+    """The element categories that have a per-element CLIP-I, in the testbeds' category order."""
+    present = {c for r in results if r.get("clip_i_elements") for c in json.loads(r["clip_i_elements"])}
+    return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
+
+
+def clip_columns(results: Rows, clipscore: bool = False) -> dict[str, Callable[[dict[str, Any]], float | None]]:
+    """Column title -> the row's value: CLIP-T, CLIP-I (the mean over elements), CLIP-I per
+    element category, and with `clipscore` CLIPScore x 100 of CLIP-T and of CLIP-I."""
+    cols: dict[str, Callable[[dict[str, Any]], float | None]] = {"CLIP-T": lambda r: r["clip_t"]}
+    if clipscore:
+        cols["CLIPScore-T"] = lambda r: scales.clipscore(r["clip_t"])
+    cols["CLIP-I"] = lambda r: r["clip_i"]
+    if clipscore:
+        cols["CLIPScore-I"] = lambda r: scales.clipscore(r["clip_i"])
+    for c in elements_in(results):
+        cols[f"CLIP-I {c}"] = lambda r, c=c: json.loads(r["clip_i_elements"]).get(c) if r.get("clip_i_elements") else None
+    return cols
+
+
+def clip_table(results: Rows, clipscore: bool = False) -> dict[str, dict[str, Spread | None]]:
+    """method -> column title -> the score over seeds (None where no row has that column)."""
+    cols = clip_columns(results, clipscore)
+    return {m: {title: over_seeds([r for r in results if r["method"] == m], f) for title, f in cols.items()}
+            for m in methods_in(results)}
 
 
 def winrates(pairs: Rows) -> dict[str, dict[str, judge.Counts]]:
@@ -146,14 +194,11 @@ def _objective_figure(curves: dict[str, list[tuple[int, float]]]) -> Any:
     return fig
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
-
-
 # ------------------------------------------------------------------ report.md
 
 def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str],
-             curves: dict[str, list[tuple[int, float]]] | None = None, outcomes: Rows | None = None) -> str:
+             curves: dict[str, list[tuple[int, float]]] | None = None, outcomes: Rows | None = None,
+             clipscore: bool = False) -> str:
     baseline = settings["baseline"]
     sizes = sorted({r["elements"] for r in results})
     per_size = ", ".join(f"{len({r['set_id'] for r in results if r['elements'] == n})} of {n} elements" for n in sizes)
@@ -167,16 +212,13 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
              f"{settings['lora_scale']:g} for the baselines; composition sets: {per_size}; seed(s) "
              f"{', '.join(map(str, seeds))}. {search}"
              f"Judge: each method vs {baseline}, both orders, {settings['repeats']} repeat(s).")
-    clip_note = ("Mean ± sample standard deviation over composition sets and seeds; raw cosine similarity. "
-                 "CLIP-T: image vs the set's prompt; CLIP-I: image vs a reference image of each LoRA, "
-                 "averaged over the LoRAs.")
     lines = [f"# Bench report: {settings['testbed']}", "", setup, "", "## CLIP scores", "",
-             *_clip_lines(results), "", clip_note]
-    if len({cols["clip_i"][2] for cols in clip_table(results).values()}) > 1:
+             *_clip_lines(results, clipscore), "", _clip_note(results, settings, clipscore)]
+    if len({_sets(results, m) for m in methods_in(results)}) > 1:
         lines.append("The methods ran on different numbers of sets (n); compare them within one size below.")
     if len(sizes) > 1:
         for n in sizes:
-            lines += ["", f"### {n} elements", "", *_clip_lines([r for r in results if r["elements"] == n])]
+            lines += ["", f"### {n} elements", "", *_clip_lines([r for r in results if r["elements"] == n], clipscore)]
     if curves:
         lines += ["", "## Search at an equal render budget", "",
                   "Best objective (CLIP-T to the prompt + mean CLIP-I to each LoRA alone) after n renders, mean "
@@ -221,12 +263,40 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
     return "\n".join(lines) + "\n"
 
 
-def _clip_lines(results: Rows) -> list[str]:
-    lines = ["| Method | CLIP-I | CLIP-T | n |", "|---|---|---|---|"]
-    for m, cols in clip_table(results).items():
-        (i_mean, i_std, n), (t_mean, t_std, _) = cols["clip_i"], cols["clip_t"]
-        lines.append(f"| {m} | {i_mean:.4f} ± {i_std:.4f} | {t_mean:.4f} ± {t_std:.4f} | {n} |")
+def _sets(results: Rows, method: str) -> str:
+    mine = [r for r in results if r["method"] == method]
+    sets, seeds = len({r["set_id"] for r in mine}), len({r["seed"] for r in mine})
+    return f"{sets} set{'s' * (sets != 1)} × {seeds} seed{'s' * (seeds != 1)}"
+
+
+def _clip_lines(results: Rows, clipscore: bool = False) -> list[str]:
+    table = clip_table(results, clipscore)
+    titles = list(clip_columns(results, clipscore))
+    lines = ["| Method | " + " | ".join(titles) + " | n |", "|---|" + "---|" * (len(titles) + 1)]
+    for m, cols in table.items():
+        cells = [cols[t].cell() if cols[t] is not None else "–" for t in titles]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_sets(results, m)} |")
     return lines
+
+
+def _clip_note(results: Rows, settings: dict[str, Any], clipscore: bool) -> str:
+    seeds = len({r["seed"] for r in results})
+    spread = ("Mean over composition sets per seed, then the mean ± sample standard deviation of those over "
+              f"the {seeds} seeds" if seeds > 1 else
+              "Mean over composition sets; one seed (n = 1), so no spread over seeds is shown")
+    refs = settings.get("reference_seeds")
+    where = (f"each LoRA alone rendered at seeds {', '.join(map(str, refs))}, which no method's search renders at "
+             "(or the testbed's own reference images)" if refs else
+             "each LoRA alone at the row's own seed (this folder predates held-out references, so a search was "
+             "scored against a reference it had looked at)")
+    old = sum(not r.get("clip_i_references") for r in results)
+    note = (f"{spread}; raw cosine similarity. CLIP-T: image vs the set's prompt. CLIP-I: image vs {where}; one "
+            "column per element category and their mean.")
+    if refs and old:
+        note += f" {old} row(s) made by an older localora scored CLIP-I against the same-seed render instead."
+    if clipscore:
+        note += f" CLIPScore: 100 × {scales.CLIPSCORE_W:g} × max(cosine, 0), of the same cosines."
+    return note
 
 
 def _outcome_lines(outcomes: Rows, baseline: str) -> list[str]:

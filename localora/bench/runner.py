@@ -7,10 +7,13 @@ For each composition set of one size, each seed and each method, the runner rend
 prompt (the baselines merge / switch / composite with every LoRA at the testbed's lora_scale;
 `reflect` runs the GPT4LoRA loop), scores CLIP-T against the prompt and CLIP-I against a
 reference image per LoRA, then judges every method against the baseline method with the
-position-debiased pairwise judge.
+position-debiased pairwise judge. CLIP-I references are each LoRA alone at the reference seeds,
+which no search renders at, so no method is scored against an image it looked at.
 
-    DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair
-    DIR/images/SET/           sSEED-METHOD.png, and sSEED-ref-LORA.png for rendered references
+    DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair,
+                              and one per judge answer (outcomes)
+    DIR/images/SET/           sSEED-METHOD.png
+    DIR/images/references/    LORA-sSEED.png, the CLIP-I references
     DIR/runs/SET-sSEED/       the reflect loop's run folder
 
 The runner only yields rows; `run` alone writes them, each committed as it arrives, so the store
@@ -26,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -155,7 +158,7 @@ class _Runner:
     scorer: ClipScorer
     session: int
     have: dict[tuple[str, int, str], dict[str, Any]]
-    _refs: tuple[Case, dict[str, list[Path | Image.Image]]] | None = None
+    _refs: dict[tuple[str, int], tuple[Image.Image, str]] = field(default_factory=dict)  # (LoRA, seed) -> image, path
 
     @property
     def out(self) -> Path:
@@ -182,7 +185,8 @@ class _Runner:
         image, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
                                   else (*self._baseline(case, method), None))
         refs = self._references(case)
-        each = {i: float(self.scorer.clip_i(image, images)) for i, images in refs.items()}
+        each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
+        category = {x.id: x.category for x in case.combo}
         rel = self._save(image, case, method)
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
         row = {
@@ -190,6 +194,9 @@ class _Runner:
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
             "image": rel, "clip_t": float(self.scorer.clip_t(image, prompt)),
             "clip_i": sum(each.values()) / len(each), "clip_i_each": json.dumps(each),
+            "clip_i_elements": json.dumps({category[i]: v for i, v in each.items()}),
+            "clip_i_references": json.dumps({i: [{"seed": seed, "image": rel} for seed, _, rel in images]
+                                             for i, images in refs.items()}),
             "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget,
             "seconds": round(time.perf_counter() - start, 3), "session": self.session, "finished": time.time(),
         }
@@ -269,26 +276,33 @@ class _Runner:
             run.close()
         return run.image(final.image), final.weights, c.iterations * (c.candidates + 1)
 
-    def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:
-        """Per LoRA: the testbed's reference images, else that LoRA alone at weight 1.0.
+    def _references(self, case: Case) -> dict[str, list[tuple[int | None, Path | Image.Image, str]]]:
+        """Per LoRA of the case: (seed, image, path in the folder) of each CLIP-I reference.
 
-        The single-LoRA render is the reflect loop's own reference render (same prompt, weight,
-        method and seed), so the render cache serves it to both.
+        The testbed's reference images when it names some, else that LoRA alone at weight 1.0
+        rendered at each of the reference seeds, which no search renders at: a search looks at
+        the single-LoRA render of its own seed, so that one would score what it tuned on. Each
+        reference is rendered once per bench command (and cached by the renderer across them).
         """
-        if self._refs is None or self._refs[0] != case:  # only the current case is kept
-            from localora.search.config import reference_job
+        from localora.search.config import reference_job
+        from localora.diffusion.sampling import Sampling
 
-            refs = {}
-            for lora in self._loras(case):
-                if lora.references:
-                    refs[lora.name] = list(lora.references)
-                    continue
-                job = reference_job(self.plan.testbed.prompt, lora, self._sampling(case))
-                image = self.renderer.render(job).image
-                self._save(image, case, f"ref-{lora.name}")
-                refs[lora.name] = [image]
-            self._refs = (case, refs)
-        return self._refs[1]
+        out = {}
+        for lora in self._loras(case):
+            if lora.references:
+                out[lora.name] = [(None, r, str(r)) for r in lora.references]
+                continue
+            out[lora.name] = []
+            for seed in self.plan.cfg.reference_seeds:
+                if (lora.name, seed) not in self._refs:
+                    sampling = Sampling(seed=seed, negative_prompt=self.plan.testbed.negative_prompt)
+                    image = self.renderer.render(reference_job(self.plan.testbed.prompt, lora, sampling)).image
+                    rel = f"images/references/{lora.name}-s{seed}.png"
+                    atomic_write(self.out / rel, lambda p, im=image: im.save(p, format="PNG"))
+                    self._refs[(lora.name, seed)] = (image, rel)
+                image, rel = self._refs[(lora.name, seed)]
+                out[lora.name].append((seed, image, rel))
+        return out
 
     def _sampling(self, case: Case) -> Sampling:
         from localora.diffusion.sampling import Sampling

@@ -66,6 +66,13 @@ CREATE TABLE outcomes (
     session INTEGER NOT NULL, finished REAL NOT NULL,
     PRIMARY KEY (set_id, seed, method, baseline, repeat, first));
 """,
+    # 4: CLIP-I per element (category -> cosine) and the reference images it was scored against
+    # (LoRA id -> [{"seed", "image"}], seed NULL for a testbed's own file); NULL in older rows,
+    # whose CLIP-I used the same-seed single-LoRA render the search had seen.
+    """
+ALTER TABLE results ADD COLUMN clip_i_elements TEXT;
+ALTER TABLE results ADD COLUMN clip_i_references TEXT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

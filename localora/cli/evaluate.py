@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from localora.bench.plan import DEFAULT_METHODS, METHODS
+from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles
@@ -22,16 +22,21 @@ _image = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--profile", "profile_name", default=None, help="Profile whose CLIP model scores (default: the default profile).")
 @click.option("--prompt", required=True, help="The text prompt, for CLIP-T.")
 @click.option("--reference", "references", multiple=True, type=_image, help="A reference image of a LoRA concept, for CLIP-I; repeatable.")
-def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...]) -> None:
+@click.option("--clipscore", "with_clipscore", is_flag=True, help="Also give CLIPScore x 100 (100 * 2.5 * max(cos, 0)).")
+def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...], with_clipscore: bool) -> None:
     """CLIP-T of IMAGE against --prompt, and CLIP-I against the --reference images (cosines)."""
     from localora.scoring.clip import ClipScorer
+    from localora.scoring.clipscore import clipscore
 
     profile = profiles.load_profile(profile_name)
     scorer = ClipScorer.load(profile.clip, device=profile.device)
-    click.echo(f"CLIP-T {scorer.clip_t(image, prompt):.4f}  (cosine, {profile.clip.name})")
+    t = scorer.clip_t(image, prompt)
+    click.echo(f"CLIP-T {t:.4f}  (cosine, {profile.clip.name})" + (f"  CLIPScore {clipscore(t):.2f}" if with_clipscore else ""))
     if references:
         n = len(references)
-        click.echo(f"CLIP-I {scorer.clip_i(image, references):.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})")
+        i = scorer.clip_i(image, references)
+        click.echo(f"CLIP-I {i:.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})"
+                   + (f"  CLIPScore {clipscore(i):.2f}" if with_clipscore else ""))
 
 
 @click.command()
@@ -101,7 +106,7 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
                    f"the renders reflect does, on a CLIP objective).")
 @click.option("--elements", default=3, show_default=True, type=int, help="LoRAs per composition set (one character + N-1 categories).")
 @click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
-@click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's).")
+@click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's, three for the shipped ones); the report gives mean ± std over seeds.")
 @click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
 @click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files, by the paths the testbed names (default: the "
                    "first of $LOCALORA_LORA_DIRS and config.toml's lora_dirs that holds them all).")
@@ -111,12 +116,15 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
 @click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")
 @click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
+@click.option("--reference-seeds", default=",".join(map(str, DEFAULT_REFERENCE_SEEDS)), show_default=True,
+              help="Seeds of the single-LoRA renders CLIP-I is scored against; never a --seeds seed, so no search "
+                   "has seen them.")
 @click.option("--profile", "profile_name", default=None, help="Profile from models.toml (default: the testbed's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
-          lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int, no_fewshot: bool,
-          profile_name: str | None, out: Path, plain: bool) -> None:
+          lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
+          no_fewshot: bool, reference_seeds: str, profile_name: str | None, out: Path, plain: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
@@ -132,6 +140,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
         seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
         repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
+        reference_seeds=_csv(reference_seeds, "--reference-seeds", int),
     )
     ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     try:
@@ -147,11 +156,12 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
 
 @click.command()
 @click.argument("bench_dir", type=click.Path(path_type=Path))
-def report(bench_dir: Path) -> None:
+@click.option("--clipscore", is_flag=True, help="Also give CLIPScore x 100 (100 * 2.5 * max(cos, 0)) beside each cosine.")
+def report(bench_dir: Path, clipscore: bool) -> None:
     """Write report.md and PNG plots in a bench folder: CLIP table, win / tie / loss vs the baseline."""
     from localora.bench import report as bench_report
 
-    for path in bench_report.write(bench_dir):
+    for path in bench_report.write(bench_dir, clipscore):
         click.echo(str(path))
 
 
