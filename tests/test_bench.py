@@ -31,7 +31,7 @@ from support import one_error_line
 SETS = ("demo-character_demo-clothing", "demo-character_demo-style")  # the tiny testbed's 2-element sets
 METHODS = ("merge", "switch", "composite", "reflect")
 ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--methods", ",".join(METHODS),
-        "--iterations", "1", "--candidates", "2", "--no-fewshot", "--seeds", "0")
+        "--iterations", "1", "--candidates", "2", "--seeds", "0")
 KILL_AFTER = 9  # set 1 complete (4 rows + 3 pairs), then set 2's merge and switch
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def reported(resumed):
     """The 2-element bench plus a 3-element one in the same folder, then `localora report`."""
     out = resumed[0]
     result = cli("bench", "--testbed", "tiny", "--elements", "3", "--methods", "merge,switch", "--iterations", "1",
-                 "--candidates", "2", "--no-fewshot", "--seeds", "0", "--out", out)
+                 "--candidates", "2", "--seeds", "0", "--out", out)
     assert result.exit_code == 0, result.output
     result = cli("report", out)
     assert result.exit_code == 0, result.output
@@ -246,7 +246,8 @@ def test_report_counts_wins_ties_and_losses():
 
     pairs = [pair("reflect", (7, 5), (6, 6)), pair("reflect", (4, 5), (7, 6)), pair("reflect", (8, 6), (5, 5)),
              pair("switch", (5, 5), (3, 4), n=3)]
-    results = [{"method": m, "set_id": f"s{i}", "seed": 0, "elements": 2, "clip_i": 0.5 + i / 10, "clip_t": 0.3}
+    results = [{"method": m, "set_id": f"s{i}", "seed": 0, "elements": 2, "clip_i": 0.5 + i / 10, "clip_t": 0.3,
+                "image": f"images/s{i}/s0-{m}.png"}
                for m in ("merge", "reflect") for i in range(2)]
     settings = {"testbed": "t", "profile": "p", "lora_scale": 0.8, "baseline": "merge", "iterations": 1,
                 "candidates": 2, "fewshot": False, "repeats": 1}
@@ -256,6 +257,12 @@ def test_report_counts_wins_ties_and_losses():
     assert judged[2] == ["reflect", "composition", "66.7% (2)", "0.0% (0)", "33.3% (1)", "3", "6.33 / 5.33"]
     assert judged[3] == ["reflect", "quality", "33.3% (1)", "66.7% (2)", "0.0% (0)", "3", "6.00 / 5.67"]
     assert _md_table(text, "## CLIP scores")[0] == ["merge", "0.3000", "0.5500", "2 sets × 1 seed"]
+    # Every judged pair in both directions: reflect won 2 of 3 in composition against merge.
+    # Every judged pair counts in both directions: row's win rate vs column, composition / quality.
+    assert _md_table(text, "## Method × method") == [
+        ["merge", "–", "0% / 100% (1)", "33% / 0% (3)"],
+        ["switch", "0% / 0% (1)", "–", "–"],
+        ["reflect", "67% / 33% (3)", "–", "–"]]
     assert "one seed (n = 1)" in text and "± 0.0000" not in text
 
 

@@ -173,3 +173,90 @@ def test_seeds_that_meet_the_reference_seeds_are_refused(tmp_path):
     seed = DEFAULT_REFERENCE_SEEDS[1]
     one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge", "--seeds", f"0,{seed}",
                        "--out", tmp_path / "b"), f"--seeds {seed}", "CLIP-I references")
+
+
+# ------------------------------------------------------------------ ablations, every pair, the grid
+
+ABLATED = ("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods", "merge,switch",
+           "--switch-every", "2", "--drop-triggers", "clothing", "--judge-baseline", "all", "--seeds", "0")
+VARIANTS = ("merge", "merge-drop-clothing", "switch", "switch-drop-clothing", "switch-every-2")
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory, localora_home):
+    out = tmp_path_factory.mktemp("ablated") / "b"
+    result = cli(*ABLATED, "--out", out)
+    assert result.exit_code == 0, result.output
+    result = cli("report", out)
+    assert result.exit_code == 0, result.output
+    return out, (out / "report.md").read_text()
+
+
+def test_ablations_are_method_variants_in_one_folder(ablated):
+    out, text = ablated
+    results = {r["method"]: r for r in rows(out, "results")}
+    assert set(results) == set(VARIANTS)
+    full = "best quality, demo character, red hair, demo clothing, blue jacket"
+    assert results["merge"]["prompt"] == results["switch-every-2"]["prompt"] == full
+    assert results["merge-drop-clothing"]["prompt"] == "best quality, demo character, red hair"
+    # A variant is its own render: Switch every 2 steps differs from every 5 (4 steps: 0-2, 3)
+    # only in when the second LoRA takes over; dropped trigger words change the prompt.
+    keys = {m: (out / r["image"]).read_bytes() for m, r in results.items()}
+    assert keys["merge"] != keys["merge-drop-clothing"] and keys["switch"] != keys["switch-every-2"]
+    assert "`switch-every-2` is switch rotating every 2 step(s)" in text
+    assert "`merge-drop-clothing` is merge without the clothing LoRA's trigger words in the prompt" in text
+    assert [r[0] for r in md_table(text, "## CLIP scores")] == list(VARIANTS)
+
+
+def test_every_pair_is_judged_and_the_method_by_method_table_counts_them(ablated):
+    out, text = ablated
+    outcomes = rows(out, "outcomes")
+    judged = {(o["method"], o["baseline"]) for o in outcomes}
+    assert judged == {(a, b) for i, b in enumerate(VARIANTS) for a in VARIANTS[i + 1:]}
+    table = md_table(text, "## Method × method")
+    assert [r[0] for r in table] == list(VARIANTS)
+    for i, row in enumerate(table):
+        for j, cell in enumerate(row[1:]):
+            r, c = VARIANTS[i], VARIANTS[j]
+            if r == c:
+                assert cell == "–"
+                continue
+            mine = [o for o in outcomes if (o["method"], o["baseline"]) in ((r, c), (c, r))]
+            wins = [sum(o[d] == ("win" if o["method"] == r else "loss") for o in mine) for d in judge.DIMENSIONS]
+            assert cell == " / ".join(f"{w / len(mine):.0%}" for w in wins) + f" ({len(mine)})"
+
+
+def test_the_report_has_the_image_grid(ablated):
+    from PIL import Image
+
+    out, text = ablated
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (220 + 160 * len(VARIANTS), 24 + 160)  # one set, one column per method
+    assert "![image grid](grid.png)" in text
+    grid = md_table(text, "## Images")
+    assert grid == [["demo-character_demo-clothing",
+                     *(f"![{m}](images/demo-character_demo-clothing/s0-{m}.png)" for m in VARIANTS)]]
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (("--drop-triggers", "hat"), ("--drop-triggers hat", "character, clothing, style")),
+    (("--switch-every", "3,5"), ("--switch-every 5", "4 denoising steps")),
+    (("--methods", "merge,switch-every-9"), ("--switch-every 9", "4 denoising steps")),
+    (("--methods", "merge,merge-every-2"), ("merge-every-2", "Switch's interval")),
+    (("--methods", "merge,switch", "--no-fewshot"), ("--no-fewshot", "reflect")),
+])
+def test_bad_ablations_are_one_line(tmp_path, extra, fragments):
+    from support import one_error_line
+
+    args = ("bench", "--testbed", "tiny", "--methods", "merge,switch", *extra, "--out", tmp_path / "b")
+    one_error_line(cli(*args), *fragments)
+    assert not (tmp_path / "b").exists()
+
+
+def test_no_fewshot_runs_reflect_without_examples_beside_reflect():
+    from localora.bench.plan import BenchConfig, plan
+
+    p = plan(BenchConfig("tiny", out=None, methods=("merge", "reflect"), no_fewshot=True, seeds=(0,)))
+    assert p.methods == ("merge", "reflect", "reflect-nofewshot")
+    assert p.variants["reflect"].fewshot and not p.variants["reflect-nofewshot"].fewshot
+    assert p.variants["reflect-nofewshot"].base == "reflect"

@@ -23,7 +23,8 @@ from typing import Any
 from localora.scoring import clipscore as scales
 from localora.scoring import judge
 from localora.bench.testbeds import CATEGORIES
-from localora.bench.plan import METHODS, REFLECT, SEARCH_STRATEGY, run_folder
+from localora.bench import variants
+from localora.bench.plan import ALL, METHODS, REFLECT, SEARCH_STRATEGY, run_folder
 from localora.bench.store import Store
 from localora.errors import LocaloraError
 from localora.files import atomic_write
@@ -32,6 +33,8 @@ REPORT = "report.md"
 WINRATE_PNG = "winrate.png"
 BY_ELEMENTS_PNG = "winrate_by_elements.png"
 OBJECTIVE_PNG = "objective.png"
+GRID_PNG = "grid.png"
+GRID_THUMB = 160  # pixels per image in grid.png
 OUTCOMES = (("wins", "Win", "#4c9a5a"), ("ties", "Tie", "#b0b0b0"), ("losses", "Loss", "#c8553d"))
 
 Rows = list[dict[str, Any]]
@@ -44,17 +47,19 @@ def write(folder: Path, clipscore: bool = False) -> list[Path]:
     results, pairs, settings, outcomes = store.results(), store.pairs(), store.settings(), store.outcomes()
     if not results:
         raise LocaloraError(f"{folder}: the bench has no finished rows yet; run `localora bench --out {folder}` first")
-    baseline = settings["baseline"]
-    pairs = [p for p in pairs if p["baseline"] == baseline]
+    baseline = baseline_of(settings, results)
+    against = [p for p in pairs if p["baseline"] == baseline]
     sizes = sorted({r["elements"] for r in results})
     plots = []
-    if pairs:
-        _save(_winrate_figure([("", winrates(pairs))], baseline), folder / WINRATE_PNG)
+    if against:
+        _save(_winrate_figure([("", winrates(against))], baseline), folder / WINRATE_PNG)
         plots.append(WINRATE_PNG)
         if len(sizes) > 1:
-            groups = [(f"{n} elements", winrates([p for p in pairs if p["elements"] == n])) for n in sizes]
+            groups = [(f"{n} elements", winrates([p for p in against if p["elements"] == n])) for n in sizes]
             _save(_winrate_figure(groups, baseline), folder / BY_ELEMENTS_PNG)
             plots.append(BY_ELEMENTS_PNG)
+    if write_grid(folder, results):
+        plots.append(GRID_PNG)
     curves = objective_curves(folder, results)
     if curves:
         _save(_objective_figure(curves), folder / OBJECTIVE_PNG)
@@ -69,7 +74,9 @@ def write(folder: Path, clipscore: bool = False) -> list[Path]:
 def methods_in(rows: Rows) -> list[str]:
     """The methods present, in the paper's order."""
     present = {r["method"] for r in rows}
-    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    order = {m: i for i, m in enumerate(METHODS)}
+    # Each variant right after its base method, so an ablation sits beside what it ablates.
+    return sorted(present, key=lambda m: (order.get(variants.base_of(m), len(order)), variants.base_of(m), m != variants.base_of(m), m))
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,59 @@ def winrates(pairs: Rows) -> dict[str, dict[str, judge.Counts]]:
                   for p in pairs if p["method"] == m]
         out[m] = judge.aggregate(scores)
     return out
+
+
+def baseline_of(settings: dict[str, Any], results: Rows) -> str:
+    """The method the one-baseline tables compare against: the bench's --judge-baseline, or with
+    `all` the first method present (every pair is in the method x method table)."""
+    return settings["baseline"] if settings["baseline"] != ALL else methods_in(results)[0]
+
+
+def matrix(rows: Rows) -> dict[tuple[str, str], dict[str, judge.Rate]]:
+    """(row method, column method) -> win / tie / loss of the row method against the column method,
+    from judged rows (outcomes or pairs) in either direction: a stored (A = method, B = baseline)
+    row counts for (method, baseline) as it is and for (baseline, method) mirrored."""
+    mirror = {"win": "loss", "loss": "win", "tie": "tie"}
+    verdicts: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in rows:
+        v = judge.verdict(judge.PairScores({d: r[f"{d}_a"] for d in judge.DIMENSIONS},
+                                           {d: r[f"{d}_b"] for d in judge.DIMENSIONS}))
+        verdicts.setdefault((r["method"], r["baseline"]), []).append(v)
+        verdicts.setdefault((r["baseline"], r["method"]), []).append({d: mirror[x] for d, x in v.items()})
+    return {k: judge.rates(vs) for k, vs in verdicts.items()}
+
+
+def grid_cells(results: Rows) -> tuple[int, list[str], list[str], dict[tuple[str, str], str]]:
+    """The image grid of the lowest seed: (seed, set ids, methods, (set, method) -> image path)."""
+    seed = min(r["seed"] for r in results)
+    mine = [r for r in results if r["seed"] == seed]
+    sets = list(dict.fromkeys(r["set_id"] for r in sorted(mine, key=lambda r: (r["elements"], r["set_id"]))))
+    return seed, sets, methods_in(mine), {(r["set_id"], r["method"]): r["image"] for r in mine}
+
+
+def write_grid(folder: Path, results: Rows) -> bool:
+    """grid.png: one row per set, one column per method (the lowest seed), labelled; False when
+    no image of the folder can be read."""
+    from PIL import Image, ImageDraw
+
+    seed, sets, methods, cells = grid_cells(results)
+    label_w, label_h, t = 220, 24, GRID_THUMB
+    sheet = Image.new("RGB", (label_w + t * len(methods), label_h + t * len(sets)), "white")
+    draw = ImageDraw.Draw(sheet)
+    drawn = 0
+    for j, m in enumerate(methods):
+        draw.text((label_w + j * t + 4, 6), m[:24], fill="black")
+    for i, set_id in enumerate(sets):
+        draw.text((4, label_h + i * t + t // 2 - 6), set_id[:34], fill="black")
+        for j, m in enumerate(methods):
+            path = folder / cells.get((set_id, m), "-")
+            if path.is_file():
+                with Image.open(path) as im:
+                    sheet.paste(im.convert("RGB").resize((t, t)), (label_w + j * t, label_h + i * t))
+                drawn += 1
+    if drawn:
+        atomic_write(folder / GRID_PNG, lambda p: sheet.save(p, format="PNG"))
+    return bool(drawn)
 
 
 def outcome_rates(outcomes: Rows) -> dict[str, dict[str, judge.Rate]]:
@@ -199,19 +259,33 @@ def _objective_figure(curves: dict[str, list[tuple[int, float]]]) -> Any:
 def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[str],
              curves: dict[str, list[tuple[int, float]]] | None = None, outcomes: Rows | None = None,
              clipscore: bool = False) -> str:
-    baseline = settings["baseline"]
+    baseline = baseline_of(settings, results)
+    every_pair = pairs
+    pairs = [p for p in pairs if p["baseline"] == baseline]
     sizes = sorted({r["elements"] for r in results})
     per_size = ", ".join(f"{len({r['set_id'] for r in results if r['elements'] == n})} of {n} elements" for n in sizes)
     seeds = sorted({r["seed"] for r in results})
-    searches = [m for m in methods_in(results) if m in SEARCH_STRATEGY]
+    ran = methods_in(results)
+    searches = [m for m in ran if variants.base_of(m) in SEARCH_STRATEGY]
     n, m = settings["iterations"], settings["candidates"]
+    # Older folders ran reflect with one few-shot setting for the whole bench.
+    old_fewshot = (f"; reflect's few-shot {'on' if settings['fewshot'] else 'off'}"
+                   if "fewshot" in settings and REFLECT in searches else "")
     search = (f"{', '.join(searches)}: {n} round(s) of {m} candidates + 1, {n * (m + 1)} renders each"
-              + (f"; reflect's few-shot {'on' if settings['fewshot'] else 'off'}" if REFLECT in searches else "")
-              + ". ") if searches else ""
+              + old_fewshot + ". ") if searches else ""
+    ablations = [f"`{name}` is {_variant_text(name)}" for name in ran if variants.base_of(name) != name]
+    if ablations:
+        search += "Ablations: " + "; ".join(ablations) + ". "
+    temperature = settings.get("judge_temperature")
+    judged = ((f"Judge: {'every pair of methods' if settings['baseline'] == ALL else f'each method vs {baseline}'}, "
+               f"both orders, {settings['repeats']} repeat(s), "
+               + (f"sampled at temperature {temperature:g}." if temperature else "greedy.")
+               if "judge_temperature" in settings else
+               f"Judge: each method vs {baseline}, both orders, {settings['repeats']} repeat(s).")
+              if every_pair else "No pair was judged.")
     setup = (f"Testbed `{settings['testbed']}`, profile `{settings['profile']}`, LoRA scale "
              f"{settings['lora_scale']:g} for the baselines; composition sets: {per_size}; seed(s) "
-             f"{', '.join(map(str, seeds))}. {search}"
-             f"Judge: each method vs {baseline}, both orders, {settings['repeats']} repeat(s).")
+             f"{', '.join(map(str, seeds))}. {search}{judged}")
     lines = [f"# Bench report: {settings['testbed']}", "", setup, "", "## CLIP scores", "",
              *_clip_lines(results, clipscore), "", _clip_note(results, settings, clipscore)]
     if len({_sets(results, m) for m in methods_in(results)}) > 1:
@@ -230,6 +304,13 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
             lines += ["", f"![best objective over renders]({OBJECTIVE_PNG})"]
     every_outcome = outcomes or []  # position bias is the judge's, whichever pair it judged
     outcomes = [o for o in every_outcome if o["baseline"] == baseline]
+    if every_pair:
+        lines += ["", "## Method × method", "", *_matrix_lines(every_outcome or every_pair, results), "",
+                  "Each cell: the row method's win rate against the column method, composition / quality, over "
+                  + ("judge outcomes (every repeat and order)" if every_outcome else "judged pairs")
+                  + ", and how many; – where that pair was not judged"
+                  + ("" if settings["baseline"] == ALL else f" (this bench judged each method against {baseline} "
+                     "only; `--judge-baseline all` judges every pair)") + "."]
     lines += ["", f"## Pairwise judge: each method vs {baseline}", ""]
     if not pairs:
         lines.append("No judged pairs yet.")
@@ -260,7 +341,45 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
         lines += ["", "## Position bias", "", *_bias_lines(every_outcome), "",
                   "First-shown wins: outcomes in which the image shown first scored higher; an unbiased judge has "
                   "as many second-shown wins. Order agreement: repeats whose two orders gave the same verdict."]
+    lines += ["", "## Images", "", *_grid_lines(results, plots)]
     return "\n".join(lines) + "\n"
+
+
+def _matrix_lines(rows: Rows, results: Rows) -> list[str]:
+    table = matrix(rows)
+    methods = [m for m in methods_in([*results, *rows]) if any(m in k for k in table)]
+    lines = ["| row vs column | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for r in methods:
+        cells = []
+        for c in methods:
+            rates = table.get((r, c))
+            cells.append(" / ".join(f"{rates[d].win_rate:.0%}" for d in judge.DIMENSIONS) + f" ({rates[judge.DIMENSIONS[0]].n})"
+                         if rates else "–")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _grid_lines(results: Rows, plots: list[str]) -> list[str]:
+    seed, sets, methods, cells = grid_cells(results)
+    lines = [f"Seed {seed}: one row per composition set, one column per method."]
+    if GRID_PNG in plots:
+        lines += ["", f"![image grid]({GRID_PNG})"]
+    lines += ["", "| set | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for set_id in sets:
+        lines.append(f"| {set_id} | " + " | ".join(f"![{m}]({cells[(set_id, m)]})" if (set_id, m) in cells else "–"
+                                                   for m in methods) + " |")
+    return lines
+
+
+def _variant_text(name: str) -> str:
+    try:
+        v = variants.parse(name, METHODS, tuple(SEARCH_STRATEGY), CATEGORIES)
+    except LocaloraError:
+        return "a method this localora does not know"
+    text = v.describe()
+    if v.drop:
+        text += " (CLIP-T still against the whole prompt; only sets with that element)"
+    return text
 
 
 def _sets(results: Rows, method: str) -> str:
@@ -338,8 +457,7 @@ def _winrate_figure(groups: list[tuple[str, dict[str, dict[str, judge.Counts]]]]
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     # Every panel lists the same methods in the same places, so panels compare at a glance.
-    methods = [m for m in METHODS if any(m in g for _, g in groups)]
-    methods += sorted({m for _, g in groups for m in g} - set(methods))
+    methods = methods_in([{"method": m} for _, g in groups for m in g])
     fig = Figure(figsize=(5 * len(judge.DIMENSIONS), 0.6 + (0.5 + 0.45 * len(methods)) * len(groups)),
                  layout="constrained")
     axes = fig.subplots(len(groups), len(judge.DIMENSIONS), squeeze=False)

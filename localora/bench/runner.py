@@ -37,6 +37,7 @@ from PIL import Image
 
 from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
 from localora.bench.store import Store
+from localora.bench.variants import Variant
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.files import atomic_write, open_image
@@ -77,7 +78,7 @@ class Summary:
 class Work:
     case: Case
     methods: list[str]  # to render and score
-    judged: list[str]  # to judge against the baseline
+    judged: list[tuple[str, str]]  # (method, baseline) pairs to judge
 
 
 class _CountingVLM:
@@ -94,13 +95,12 @@ class _CountingVLM:
 
 def todo(p: Plan, store: Store) -> list[Work]:
     """The rows of the plan that the store does not hold yet."""
-    cfg = p.cfg
     have = {(r["set_id"], r["seed"], r["method"]) for r in store.results()}
-    judged = {(r["set_id"], r["seed"], r["method"]) for r in store.pairs() if r["baseline"] == cfg.baseline}
+    judged = {(r["set_id"], r["seed"], r["method"], r["baseline"]) for r in store.pairs()}
     work = []
     for c in p.cases:
-        run = [m for m in cfg.methods if (c.set_id, c.seed, m) not in have]
-        judge_ = [m for m in cfg.methods if m != cfg.baseline and (c.set_id, c.seed, m) not in judged]
+        run = [m for m in p.methods_for(c) if (c.set_id, c.seed, m) not in have]
+        judge_ = [(m, b) for m, b in p.pairs_for(c) if (c.set_id, c.seed, m, b) not in judged]
         if run or judge_:
             work.append(Work(c, run, judge_))
     return work
@@ -112,14 +112,14 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     store = Store.create_or_open(cfg.out, p.settings())
     work = todo(p, store)
     total = sum(len(w.methods) + len(w.judged) for w in work)
-    skipped = len(p.cases) * (2 * len(cfg.methods) - 1) - total
+    skipped = sum(len(p.methods_for(c)) + len(p.pairs_for(c)) for c in p.cases) - total
     progress.start(total, skipped)
     if not work:
         return Summary(0, skipped, 0, 0, 0)
     # A user's prompt template with a bad field is refused now, not after hours of renders.
     if any(w.judged for w in work):
         judge.check_templates()
-    if any(m in SEARCH_STRATEGY for w in work for m in w.methods):
+    if any(p.variants[m].base in SEARCH_STRATEGY for w in work for m in w.methods):
         from localora.search.gpt4lora import check_templates
 
         check_templates(None)
@@ -164,26 +164,26 @@ class _Runner:
     def out(self) -> Path:
         return self.plan.cfg.out
 
-    def case(self, case: Case, methods: list[str], judged: list[str]) -> Iterator[Row]:
+    def case(self, case: Case, methods: list[str], judged: list[tuple[str, str]]) -> Iterator[Row]:
         images = {}
         for method in methods:
             row, images[method] = self.result(case, method)
             yield row
-        base = self.plan.cfg.baseline
-        for method in judged:
+        for method, base in judged:
             for m in (method, base):
                 if m not in images:  # a finished row: its saved image, not a new render
                     images[m] = open_image(self.out / self.have[(case.set_id, case.seed, m)]["image"])
-            yield self.pair(case, method, images[method], images[base])
+            yield self.pair(case, method, base, images[method], images[base])
 
     # ------------------------------------------------------------ one row each
 
     def result(self, case: Case, method: str) -> tuple[Row, Image.Image]:
         self.progress.working(f"{case.set_id} seed {case.seed} {method}")
         start, before = time.perf_counter(), self._work()
-        prompt = self.plan.testbed.prompt_for(case.combo)
-        image, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
-                                  else (*self._baseline(case, method), None))
+        variant = self.plan.variants[method]
+        prompt = self._prompt(case, variant)
+        image, weights, budget = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
+                                  else (*self._baseline(case, variant), None))
         refs = self._references(case)
         each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
         category = {x.id: x.category for x in case.combo}
@@ -192,7 +192,9 @@ class _Runner:
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method,
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
-            "image": rel, "clip_t": float(self.scorer.clip_t(image, prompt)),
+            # CLIP-T against the set's whole prompt, so a variant without some trigger words is
+            # scored on the same text as its base.
+            "image": rel, "clip_t": float(self.scorer.clip_t(image, self.plan.testbed.prompt_for(case.combo))),
             "clip_i": sum(each.values()) / len(each), "clip_i_each": json.dumps(each),
             "clip_i_elements": json.dumps({category[i]: v for i, v in each.items()}),
             "clip_i_references": json.dumps({i: [{"seed": seed, "image": rel} for seed, _, rel in images]
@@ -204,8 +206,7 @@ class _Runner:
                 f"({renders} renders, {hits} cached, {calls} VLM calls, {row['seconds']:.1f}s)")
         return Row("results", row, line), image
 
-    def pair(self, case: Case, method: str, image: Image.Image, base_image: Image.Image) -> Row:
-        base = self.plan.cfg.baseline
+    def pair(self, case: Case, method: str, base: str, image: Image.Image, base_image: Image.Image) -> Row:
         self.progress.working(f"{case.set_id} seed {case.seed} judge {method} vs {base}")
         start, calls = time.perf_counter(), self.vlm.calls
         temperature = self.plan.cfg.temperature()
@@ -234,16 +235,25 @@ class _Runner:
     def _loras(self, case: Case) -> list[Lora]:
         return [self.plan.loras[x.id] for x in case.combo]
 
-    def _baseline(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float]]:
+    def _prompt(self, case: Case, variant: Variant) -> str:
+        """The set's prompt, without the dropped category's trigger words for a -drop- variant."""
+        return self.plan.testbed.prompt_for([x for x in case.combo if x.category != variant.drop])
+
+    def _baseline(self, case: Case, variant: Variant) -> tuple[Image.Image, dict[str, float]]:
+        from dataclasses import replace
+
         from localora.diffusion.render import RenderJob
 
         scale = self.plan.testbed.lora_scale
-        loras, weights = methods.arrange(method, self._loras(case), (scale,) * len(case.combo))
-        job = RenderJob(prompt=self.plan.testbed.prompt_for(case.combo), loras=loras, weights=weights,
-                        method=method, sampling=self._sampling(case))
+        loras, weights = methods.arrange(variant.base, self._loras(case), (scale,) * len(case.combo))
+        sampling = self._sampling(case)
+        if variant.switch_every is not None:
+            sampling = replace(sampling, switch_every=variant.switch_every)
+        job = RenderJob(prompt=self._prompt(case, variant), loras=loras, weights=weights,
+                        method=variant.base, sampling=sampling)
         return self.renderer.render(job).image, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, method: str) -> tuple[Image.Image, dict[str, float], int]:
+    def _search(self, case: Case, variant: Variant) -> tuple[Image.Image, dict[str, float], int]:
         """The method's search on the case, in its own run folder; the image, weights and the
         number of candidate renders it was given."""
         from localora.runs import session
@@ -252,14 +262,18 @@ class _Runner:
         from localora.search.config import ComposeConfig
         from localora.search.steps import Steps
 
+        from dataclasses import replace
+
         c, profile = self.plan.cfg, self.plan.profile
         # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
-        # single-LoRA references with that LoRA's words only.
-        cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=tuple(self._loras(case)),
+        # single-LoRA references with that LoRA's words only; a -drop- variant's LoRA has none.
+        loras = tuple(replace(lo, triggers="") if x.category == variant.drop else lo
+                      for x, lo in zip(case.combo, self._loras(case)))
+        cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=loras,
                             iterations=c.iterations, candidates=c.candidates, sampling=self._sampling(case),
-                            search=SEARCH_STRATEGY[method], fewshot=c.fewshot,
+                            search=SEARCH_STRATEGY[variant.base], fewshot=variant.fewshot,
                             fewshot_threshold=profile.clip.fewshot_threshold)
-        folder = run_folder(self.out, case.set_id, case.seed, method)
+        folder = run_folder(self.out, case.set_id, case.seed, variant.name)
         if (folder / "events.jsonl").is_file():
             run = RunFolder.open(folder)  # resumes: completed steps are replayed from its log
         else:
@@ -268,7 +282,7 @@ class _Runner:
 
         def emit(event: dict[str, Any]) -> None:
             if "id" in event:
-                self.progress.working(f"{case.set_id} seed {case.seed} {method} {event['id']}")
+                self.progress.working(f"{case.set_id} seed {case.seed} {variant.name} {event['id']}")
 
         try:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))

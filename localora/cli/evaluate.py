@@ -107,7 +107,8 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--elements", default=3, show_default=True, type=int, help="LoRAs per composition set (one character + N-1 categories).")
 @click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
 @click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's, three for the shipped ones); the report gives mean ± std over seeds.")
-@click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
+@click.option("--judge-baseline", "baseline", default="merge", show_default=True,
+              help="The method every other one is judged against; 'all' judges every pair of methods.")
 @click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files, by the paths the testbed names (default: the "
                    "first of $LOCALORA_LORA_DIRS and config.toml's lora_dirs that holds them all).")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order; each answer is one stored outcome.")
@@ -115,7 +116,12 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
               help=f"Judge: sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
 @click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")
-@click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
+@click.option("--no-fewshot", is_flag=True, help="Ablation: also run reflect without few-shot examples, as the method "
+              "reflect-nofewshot (name it in --methods to run it alone).")
+@click.option("--switch-every", default=None, help="Ablation: also run Switch rotating every N steps, for each N, as "
+              "methods switch-every-N (e.g. 1,3,5,10; plain switch is 5).")
+@click.option("--drop-triggers", default=None, metavar="CATEGORY", help="Ablation: also run every method without this "
+              "category's trigger words in the prompt (GPT4LoRA 4.4.1), as methods METHOD-drop-CATEGORY.")
 @click.option("--reference-seeds", default=",".join(map(str, DEFAULT_REFERENCE_SEEDS)), show_default=True,
               help="Seeds of the single-LoRA renders CLIP-I is scored against; never a --seeds seed, so no search "
                    "has seen them.")
@@ -124,7 +130,7 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
-          no_fewshot: bool, reference_seeds: str, profile_name: str | None, out: Path, plain: bool) -> None:
+          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path, plain: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
@@ -139,7 +145,9 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     cfg = BenchConfig(
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
         seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
-        repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
+        repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, profile=profile_name,
+        no_fewshot=no_fewshot, drop_triggers=drop_triggers,
+        switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
         reference_seeds=_csv(reference_seeds, "--reference-seeds", int),
     )
     ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
