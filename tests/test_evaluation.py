@@ -40,14 +40,18 @@ def md_table(text: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in body[2:]]
 
 
+def bench_and_report(tmp_path_factory, name: str, args) -> tuple:
+    """A bench folder made by `args`, reported: (folder, report.md's text)."""
+    out = tmp_path_factory.mktemp(name) / "b"
+    for command in ((*args, "--out", out), ("report", out)):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+    return out, (out / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, localora_home):
-    out = tmp_path_factory.mktemp("eval") / "b"
-    result = cli(*ARGS, "--out", out)
-    assert result.exit_code == 0, result.output
-    result = cli("report", out)
-    assert result.exit_code == 0, result.output
-    return out, (out / "report.md").read_text()
+    return bench_and_report(tmp_path_factory, "eval", ARGS)
 
 
 def test_each_pair_and_seed_stores_both_orders_of_every_repeat(bench):
@@ -184,12 +188,7 @@ VARIANTS = ("merge", "merge-drop-clothing", "switch", "switch-drop-clothing", "s
 
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory, localora_home):
-    out = tmp_path_factory.mktemp("ablated") / "b"
-    result = cli(*ABLATED, "--out", out)
-    assert result.exit_code == 0, result.output
-    result = cli("report", out)
-    assert result.exit_code == 0, result.output
-    return out, (out / "report.md").read_text()
+    return bench_and_report(tmp_path_factory, "ablated", ABLATED)
 
 
 def test_ablations_are_method_variants_in_one_folder(ablated):

@@ -7,7 +7,8 @@
 The methods are the registry's baselines (localora.diffusion.methods.METHODS) plus the searches:
 "reflect", the loop with the VLM (localora.search.STRATEGIES["vlm"]), and "random", "cmaes" and
 "hybrid", which spend the same number of renders, N (M + 1), on a CLIP objective. The default
-run is the paper's: the baselines and reflect.
+run is the paper's: the baselines and reflect. Ablations are method variants (bench/variants.py:
+switch-every-N, reflect-nofewshot, METHOD-drop-CATEGORY), each a method of its own in the folder.
 """
 
 from __future__ import annotations

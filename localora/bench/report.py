@@ -1,14 +1,19 @@
 """The bench report: report.md and PNG plots, from a bench folder's SQLite rows.
 
-    report.md                 the paper-style table (CLIP-I, CLIP-T per method, mean ± std over
-                              sets and seeds) and win / tie / loss rates vs the baseline
+    report.md                 what ran (testbed, sets, seeds, searches, ablations, judge settings);
+                              CLIP-T, CLIP-I and CLIP-I per element per method (mean over sets per
+                              seed, then mean ± std over seeds; [--clipscore] CLIPScore x100 too);
+                              the method x method win-rate table; win / tie / loss vs the baseline
+                              over judge outcomes (Wilson interval) and over averaged pairs; the
+                              judge's position bias; the image grid
     winrate.png               win / tie / loss per judge dimension, each method vs the baseline
     winrate_by_elements.png   the same per number of elements, when the folder holds several
     objective.png             best objective over renders spent, per black-box strategy (mean over
                               sets and seeds), from the state events of their run folders
+    grid.png                  one row per set, one column per method, at the lowest seed
 
-The win / tie / loss counts come from judge.aggregate over the stored scores, so the report and
-the judge can never count differently.
+The counts come from judge.rates / judge.aggregate over the stored outcomes and scores, so the
+report and the judge can never count differently.
 """
 
 from __future__ import annotations
@@ -423,9 +428,8 @@ def _outcome_lines(outcomes: Rows, baseline: str) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for m, dims in outcome_rates(outcomes).items():
         for d, r in dims.items():
-            shares = " | ".join(f"{r.share(key):.1%} ({getattr(r, key)})" for key, _, _ in OUTCOMES)
             lo, hi = r.interval
-            lines.append(f"| {m} | {d} | {shares} | {r.n} | {r.win_rate:.1%} [{lo:.1%}, {hi:.1%}] |")
+            lines.append(f"| {m} | {d} | {_shares(r)} | {r.n} | {r.win_rate:.1%} [{lo:.1%}, {hi:.1%}] |")
     return lines
 
 
@@ -445,9 +449,13 @@ def _judge_lines(pairs: Rows, baseline: str) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for m, dims in winrates(pairs).items():
         for d, c in dims.items():
-            rates = " | ".join(f"{getattr(c, key) / c.pairs:.1%} ({getattr(c, key)})" for key, _, _ in OUTCOMES)
-            lines.append(f"| {m} | {d} | {rates} | {c.pairs} | {c.mean_a:.2f} / {c.mean_b:.2f} |")
+            lines.append(f"| {m} | {d} | {_shares(c)} | {c.pairs} | {c.mean_a:.2f} / {c.mean_b:.2f} |")
     return lines
+
+
+def _shares(r: judge.Rate) -> str:
+    """Win | Tie | Loss cells: each share of the count, and the count."""
+    return " | ".join(f"{r.share(key):.1%} ({getattr(r, key)})" for key, _, _ in OUTCOMES)
 
 
 # ------------------------------------------------------------------ plots

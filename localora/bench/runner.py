@@ -6,8 +6,9 @@
 For each composition set of one size, each seed and each method, the runner renders the set's
 prompt (the baselines merge / switch / composite with every LoRA at the testbed's lora_scale;
 `reflect` runs the GPT4LoRA loop), scores CLIP-T against the prompt and CLIP-I against a
-reference image per LoRA, then judges every method against the baseline method with the
-position-debiased pairwise judge. CLIP-I references are each LoRA alone at the reference seeds,
+reference image per LoRA, then judges every method against the baseline method (or, with
+--judge-baseline all, every pair of methods) with the position-debiased pairwise judge, storing
+each answer as one outcome. CLIP-I references are each LoRA alone at the reference seeds,
 which no search renders at, so no method is scored against an image it looked at.
 
     DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair,

@@ -169,24 +169,6 @@ def verdict(scores: PairScores, margin: float = 0.0) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Counts:
-    wins: int
-    ties: int
-    losses: int
-    mean_a: float
-    mean_b: float
-
-    @property
-    def pairs(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    @property
-    def win_rate(self) -> float:
-        """Wins / pairs (ties count as pairs, not as half wins), as the papers report it."""
-        return self.wins / self.pairs if self.pairs else 0.0
-
-
 def aggregate(pairs: Iterable[PairScores], margin: float = 0.0) -> dict[str, Counts]:
     """Win / tie / loss counts of A against B per dimension over a table of judged pairs."""
     pairs = list(pairs)
@@ -270,6 +252,18 @@ class Rate:
         """95% Wilson interval of the win rate (outcomes of one pair are not independent, so it
         is narrower than the truth when repeats are many and sets few)."""
         return wilson(self.wins, self.n)
+
+
+@dataclass(frozen=True)
+class Counts(Rate):
+    """Win / tie / loss over averaged pairs (one verdict each), and each side's mean score."""
+
+    mean_a: float = 0.0
+    mean_b: float = 0.0
+
+    @property
+    def pairs(self) -> int:
+        return self.n
 
 
 def rates(verdicts: Iterable[dict[str, str]]) -> dict[str, Rate]:
