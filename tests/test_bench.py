@@ -20,6 +20,7 @@ from PIL import Image
 from rich.console import Console
 
 from localora.bench import report as bench_report
+from localora.bench.plan import DEFAULT_REFERENCE_SEEDS
 from localora.bench.store import DB_FILE
 from localora.ui.progress import LiveProgress
 from localora.scoring import judge
@@ -31,7 +32,7 @@ from support import one_error_line
 SETS = ("demo-character_demo-clothing", "demo-character_demo-style")  # the tiny testbed's 2-element sets
 METHODS = ("merge", "switch", "composite", "reflect")
 ARGS = ("bench", "--testbed", "tiny", "--elements", "2", "--methods", ",".join(METHODS),
-        "--iterations", "1", "--candidates", "2", "--no-fewshot")
+        "--iterations", "1", "--candidates", "2", "--seeds", "0")
 KILL_AFTER = 9  # set 1 complete (4 rows + 3 pairs), then set 2's merge and switch
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +112,10 @@ def test_a_finished_bench_holds_every_row(resumed):
         assert sorted(a["first"] for a in answers) == ["a", "b"]
         scores = judge.PairScores({d: p[f"{d}_a"] for d in judge.DIMENSIONS}, {d: p[f"{d}_b"] for d in judge.DIMENSIONS})
         assert {d: p[d] for d in judge.DIMENSIONS} == judge.verdict(scores)
-    # The single-LoRA CLIP-I references were saved beside the outputs.
-    assert sorted(p.name for p in (out / "images" / SETS[0]).glob("s0-ref-*.png")) == [
-        "s0-ref-demo-character.png", "s0-ref-demo-clothing.png"]
+    # The single-LoRA CLIP-I references were rendered at the held-out seeds, once per LoRA.
+    assert sorted(p.name for p in (out / "images" / "references").glob("*.png")) == [
+        f"{lora}-s{seed}.png" for lora in ("demo-character", "demo-clothing", "demo-style")
+        for seed in DEFAULT_REFERENCE_SEEDS]
 
 
 def test_a_killed_bench_resumes_without_redoing_finished_rows(resumed):
@@ -166,7 +168,7 @@ def reported(resumed):
     """The 2-element bench plus a 3-element one in the same folder, then `localora report`."""
     out = resumed[0]
     result = cli("bench", "--testbed", "tiny", "--elements", "3", "--methods", "merge,switch", "--iterations", "1",
-                 "--candidates", "2", "--no-fewshot", "--out", out)
+                 "--candidates", "2", "--seeds", "0", "--out", out)
     assert result.exit_code == 0, result.output
     result = cli("report", out)
     assert result.exit_code == 0, result.output
@@ -181,8 +183,20 @@ def _md_table(text: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows[2:]]  # past header and rule
 
 
-def _mean_std(values):
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+def _over_seeds(rows, value):
+    """The mean over sets per seed, then mean ± std over seeds; the mean alone for one seed."""
+    seeds = sorted({r["seed"] for r in rows})
+    means = [statistics.fmean(value(r) for r in rows if r["seed"] == s) for s in seeds]
+    return f"{statistics.fmean(means):.4f}" + (f" ± {statistics.stdev(means):.4f}" if len(means) > 1 else "")
+
+
+def _clip_row(method, rows, categories):
+    cells = [_over_seeds(rows, lambda r: r["clip_t"]), _over_seeds(rows, lambda r: r["clip_i"])]
+    for c in categories:
+        mine = [r for r in rows if c in json.loads(r["clip_i_elements"])]
+        cells.append(_over_seeds(mine, lambda r: json.loads(r["clip_i_elements"])[c]) if mine else "–")
+    sets, seeds = len({r["set_id"] for r in rows}), len({r["seed"] for r in rows})
+    return [method, *cells, f"{sets} set{'s' * (sets != 1)} × {seeds} seed{'s' * (seeds != 1)}"]
 
 
 def test_report_table_matches_the_database(reported):
@@ -193,15 +207,20 @@ def test_report_table_matches_the_database(reported):
     for heading, rows in (("## CLIP scores", results),
                           ("### 2 elements", [r for r in results if r["elements"] == 2]),
                           ("### 3 elements", [r for r in results if r["elements"] == 3])):
-        expected = []
-        for m in METHODS:
-            mine = [r for r in rows if r["method"] == m]
-            if mine:
-                expected.append([m, _mean_std([r["clip_i"] for r in mine]), _mean_std([r["clip_t"] for r in mine]),
-                                 str(len(mine))])
+        categories = [c for c in ("character", "clothing", "style")
+                      if any(c in json.loads(r["clip_i_elements"]) for r in rows)]
+        expected = [_clip_row(m, [r for r in rows if r["method"] == m], categories)
+                    for m in METHODS if any(r["method"] == m for r in rows)]
         assert _md_table(text, heading) == expected, heading
+        header = text.split(heading + "\n", 1)[1].strip().splitlines()[0]
+        assert header == "| Method | CLIP-T | CLIP-I | " + "".join(f"CLIP-I {c} | " for c in categories) + "n |"
+    for r in results:  # per element by category, the mean of them is CLIP-I
+        by_category = json.loads(r["clip_i_elements"])
+        assert r["clip_i"] == pytest.approx(statistics.fmean(by_category.values()))
+        assert list(by_category) == [{"demo-character": "character", "demo-clothing": "clothing",
+                                      "demo-style": "style"}[i] for i in json.loads(r["loras"])]
     pairs = list(table(out, "pairs").values())
-    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    judged = _md_table(text, "### Averaged verdicts")
     for m in ("switch", "composite", "reflect"):
         for d in judge.DIMENSIONS:
             verdicts = [p[d] for p in pairs if p["method"] == m]
@@ -230,16 +249,24 @@ def test_report_counts_wins_ties_and_losses():
 
     pairs = [pair("reflect", (7, 5), (6, 6)), pair("reflect", (4, 5), (7, 6)), pair("reflect", (8, 6), (5, 5)),
              pair("switch", (5, 5), (3, 4), n=3)]
-    results = [{"method": m, "set_id": f"s{i}", "seed": 0, "elements": 2, "clip_i": 0.5 + i / 10, "clip_t": 0.3}
+    results = [{"method": m, "set_id": f"s{i}", "seed": 0, "elements": 2, "clip_i": 0.5 + i / 10, "clip_t": 0.3,
+                "image": f"images/s{i}/s0-{m}.png"}
                for m in ("merge", "reflect") for i in range(2)]
     settings = {"testbed": "t", "profile": "p", "lora_scale": 0.8, "baseline": "merge", "iterations": 1,
                 "candidates": 2, "fewshot": False, "repeats": 1}
     text = bench_report.markdown(results, pairs, settings, [])
-    judged = _md_table(text, "## Pairwise judge: each method vs merge")
+    judged = _md_table(text, "### Averaged verdicts")
     assert judged[0] == ["switch", "composition", "0.0% (0)", "100.0% (1)", "0.0% (0)", "1", "5.00 / 5.00"]
     assert judged[2] == ["reflect", "composition", "66.7% (2)", "0.0% (0)", "33.3% (1)", "3", "6.33 / 5.33"]
     assert judged[3] == ["reflect", "quality", "33.3% (1)", "66.7% (2)", "0.0% (0)", "3", "6.00 / 5.67"]
-    assert _md_table(text, "## CLIP scores")[0] == ["merge", "0.5500 ± 0.0707", "0.3000 ± 0.0000", "2"]
+    assert _md_table(text, "## CLIP scores")[0] == ["merge", "0.3000", "0.5500", "2 sets × 1 seed"]
+    # Every judged pair in both directions: reflect won 2 of 3 in composition against merge.
+    # Every judged pair counts in both directions: row's win rate vs column, composition / quality.
+    assert _md_table(text, "## Method × method") == [
+        ["merge", "–", "0% / 100% (1)", "33% / 0% (3)"],
+        ["switch", "0% / 0% (1)", "–", "–"],
+        ["reflect", "67% / 33% (3)", "–", "–"]]
+    assert "one seed (n = 1)" in text and "± 0.0000" not in text
 
 
 # ------------------------------------------------------------------ progress
@@ -361,7 +388,7 @@ def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path, monkeypatch):
 def test_black_box_methods_bench_at_the_search_budget(tmp_path):
     out = tmp_path / "b"
     result = cli("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods",
-                 "merge,random,cmaes,hybrid", "--iterations", "2", "--candidates", "2", "--out", out)
+                 "merge,random,cmaes,hybrid", "--iterations", "2", "--candidates", "2", "--seeds", "0", "--out", out)
     assert result.exit_code == 0, result.output
     rows = table(out, "results")
     assert {k[2]: r["budget"] for k, r in rows.items()} == {"merge": None, "random": 6, "cmaes": 6, "hybrid": 6}

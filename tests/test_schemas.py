@@ -64,6 +64,8 @@ def test_max_chars_is_the_longest_answer(vlm):
         (schemas.judge_scores(), json.dumps({f"image_{i}": {"composition": 10.0, "quality": 10.0} for i in (1, 2)},
                                             separators=(",", ":"))),
         (schemas.refine(["a"], 0, 1, max_chars=5), '{"feedback":"12345","weights":{"a":1.00}}'),
+        (schemas.judge_answer(3), '{"explanation_1":"abc","explanation_2":"def",' + json.dumps(
+            {f"image_{i}": {"composition": 10.0, "quality": 10.0} for i in (1, 2)}, separators=(",", ":"))[1:]),
     ]
     for schema, longest in cases:
         assert accepts(vlm, schema, longest)
@@ -125,6 +127,16 @@ def test_impossible_schemas_are_user_errors(make):
         make()
 
 
+def test_the_judge_answer_explains_both_images_before_any_score(vlm):
+    schema = schemas.judge_answer(20)
+    scores = '"image_1":{"composition":7.5,"quality":6.0},"image_2":{"composition":5.0,"quality":9.5}}'
+    assert accepts(vlm, schema, '{"explanation_1":"red hair, no cape","explanation_2":"blurry",' + scores)
+    assert not accepts(vlm, schema, "{" + scores)  # scores first: not this grammar
+    assert not accepts(vlm, schema, '{"explanation_1":"x",' + scores)  # one explanation only
+    assert list(schema.parse('{"explanation_1":"a","explanation_2":"b",' + scores)) == [
+        "explanation_1", "explanation_2", "image_1", "image_2"]
+
+
 def test_describe_shows_the_shape():
     text = schemas.refine(["character", "style"], -0.5, 1.5, max_chars=300).describe()
     assert text.splitlines()[0] == '{"feedback": "T", "weights": {"character": W, "style": W}}'
@@ -139,6 +151,7 @@ SAMPLED = {
     "candidates": (schemas.candidates(["a", "b", "c"], 3), 0.0, 1.5),
     "choice": (schemas.choice(4), None, None),
     "judge": (schemas.judge_scores(), 0.0, 10.0),
+    "judge-explained": (schemas.judge_answer(40), 0.0, 10.0),
     "feedback": (schemas.feedback(40), None, None),
     "refine": (schemas.refine(["a", "b"], -0.5, 1.5, max_chars=40), -0.5, 1.5),
 }

@@ -6,11 +6,15 @@
 For each composition set of one size, each seed and each method, the runner renders the set's
 prompt (the baselines merge / switch / composite with every LoRA at the testbed's lora_scale;
 `reflect` runs the GPT4LoRA loop), scores CLIP-T against the prompt and CLIP-I against a
-reference image per LoRA, then judges every method against the baseline method with the
-position-debiased pairwise judge.
+reference image per LoRA, then judges every method against the baseline method (or, with
+--judge-baseline all, every pair of methods) with the position-debiased pairwise judge, storing
+each answer as one outcome. CLIP-I references are each LoRA alone at the reference seeds,
+which no search renders at, so no method is scored against an image it looked at.
 
-    DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair
-    DIR/images/SET/           sSEED-METHOD.png, and sSEED-ref-LORA.png for rendered references
+    DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair,
+                              and one per judge answer (outcomes)
+    DIR/images/SET/           sSEED-METHOD.png
+    DIR/images/references/    LORA-sSEED.png, the CLIP-I references
     DIR/runs/SET-sSEED/       the reflect loop's run folder
 
 The runner only yields rows; `run` alone writes them, each committed as it arrives, so the store
@@ -26,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +38,7 @@ from PIL import Image
 
 from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
 from localora.bench.store import Store
+from localora.bench.variants import Variant
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.files import atomic_write, open_image
@@ -58,6 +63,7 @@ class Row:
     table: str  # "results" or "pairs"
     values: dict[str, Any]
     line: str  # one line for the progress display
+    children: tuple[tuple[str, dict[str, Any]], ...] = ()  # committed with it: a pair's outcomes
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Summary:
 class Work:
     case: Case
     methods: list[str]  # to render and score
-    judged: list[str]  # to judge against the baseline
+    judged: list[tuple[str, str]]  # (method, baseline) pairs to judge
 
 
 class _CountingVLM:
@@ -90,13 +96,12 @@ class _CountingVLM:
 
 def todo(p: Plan, store: Store) -> list[Work]:
     """The rows of the plan that the store does not hold yet."""
-    cfg = p.cfg
     have = {(r["set_id"], r["seed"], r["method"]) for r in store.results()}
-    judged = {(r["set_id"], r["seed"], r["method"]) for r in store.pairs() if r["baseline"] == cfg.baseline}
+    judged = {(r["set_id"], r["seed"], r["method"], r["baseline"]) for r in store.pairs()}
     work = []
     for c in p.cases:
-        run = [m for m in cfg.methods if (c.set_id, c.seed, m) not in have]
-        judge_ = [m for m in cfg.methods if m != cfg.baseline and (c.set_id, c.seed, m) not in judged]
+        run = [m for m in p.methods_for(c) if (c.set_id, c.seed, m) not in have]
+        judge_ = [(m, b) for m, b in p.pairs_for(c) if (c.set_id, c.seed, m, b) not in judged]
         if run or judge_:
             work.append(Work(c, run, judge_))
     return work
@@ -108,14 +113,14 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     store = Store.create_or_open(cfg.out, p.settings())
     work = todo(p, store)
     total = sum(len(w.methods) + len(w.judged) for w in work)
-    skipped = len(p.cases) * (2 * len(cfg.methods) - 1) - total
+    skipped = sum(len(p.methods_for(c)) + len(p.pairs_for(c)) for c in p.cases) - total
     progress.start(total, skipped)
     if not work:
         return Summary(0, skipped, 0, 0, 0)
     # A user's prompt template with a bad field is refused now, not after hours of renders.
     if any(w.judged for w in work):
         judge.check_templates()
-    if any(m in SEARCH_STRATEGY for w in work for m in w.methods):
+    if any(p.variants[m].base in SEARCH_STRATEGY for w in work for m in w.methods):
         from localora.search.gpt4lora import check_templates
 
         check_templates(None)
@@ -126,7 +131,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     have = {(r["set_id"], r["seed"], r["method"]): r for r in store.results()}
     calls = 0
     for row in rows(p, work, parts, progress, store.start_session(sys.argv[1:]), have):
-        store.add(row.table, row.values)
+        store.add(row.table, row.values, row.children)
         progress.finished(row.line)
         calls += row.values["vlm_calls"]
     stats = parts.renderer.stats
@@ -154,42 +159,48 @@ class _Runner:
     scorer: ClipScorer
     session: int
     have: dict[tuple[str, int, str], dict[str, Any]]
-    _refs: tuple[Case, dict[str, list[Path | Image.Image]]] | None = None
+    _refs: dict[tuple[str, int], tuple[Image.Image, str]] = field(default_factory=dict)  # (LoRA, seed) -> image, path
 
     @property
     def out(self) -> Path:
         return self.plan.cfg.out
 
-    def case(self, case: Case, methods: list[str], judged: list[str]) -> Iterator[Row]:
+    def case(self, case: Case, methods: list[str], judged: list[tuple[str, str]]) -> Iterator[Row]:
         images = {}
         for method in methods:
             row, images[method] = self.result(case, method)
             yield row
-        base = self.plan.cfg.baseline
-        for method in judged:
+        for method, base in judged:
             for m in (method, base):
                 if m not in images:  # a finished row: its saved image, not a new render
                     images[m] = open_image(self.out / self.have[(case.set_id, case.seed, m)]["image"])
-            yield self.pair(case, method, images[method], images[base])
+            yield self.pair(case, method, base, images[method], images[base])
 
     # ------------------------------------------------------------ one row each
 
     def result(self, case: Case, method: str) -> tuple[Row, Image.Image]:
         self.progress.working(f"{case.set_id} seed {case.seed} {method}")
         start, before = time.perf_counter(), self._work()
-        prompt = self.plan.testbed.prompt_for(case.combo)
-        source, weights, budget = (self._search(case, method) if method in SEARCH_STRATEGY
-                                   else (*self._baseline(case, method), None))
+        variant = self.plan.variants[method]
+        prompt = self._prompt(case, variant)
+        source, weights, budget = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
+                                   else (*self._baseline(case, variant), None))
         image = open_image(source)
         refs = self._references(case)
-        each = {i: float(self.scorer.clip_i(image, images)) for i, images in refs.items()}
+        each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
+        category = {x.id: x.category for x in case.combo}
         rel = self._save(source, case, method)
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method,
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
-            "image": rel, "clip_t": float(self.scorer.clip_t(image, prompt)),
+            # CLIP-T against the set's whole prompt, so a variant without some trigger words is
+            # scored on the same text as its base.
+            "image": rel, "clip_t": float(self.scorer.clip_t(image, self.plan.testbed.prompt_for(case.combo))),
             "clip_i": sum(each.values()) / len(each), "clip_i_each": json.dumps(each),
+            "clip_i_elements": json.dumps({category[i]: v for i, v in each.items()}),
+            "clip_i_references": json.dumps({i: [{"seed": seed, "image": rel} for seed, _, rel in images]
+                                             for i, images in refs.items()}),
             "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget,
             "seconds": round(time.perf_counter() - start, 3), "session": self.session, "finished": time.time(),
         }
@@ -197,38 +208,54 @@ class _Runner:
                 f"({renders} renders, {hits} cached, {calls} VLM calls, {row['seconds']:.1f}s)")
         return Row("results", row, line), image
 
-    def pair(self, case: Case, method: str, image: Image.Image, base_image: Image.Image) -> Row:
-        base = self.plan.cfg.baseline
+    def pair(self, case: Case, method: str, base: str, image: Image.Image, base_image: Image.Image) -> Row:
         self.progress.working(f"{case.set_id} seed {case.seed} judge {method} vs {base}")
         start, calls = time.perf_counter(), self.vlm.calls
+        temperature = self.plan.cfg.temperature()
         j = judge.judge_pair(self.vlm, image, base_image, [x.element() for x in case.combo],
-                             repeats=self.plan.cfg.repeats, seed=case.seed)
+                             repeats=self.plan.cfg.repeats, seed=case.seed, temperature=temperature or 0.0)
+        finished = time.time()
+        key = {"set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base}
+        outcomes = tuple(("outcomes", {
+            **key, "repeat": o.repeat, "first": o.first, "judge": self.plan.profile.vlm.name, "temperature": temperature,
+            **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", o.a), ("b", o.b))},
+            **o.verdict, "explanation_a": o.explanation_a, "explanation_b": o.explanation_b,
+            "session": self.session, "finished": finished}) for o in j.outcomes)
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base,
             **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", j.scores.a), ("b", j.scores.b))},
             **j.verdict, "answers": json.dumps([asdict(a) for a in j.answers]),
             "vlm_calls": self.vlm.calls - calls, "seconds": round(time.perf_counter() - start, 3),
-            "session": self.session, "finished": time.time(),
+            "session": self.session, "finished": finished,
         }
         verdicts = ", ".join(f"{d} {j.verdict[d]}" for d in judge.DIMENSIONS)
         return Row("pairs", row, f"{case.set_id} seed {case.seed} {method} vs {base}: {verdicts}  "
-                                 f"({row['vlm_calls']} VLM calls, {row['seconds']:.1f}s)")
+                                 f"({row['vlm_calls']} VLM calls, {row['seconds']:.1f}s)", outcomes)
 
     # ------------------------------------------------------------ images
 
     def _loras(self, case: Case) -> list[Lora]:
         return [self.plan.loras[x.id] for x in case.combo]
 
-    def _baseline(self, case: Case, method: str) -> tuple[Path, dict[str, float]]:
+    def _prompt(self, case: Case, variant: Variant) -> str:
+        """The set's prompt, without the dropped category's trigger words for a -drop- variant."""
+        return self.plan.testbed.prompt_for([x for x in case.combo if x.category != variant.drop])
+
+    def _baseline(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float]]:
+        from dataclasses import replace
+
         from localora.diffusion.render import RenderJob
 
         scale = self.plan.testbed.lora_scale
-        loras, weights = methods.arrange(method, self._loras(case), (scale,) * len(case.combo))
-        job = RenderJob(prompt=self.plan.testbed.prompt_for(case.combo), loras=loras, weights=weights,
-                        method=method, sampling=self._sampling(case))
+        loras, weights = methods.arrange(variant.base, self._loras(case), (scale,) * len(case.combo))
+        sampling = self._sampling(case)
+        if variant.switch_every is not None:
+            sampling = replace(sampling, switch_every=variant.switch_every)
+        job = RenderJob(prompt=self._prompt(case, variant), loras=loras, weights=weights,
+                        method=variant.base, sampling=sampling)
         return self.renderer.render(job).path, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, method: str) -> tuple[Path, dict[str, float], int]:
+    def _search(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float], int]:
         """The method's search on the case, in its own run folder; the image's file, the weights
         and the number of candidate renders it was given."""
         from localora.runs import session
@@ -237,14 +264,18 @@ class _Runner:
         from localora.search.config import ComposeConfig
         from localora.search.steps import Steps
 
+        from dataclasses import replace
+
         c, profile = self.plan.cfg, self.plan.profile
         # The base prompt: the loop appends each LoRA's trigger words itself, and renders its
-        # single-LoRA references with that LoRA's words only.
-        cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=tuple(self._loras(case)),
+        # single-LoRA references with that LoRA's words only; a -drop- variant's LoRA has none.
+        loras = tuple(replace(lo, triggers="") if x.category == variant.drop else lo
+                      for x, lo in zip(case.combo, self._loras(case)))
+        cfg = ComposeConfig(prompt=self.plan.testbed.prompt, loras=loras,
                             iterations=c.iterations, candidates=c.candidates, sampling=self._sampling(case),
-                            search=SEARCH_STRATEGY[method], fewshot=c.fewshot,
+                            search=SEARCH_STRATEGY[variant.base], fewshot=variant.fewshot,
                             fewshot_threshold=profile.clip.fewshot_threshold)
-        folder = run_folder(self.out, case.set_id, case.seed, method)
+        folder = run_folder(self.out, case.set_id, case.seed, variant.name)
         if (folder / "events.jsonl").is_file():
             run = RunFolder.open(folder)  # resumes: completed steps are replayed from its log
         else:
@@ -253,7 +284,7 @@ class _Runner:
 
         def emit(event: dict[str, Any]) -> None:
             if "id" in event:
-                self.progress.working(f"{case.set_id} seed {case.seed} {method} {event['id']}")
+                self.progress.working(f"{case.set_id} seed {case.seed} {variant.name} {event['id']}")
 
         try:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
@@ -261,26 +292,34 @@ class _Runner:
             run.close()
         return run.path / final.image, final.weights, c.iterations * (c.candidates + 1)
 
-    def _references(self, case: Case) -> dict[str, list[Path | Image.Image]]:
-        """Per LoRA: the testbed's reference images, else that LoRA alone at weight 1.0.
+    def _references(self, case: Case) -> dict[str, list[tuple[int | None, Path | Image.Image, str]]]:
+        """Per LoRA of the case: (seed, image, path in the folder) of each CLIP-I reference.
 
-        The single-LoRA render is the reflect loop's own reference render (same prompt, weight,
-        method and seed), so the render cache serves it to both.
+        The testbed's reference images when it names some, else that LoRA alone at weight 1.0
+        rendered at each of the reference seeds, which no search renders at: a search looks at
+        the single-LoRA render of its own seed, so that one would score what it tuned on. Each
+        reference is rendered once per bench command (and cached by the renderer across them).
         """
-        if self._refs is None or self._refs[0] != case:  # only the current case is kept
-            from localora.search.config import reference_job
+        from localora.search.config import reference_job
+        from localora.diffusion.sampling import Sampling
 
-            refs = {}
-            for lora in self._loras(case):
-                if lora.references:
-                    refs[lora.name] = list(lora.references)
-                    continue
-                job = reference_job(self.plan.testbed.prompt, lora, self._sampling(case))
-                rendered = self.renderer.render(job)
-                self._save(rendered.path, case, f"ref-{lora.name}")
-                refs[lora.name] = [rendered.image]
-            self._refs = (case, refs)
-        return self._refs[1]
+        out = {}
+        for lora in self._loras(case):
+            if lora.references:
+                out[lora.name] = [(None, r, str(r)) for r in lora.references]
+                continue
+            out[lora.name] = []
+            for seed in self.plan.cfg.reference_seeds:
+                if (lora.name, seed) not in self._refs:
+                    sampling = Sampling(seed=seed, negative_prompt=self.plan.testbed.negative_prompt)
+                    rendered = self.renderer.render(reference_job(self.plan.testbed.prompt, lora, sampling))
+                    rel = f"images/references/{lora.name}-s{seed}.png"
+                    # a copy of the cached PNG: its pixels and its metadata, as every bench image
+                    atomic_write(self.out / rel, lambda p, src=rendered.path: shutil.copyfile(src, p))
+                    self._refs[(lora.name, seed)] = (rendered.image, rel)
+                image, rel = self._refs[(lora.name, seed)]
+                out[lora.name].append((seed, image, rel))
+        return out
 
     def _sampling(self, case: Case) -> Sampling:
         from localora.diffusion.sampling import Sampling

@@ -3,7 +3,8 @@
     meta       format, settings (JSON), created
     sessions   one per bench command that wrote rows (its argv)
     results    one per (set, seed, method): image, CLIP-T, CLIP-I, work counts
-    pairs      one per (set, seed, method, baseline): judge scores and verdicts, every answer
+    pairs      one per (set, seed, method, baseline): averaged judge scores and verdicts, every answer
+    outcomes   one per (pair, repeat, order): that answer's scores and verdicts, its explanations
 
 The schema evolves by MIGRATIONS, an append-only list applied in order and counted in SQLite's
 `user_version`, so a folder made by any earlier version opens (and is brought up to date) and a
@@ -50,6 +51,27 @@ CREATE TABLE IF NOT EXISTS pairs (
     # 2: the renders a search method was given (N (M + 1)); NULL for the baselines and older rows.
     """
 ALTER TABLE results ADD COLUMN budget INTEGER;
+""",
+    # 3: every judge answer as one outcome (GPT4LoRA counts these): one row per (pair, repeat,
+    # order), from A's (the method's) side, with the judge model that gave it. Pairs judged by
+    # an older localora have none; their `answers` JSON still holds the scores.
+    """
+CREATE TABLE outcomes (
+    set_id TEXT NOT NULL, elements INTEGER NOT NULL, seed INTEGER NOT NULL, method TEXT NOT NULL,
+    baseline TEXT NOT NULL, repeat INTEGER NOT NULL, first TEXT NOT NULL, judge TEXT NOT NULL,
+    temperature REAL,
+    composition_a REAL NOT NULL, composition_b REAL NOT NULL, composition TEXT NOT NULL,
+    quality_a REAL NOT NULL, quality_b REAL NOT NULL, quality TEXT NOT NULL,
+    explanation_a TEXT NOT NULL, explanation_b TEXT NOT NULL,
+    session INTEGER NOT NULL, finished REAL NOT NULL,
+    PRIMARY KEY (set_id, seed, method, baseline, repeat, first));
+""",
+    # 4: CLIP-I per element (category -> cosine) and the reference images it was scored against
+    # (LoRA id -> [{"seed", "image"}], seed NULL for a testbed's own file); NULL in older rows,
+    # whose CLIP-I used the same-seed single-LoRA render the search had seen.
+    """
+ALTER TABLE results ADD COLUMN clip_i_elements TEXT;
+ALTER TABLE results ADD COLUMN clip_i_references TEXT;
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -161,10 +183,16 @@ class Store:
             return self.conn.execute("INSERT INTO sessions (started, argv) VALUES (?, ?)",
                                      (time.time(), json.dumps(argv))).lastrowid
 
-    def add(self, table: str, row: dict[str, Any]) -> None:
-        """Insert one finished row; it is on disk when this returns."""
+    def outcomes(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT rowid, * FROM outcomes ORDER BY rowid")]
+
+    def add(self, table: str, row: dict[str, Any], children: tuple[tuple[str, dict[str, Any]], ...] = ()) -> None:
+        """Insert one finished row and the rows that belong to it (a pair's outcomes) in one
+        commit; they are on disk when this returns, all or none."""
         with self.conn:
-            self.conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row)
+            for name, values in ((table, row), *children):
+                self.conn.execute(f"INSERT INTO {name} ({', '.join(values)}) VALUES "
+                                  f"({', '.join(':' + k for k in values)})", values)
 
 
 def _difference(key: str, stored: Any, given: Any) -> str:

@@ -1,7 +1,7 @@
 """Testbeds: a fixed list of LoRAs, a base profile and prompts, and the composition sets over them.
 
 A testbed is a TOML file (the shipped ones are in localora/testbeds/): top-level `name`,
-`profile`, `prompt`, `negative_prompt`, `lora_scale`, optional `seeds`, `description` and
+`profile`, `prompt`, `negative_prompt`, `lora_scale`, optional `seeds` (default 0, 1, 2), `description` and
 `lora_dir`, and one [[lora]] table per LoRA with `id`, `name`, `category`, `file`, `triggers`
 and optional `references` (image paths relative to the LoRA folder) and `url`.
 
@@ -32,6 +32,7 @@ from localora.scoring.judge import Element
 
 CATEGORIES = loras.CATEGORIES  # character, clothing, style, background, object: the Switch order
 SHIPPED_DIR = Path(__file__).resolve().parent / "testbeds"
+DEFAULT_SEEDS = (0, 1, 2)  # a testbed without `seeds`: three, as both papers average over three
 
 _TOP_KEYS = {"name", "description", "profile", "prompt", "negative_prompt", "lora_scale", "seeds", "lora_dir", "lora"}
 _REQUIRED_TOP = ("profile", "prompt", "lora")
@@ -72,7 +73,7 @@ class Testbed:
     negative_prompt: str
     lora_scale: float
     loras: tuple[TestbedLora, ...]
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     lora_dir: str | None = None  # "tiny:NAME", or None: the user gives the folder
     description: str = ""
 
@@ -184,7 +185,7 @@ def _parse(data: dict[str, Any], path: Path) -> Testbed:
     scale = data.get("lora_scale", 0.8)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise LocaloraError(f"{path}: lora_scale must be a positive number, got {scale!r}")
-    seeds = data.get("seeds", [0])
+    seeds = data.get("seeds", list(DEFAULT_SEEDS))
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
         raise LocaloraError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
     for key in ("profile", "prompt", "negative_prompt", "name", "description", "lora_dir"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from localora.bench.plan import DEFAULT_METHODS, METHODS
+from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles
@@ -22,16 +22,21 @@ _image = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--profile", "profile_name", default=None, help="Profile whose CLIP model scores (default: the default profile).")
 @click.option("--prompt", required=True, help="The text prompt, for CLIP-T.")
 @click.option("--reference", "references", multiple=True, type=_image, help="A reference image of a LoRA concept, for CLIP-I; repeatable.")
-def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...]) -> None:
+@click.option("--clipscore", "with_clipscore", is_flag=True, help="Also give CLIPScore x 100 (100 * 2.5 * max(cos, 0)).")
+def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...], with_clipscore: bool) -> None:
     """CLIP-T of IMAGE against --prompt, and CLIP-I against the --reference images (cosines)."""
     from localora.scoring.clip import ClipScorer
+    from localora.scoring.clipscore import clipscore
 
     profile = profiles.load_profile(profile_name)
     scorer = ClipScorer.load(profile.clip, device=profile.device)
-    click.echo(f"CLIP-T {scorer.clip_t(image, prompt):.4f}  (cosine, {profile.clip.name})")
+    t = scorer.clip_t(image, prompt)
+    click.echo(f"CLIP-T {t:.4f}  (cosine, {profile.clip.name})" + (f"  CLIPScore {clipscore(t):.2f}" if with_clipscore else ""))
     if references:
         n = len(references)
-        click.echo(f"CLIP-I {scorer.clip_i(image, references):.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})")
+        i = scorer.clip_i(image, references)
+        click.echo(f"CLIP-I {i:.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})"
+                   + (f"  CLIPScore {clipscore(i):.2f}" if with_clipscore else ""))
 
 
 @click.command()
@@ -39,13 +44,16 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.argument("image_b", type=_image)
 @click.option("--profile", "profile_name", default=None, help="Profile whose VLM judges (default: the default profile).")
 @click.option("--element", "elements", multiple=True, required=True, help="'category (Name): trigger, words'; one per element, repeatable.")
-@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Times to ask each order, with seeds seed, seed+1, ...")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Times to ask each order, with seeds seed, seed+1, ...; each answer is one outcome.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", default=None, type=click.FloatRange(min=0), help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
+@click.option("--judge-temperature", "--temperature", "temperature", default=None, type=float,
+              help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
 def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
           temperature: float | None, prompts_dir: Path | None) -> None:
-    """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, averaged) and give the verdict."""
+    """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
+    scores and verdict, and win / tie / loss over the answers."""
+    check_judging(repeats, temperature)
     prompts_dir = check_dir(prompts_dir)
     parsed = [judging.parse_element(e) for e in elements]
     profile = profiles.load_profile(profile_name)
@@ -59,6 +67,18 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tupl
         click.echo(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
     verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
     click.echo(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
+    for d, r in result.rates().items():
+        lo, hi = r.interval
+        click.echo(f"A vs B outcomes, {d}: {r.wins} win / {r.ties} tie / {r.losses} loss of {r.n}; "
+                   f"win rate {r.win_rate:.0%} (95% Wilson {lo:.0%}-{hi:.0%})")
+
+
+def check_judging(repeats: int, temperature: float | None) -> None:
+    """--repeats and --judge-temperature, one error line each, before any model loads."""
+    if repeats < 1:
+        raise LocaloraError(f"--repeats {repeats}: give at least 1 (each repeat asks the judge both orders)")
+    if temperature is not None and temperature < 0:
+        raise LocaloraError(f"--judge-temperature {temperature:g}: give 0 (greedy) or more")
 
 
 def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
@@ -86,20 +106,31 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
                    f"the renders reflect does, on a CLIP objective).")
 @click.option("--elements", default=3, show_default=True, type=int, help="LoRAs per composition set (one character + N-1 categories).")
 @click.option("--limit", default=None, type=int, help="Only the first K composition sets.")
-@click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's).")
-@click.option("--judge-baseline", "baseline", default="merge", show_default=True, help="The method every other one is judged against.")
+@click.option("--seeds", default=None, help="Seeds, comma-separated (default: the testbed's, three for the shipped ones); the report gives mean ± std over seeds.")
+@click.option("--judge-baseline", "baseline", default="merge", show_default=True,
+              help="The method every other one is judged against; 'all' judges every pair of methods.")
 @click.option("--lora-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the testbed's LoRA files, by the paths the testbed names (default: the "
                    "first of $LOCALORA_LORA_DIRS and config.toml's lora_dirs that holds them all).")
-@click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order.")
+@click.option("--repeats", default=1, show_default=True, type=int, help="Judge: times to ask each order; each answer is one stored outcome.")
+@click.option("--judge-temperature", default=None, type=float,
+              help=f"Judge: sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--iterations", "-n", default=5, show_default=True, type=int, help="reflect: generate-feedback-refine rounds; random, cmaes, hybrid: N (M + 1) renders.")
 @click.option("--candidates", "-c", default=5, show_default=True, type=int, help="reflect: weight vectors proposed per round (M); the others: rounds of M + 1.")
-@click.option("--no-fewshot", is_flag=True, help="reflect: skip few-shot selection (the paper's ablation).")
+@click.option("--no-fewshot", is_flag=True, help="Ablation: also run reflect without few-shot examples, as the method "
+              "reflect-nofewshot (name it in --methods to run it alone).")
+@click.option("--switch-every", default=None, help="Ablation: also run Switch rotating every N steps, for each N, as "
+              "methods switch-every-N (e.g. 1,3,5,10; plain switch is 5).")
+@click.option("--drop-triggers", default=None, metavar="CATEGORY", help="Ablation: also run every method without this "
+              "category's trigger words in the prompt (GPT4LoRA 4.4.1), as methods METHOD-drop-CATEGORY.")
+@click.option("--reference-seeds", default=",".join(map(str, DEFAULT_REFERENCE_SEEDS)), show_default=True,
+              help="Seeds of the single-LoRA renders CLIP-I is scored against; never a --seeds seed, so no search "
+                   "has seen them.")
 @click.option("--profile", "profile_name", default=None, help="Profile from models.toml (default: the testbed's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
-          lora_dir: str | None, repeats: int, iterations: int, candidates: int, no_fewshot: bool,
-          profile_name: str | None, out: Path, plain: bool) -> None:
+          lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
+          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path, plain: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
@@ -114,7 +145,10 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     cfg = BenchConfig(
         testbed=testbed, out=out, methods=_csv(methods, "--methods"), elements=elements, limit=limit,
         seeds=_csv(seeds, "--seeds", int) if seeds is not None else None, baseline=baseline, lora_dir=lora_dir,
-        repeats=repeats, iterations=iterations, candidates=candidates, fewshot=not no_fewshot, profile=profile_name,
+        repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, profile=profile_name,
+        no_fewshot=no_fewshot, drop_triggers=drop_triggers,
+        switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
+        reference_seeds=_csv(reference_seeds, "--reference-seeds", int),
     )
     ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     try:
@@ -130,11 +164,12 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
 
 @click.command()
 @click.argument("bench_dir", type=click.Path(path_type=Path))
-def report(bench_dir: Path) -> None:
+@click.option("--clipscore", is_flag=True, help="Also give CLIPScore x 100 (100 * 2.5 * max(cos, 0)) beside each cosine.")
+def report(bench_dir: Path, clipscore: bool) -> None:
     """Write report.md and PNG plots in a bench folder: CLIP table, win / tie / loss vs the baseline."""
     from localora.bench import report as bench_report
 
-    for path in bench_report.write(bench_dir):
+    for path in bench_report.write(bench_dir, clipscore):
         click.echo(str(path))
 
 

@@ -1,5 +1,6 @@
 """Scoring images the way the papers do.
 
     clip.py    CLIP-T (image vs prompt) and CLIP-I (image vs reference images), raw cosines
-    judge.py   the pairwise VLM judge, asked in both orders to cancel position bias
+    clipscore.py  CLIPScore x 100 from a cosine (no torch)
+    judge.py   the pairwise VLM judge: both orders, every repeat an outcome, explanations first
 """

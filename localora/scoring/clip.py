@@ -1,8 +1,9 @@
 """CLIP-T and CLIP-I with open_clip, from the CLIP model a profile names.
 
 Scores are the raw cosine similarity of L2-normalised CLIP embeddings, in [-1, 1]. That is the
-convention of the multi-LoRA papers (a CLIP-T of 0.34 is a cosine), not CLIPScore's
-100 * max(cos, 0) or 2.5 * max(cos, 0).
+convention of the multi-LoRA papers (a CLIP-T of 0.34 is a cosine). scoring/clipscore.py gives CLIPScore
+(Hessel et al. 2021: w * max(cos, 0), w = 2.5), times 100 as it is usually printed, for
+comparing with papers that report it.
 
 - CLIP-T: cosine between an image and its text prompt.
 - CLIP-I: mean cosine between an image and each reference image of the LoRA concepts.

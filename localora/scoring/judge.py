@@ -4,8 +4,13 @@ Two images of the same composition are scored 0-10 on composition quality and im
 (the criteria of both multi-LoRA papers, in prompts/judge.txt; the system text is in
 prompts/judge_system.txt, and `--prompts DIR` may override either). VLM judges favour one
 position, so every pair is asked in both orders (A first, then B first), `repeats` times with
-different seeds; each image's scores are averaged over all answers before the win / tie / loss per
-dimension is decided. Win rate = wins / pairs.
+different seeds (sampled at temperature 1 when repeated, as the reference asks). Each answer
+first explains what it sees in each image, then scores (schemas.judge_answer).
+
+Two ways to count, both kept:
+- outcomes (GPT4LoRA): every (repeat, order) answer is one outcome with its own win / tie / loss
+  per dimension; win rate = wins / outcomes, ties counted separately, with a Wilson interval;
+- averaged (MLC): each image's scores are averaged over all answers, then one verdict per pair.
 
 The VLM call is one small protocol (`ChatModel`), constrained by `schemas.judge_scores()`; the
 shape of its structured answer is read in one adapter (`read_scores`). Everything after that is
@@ -83,8 +88,9 @@ def judge_prompt(elements: Sequence[Element], prompts_dir: Path | None = None) -
 # ------------------------------------------------------------------ the VLM call
 
 def judge_schema() -> Any:
-    """The answer schema the VLM backend constrains decoding with (the shape read_scores reads)."""
-    return schemas.judge_scores()
+    """The answer schema the VLM backend constrains decoding with (the shape read_scores reads):
+    an explanation of each image, then the scores, as the reference evaluator answers."""
+    return schemas.judge_answer()
 
 
 def read_scores(value: Any) -> tuple[dict[str, float], dict[str, float]]:
@@ -103,16 +109,28 @@ def read_scores(value: Any) -> tuple[dict[str, float], dict[str, float]]:
     return pair  # type: ignore[return-value]
 
 
+def read_explanations(value: Any) -> tuple[str, str]:
+    """The explanations of the image shown first and second; empty for a scores-only answer
+    (a template override or an answer logged before explanations were asked for)."""
+    if not isinstance(value, dict):
+        return "", ""
+    return tuple(str(value.get(f"explanation_{i}", "")) for i in (1, 2))  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------ pure aggregation
 
 @dataclass(frozen=True)
 class Asked:
-    """One answer: which image was shown first ("a" or "b"), the seed, the scores by position."""
+    """One answer: which image was shown first ("a" or "b"), the seed, the scores and
+    explanations by position, and the answer's text as decoded (explanations before scores)."""
 
     first: str
     seed: int
     position_1: dict[str, float]
     position_2: dict[str, float]
+    explanation_1: str = ""
+    explanation_2: str = ""
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,24 +169,6 @@ def verdict(scores: PairScores, margin: float = 0.0) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Counts:
-    wins: int
-    ties: int
-    losses: int
-    mean_a: float
-    mean_b: float
-
-    @property
-    def pairs(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    @property
-    def win_rate(self) -> float:
-        """Wins / pairs (ties count as pairs, not as half wins), as the papers report it."""
-        return self.wins / self.pairs if self.pairs else 0.0
-
-
 def aggregate(pairs: Iterable[PairScores], margin: float = 0.0) -> dict[str, Counts]:
     """Win / tie / loss counts of A against B per dimension over a table of judged pairs."""
     pairs = list(pairs)
@@ -186,13 +186,103 @@ def aggregate(pairs: Iterable[PairScores], margin: float = 0.0) -> dict[str, Cou
     return out
 
 
+# ------------------------------------------------------------------ outcomes (GPT4LoRA's count)
+
+@dataclass(frozen=True)
+class Outcome:
+    """One answer seen from A's side: which repeat and order, each image's scores, the verdict per
+    dimension (A's score above B's is a win, equal a tie) and each image's explanation."""
+
+    repeat: int
+    first: str  # "a" or "b": which image was shown first
+    a: dict[str, float]
+    b: dict[str, float]
+    verdict: dict[str, str]
+    explanation_a: str = ""
+    explanation_b: str = ""
+
+
+def outcomes(answers: Sequence[Asked], seed: int = 0) -> list[Outcome]:
+    """Every answer as one outcome; repeat r is the one asked with seed `seed + r`."""
+    out = []
+    for x in answers:
+        a_first = x.first == "a"
+        sa, sb = (x.position_1, x.position_2) if a_first else (x.position_2, x.position_1)
+        ea, eb = (x.explanation_1, x.explanation_2) if a_first else (x.explanation_2, x.explanation_1)
+        out.append(Outcome(x.seed - seed, x.first, dict(sa), dict(sb), verdict(PairScores(sa, sb)), ea, eb))
+    return out
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for z = 1.96); (0, 1) when n is 0.
+
+    Chosen over the normal approximation because it stays inside [0, 1] and is sensible for the
+    small counts and the 0% / 100% rates a bench of a few sets gives.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Win / tie / loss over outcomes; win rate = wins / outcomes, ties counted separately (in
+    the denominator, never as half wins), as GPT4LoRA and the MLC protocol count."""
+
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def share(self, key: str) -> float:
+        return getattr(self, key) / self.n if self.n else 0.0
+
+    @property
+    def win_rate(self) -> float:
+        return self.share("wins")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the win rate (outcomes of one pair are not independent, so it
+        is narrower than the truth when repeats are many and sets few)."""
+        return wilson(self.wins, self.n)
+
+
+@dataclass(frozen=True)
+class Counts(Rate):
+    """Win / tie / loss over averaged pairs (one verdict each), and each side's mean score."""
+
+    mean_a: float = 0.0
+    mean_b: float = 0.0
+
+    @property
+    def pairs(self) -> int:
+        return self.n
+
+
+def rates(verdicts: Iterable[dict[str, str]]) -> dict[str, Rate]:
+    """Per dimension, the win / tie / loss count of a list of verdicts (outcomes or pairs)."""
+    verdicts = list(verdicts)
+    return {d: Rate(*(sum(v[d] == k for v in verdicts) for k in ("win", "tie", "loss"))) for d in DIMENSIONS}
+
+
 # ------------------------------------------------------------------ judging one pair
 
 @dataclass(frozen=True)
 class Judgement:
-    scores: PairScores
-    verdict: dict[str, str]  # per dimension, from A's side
+    scores: PairScores  # averaged over every answer: the MLC view
+    verdict: dict[str, str]  # per dimension, from A's side, of the averaged scores
     answers: tuple[Asked, ...]
+    outcomes: tuple[Outcome, ...] = ()  # one per (repeat, order): GPT4LoRA's view
+
+    def rates(self) -> dict[str, Rate]:
+        return rates(o.verdict for o in self.outcomes)
 
 
 def judge_pair(
@@ -212,7 +302,7 @@ def judge_pair(
     repeats would all give the same answer). Images go to the VLM as PIL images.
     """
     if repeats < 1:
-        raise LocaloraError(f"repeats must be >= 1, got {repeats}")
+        raise LocaloraError(f"--repeats {repeats}: the judge needs at least 1 repeat (each repeat asks both orders)")
     if temperature is None and repeats > 1:
         temperature = REPEAT_TEMPERATURE
     sampling = {"temperature": temperature} if temperature else {}
@@ -226,6 +316,6 @@ def judge_pair(
         for first, images in (("a", [a, b]), ("b", [b, a])):
             answer = model.chat(system, images, text, schema=schema, seed=seed + r, **sampling)
             p1, p2 = read_scores(answer.value)
-            answers.append(Asked(first, seed + r, p1, p2))
+            answers.append(Asked(first, seed + r, p1, p2, *read_explanations(answer.value), str(answer.text)))
     scores = debias(answers)
-    return Judgement(scores, verdict(scores, margin), tuple(answers))
+    return Judgement(scores, verdict(scores, margin), tuple(answers), tuple(outcomes(answers, seed)))

@@ -87,9 +87,9 @@ def select(entries: list[Scored], threshold: float, keep: int = 5) -> list[Score
 
 
 def describe(example: Scored, names: list[str]) -> str:
-    """One line of an example, as the Generate prompt shows it."""
+    """The label of an example's picture in the Generate prompt: its weights and scores."""
     pairs = ", ".join(f"{n}={w:.2f}" for n, w in zip(names, example.weights))
-    return f"- weights {pairs} (prompt match {example.prompt_score:.3f}, weakest LoRA {example.balance:.3f})"
+    return f"weights {pairs} (prompt match {example.prompt_score:.3f}, weakest LoRA {example.balance:.3f})"
 
 
 # ------------------------------------------------------------------ the library

@@ -39,6 +39,11 @@ Weights = tuple[float, ...]
 
 # The second ask for candidates samples, so that it can differ from the first (greedy) answer.
 AGAIN_TEMPERATURE = 0.7
+# Visual tokens the images of one Generate call may take, counted at the profile's per-image cap
+# (max_pixels / 28^2 tokens): the current image and the references first, then as many few-shot
+# examples as still fit. 8192 leaves a 32k-context Qwen2-VL room for the text and the answer.
+GENERATE_VISUAL_TOKENS = 8192
+TOKEN_PIXELS = 28 * 28  # Qwen2-VL: one visual token per 28x28 pixels after merging
 
 # The fields each prompt template may use: every template gets BASE_FIELDS, plus its own.
 BASE_FIELDS = ("prompt", "loras", "lo", "hi", "answer_format")
@@ -56,6 +61,15 @@ def check_templates(prompts_dir: str | Path | None) -> None:
     an error before the first render, not after the references and the few-shot grid."""
     for name, own in TEMPLATES.items():
         prompts.check(name, Path(prompts_dir) if prompts_dir else None, BASE_FIELDS + own)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A few-shot example as the Generate step shows it: its image (a path in the run folder, or
+    an absolute one in the few-shot library) and the line that labels it with its weights."""
+
+    image: str
+    line: str
 
 
 @dataclass
@@ -122,20 +136,29 @@ class GPT4LoRA:
 
     # ------------------------------------------------------------ the VLM's three questions and the pick
 
-    def proposals(self, step: str, weights: Weights, current: str, refs: list[str], examples: list[str],
+    def proposals(self, step: str, weights: Weights, current: str, refs: list[str], examples: list[Example],
                   temperature: float | None = None) -> list[Weights]:
         """The VLM's M candidate vectors, as it answers them (maybe with repeats)."""
         cfg = self.cfg
         lo, hi = cfg.bounds
         schema = schemas.candidates(cfg.names, cfg.candidates, lo, hi)
+        shown = examples[: self.example_room(len(refs))]
+        first = 2 + len(refs)  # pictures: 1 the current image, 2.. the references, then the examples
+        lines = [f"Picture {first + i}: {e.line}" for i, e in enumerate(shown)]
         text = self._template("generate", schema, current=self._fmt(weights), last_reference=str(1 + len(refs)),
-                              examples="\n".join(examples) or "(none)", candidates=str(cfg.candidates))
+                              examples="\n".join(lines) or "(none)", candidates=str(cfg.candidates))
         kind = events.parse(step).kind
-        value = self.ask(step, kind, [current, *refs], text, schema, temperature)
+        value = self.ask(step, kind, [current, *refs, *(e.image for e in shown)], text, schema, temperature)
         return [tuple(float(v[n]) for n in cfg.names) for v in value]
 
+    def example_room(self, n_refs: int) -> int:
+        """How many example images fit GENERATE_VISUAL_TOKENS beside the current image and the
+        references, at the profile's visual tokens per image."""
+        per_image = max(1, self.steps.renderer.profile.vlm.max_pixels // TOKEN_PIXELS)
+        return max(0, GENERATE_VISUAL_TOKENS // per_image - 1 - n_refs)
+
     def generate(self, r: int, weights: Weights, current: str, refs: list[str],
-                 examples: list[str]) -> tuple[list[Weights], list[str]]:
+                 examples: list[Example]) -> tuple[list[Weights], list[str]]:
         """M candidates, distinct and new to the run, and who chose each: the VLM's answer; for its
         repeats a second, sampled answer; then perturbations of the current weights."""
         first = self.proposals(events.round_step(r, "generate"), weights, current, refs, examples)
@@ -177,8 +200,8 @@ class GPT4LoRA:
 
     # ------------------------------------------------------------ few-shot examples
 
-    def examples(self) -> list[str]:
-        """Few-shot example lines, from the library or by scoring a grid."""
+    def examples(self) -> list[Example]:
+        """Few-shot examples, each its image and its line, from the library or by scoring a grid."""
         cfg = self.cfg
         done = self.steps.recall(events.FEWSHOT_STEP)
         if done is None:
@@ -197,7 +220,9 @@ class GPT4LoRA:
         self._taken.add(s["weights"] for s in done["scored"])  # the grid's images are known already
         kept = [fewshot.Scored(tuple(s["weights"]), s["prompt_score"], tuple(s["lora_scores"]), s["image"])
                 for s in done["kept"]]
-        return [fewshot.describe(e, cfg.names) for e in kept]
+        # A fresh grid's images are this run's renders; a reused library's are its own files.
+        where = Path(done["library"]) if done["reused"] else None
+        return [Example(str(where / e.image) if where else e.image, fewshot.describe(e, cfg.names)) for e in kept]
 
     def library_key(self) -> dict[str, Any]:
         """What decides the few-shot examples: the grid's render keys (model, LoRA bytes, every

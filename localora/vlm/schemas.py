@@ -214,10 +214,28 @@ def choice(n: int) -> Schema:
 JUDGE_DIMENSIONS = ("composition", "quality")
 
 
+# Long enough for a few sentences per image; short enough that two of them and the scores fit a
+# small model's answer budget (4 tokens per character, see VLM.chat).
+JUDGE_EXPLANATION_CHARS = 300
+
+
 def judge_scores() -> Schema:
     """{"image_1": {"composition": S, "quality": S}, "image_2": {...}}, S from 0 to 10 by 0.5."""
     per_image = record({d: _score() for d in JUDGE_DIMENSIONS})
     return record({"image_1": per_image, "image_2": per_image})
+
+
+def judge_answer(explanation_chars: int = JUDGE_EXPLANATION_CHARS) -> Schema:
+    """The reference evaluator's answer: an explanation of each image first, then the scores.
+
+    {"explanation_1": "T", "explanation_2": "T", "image_1": {...}, "image_2": {...}}. The keys are
+    decoded in this order, so the model has written what it sees in both images before the
+    grammar lets it write a single score.
+    """
+    per_image = record({d: _score() for d in JUDGE_DIMENSIONS})
+    explanation = text(explanation_chars)
+    return record({"explanation_1": explanation, "explanation_2": explanation,
+                   "image_1": per_image, "image_2": per_image})
 
 
 def text(max_chars: int) -> Schema:
