@@ -9,48 +9,64 @@ from pathlib import Path
 import click
 
 from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
+from localora.cli.options import complete_profiles, complete_testbeds, emit, json_option
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
-from localora import profiles
-from localora.errors import LocaloraError
+from localora import profiles, verbosity
+from localora.errors import INTERRUPTED, LocaloraError
 
 _image = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+def _profile_option(what: str):
+    return click.option("--profile", "profile_name", default=None, shell_complete=complete_profiles,
+                        help=f"Profile whose {what} (default: the default profile).")
+
+
 @click.command()
 @click.argument("image", type=_image)
-@click.option("--profile", "profile_name", default=None, help="Profile whose CLIP model scores (default: the default profile).")
+@_profile_option("CLIP model scores")
 @click.option("--prompt", required=True, help="The text prompt, for CLIP-T.")
 @click.option("--reference", "references", multiple=True, type=_image, help="A reference image of a LoRA concept, for CLIP-I; repeatable.")
 @click.option("--clipscore", "with_clipscore", is_flag=True, help="Also give CLIPScore x 100 (100 * 2.5 * max(cos, 0)).")
-def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...], with_clipscore: bool) -> None:
+@json_option
+def score(image: Path, profile_name: str | None, prompt: str, references: tuple[Path, ...], with_clipscore: bool,
+          as_json: bool) -> None:
     """CLIP-T of IMAGE against --prompt, and CLIP-I against the --reference images (cosines)."""
     from localora.scoring.clip import ClipScorer
     from localora.scoring.clipscore import clipscore
 
     profile = profiles.load_profile(profile_name)
     scorer = ClipScorer.load(profile.clip, device=profile.device)
-    t = scorer.clip_t(image, prompt)
-    click.echo(f"CLIP-T {t:.4f}  (cosine, {profile.clip.name})" + (f"  CLIPScore {clipscore(t):.2f}" if with_clipscore else ""))
+    t = float(scorer.clip_t(image, prompt))
+    data: dict = {"image": str(image), "clip_model": profile.clip.name, "clip_t": t}
+    lines = [f"CLIP-T {t:.4f}  (cosine, {profile.clip.name})" + (f"  CLIPScore {clipscore(t):.2f}" if with_clipscore else "")]
+    if with_clipscore:
+        data["clipscore_t"] = clipscore(t)
     if references:
         n = len(references)
-        i = scorer.clip_i(image, references)
-        click.echo(f"CLIP-I {i:.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})"
-                   + (f"  CLIPScore {clipscore(i):.2f}" if with_clipscore else ""))
+        i = float(scorer.clip_i(image, references))
+        data.update(clip_i=i, references=[str(r) for r in references])
+        if with_clipscore:
+            data["clipscore_i"] = clipscore(i)
+        lines.append(f"CLIP-I {i:.4f}  (mean cosine over {n} reference image{'s' * (n > 1)})"
+                     + (f"  CLIPScore {clipscore(i):.2f}" if with_clipscore else ""))
+    emit(as_json, data, lines)
 
 
 @click.command()
 @click.argument("image_a", type=_image)
 @click.argument("image_b", type=_image)
-@click.option("--profile", "profile_name", default=None, help="Profile whose VLM judges (default: the default profile).")
+@_profile_option("VLM judges")
 @click.option("--element", "elements", multiple=True, required=True, help="'category (Name): trigger, words'; one per element, repeatable.")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Times to ask each order, with seeds seed, seed+1, ...; each answer is one outcome.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--judge-temperature", "--temperature", "temperature", default=None, type=float,
               help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
+@json_option
 def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
-          temperature: float | None, prompts_dir: Path | None) -> None:
+          temperature: float | None, prompts_dir: Path | None, as_json: bool) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
     scores and verdict, and win / tie / loss over the answers."""
     check_judging(repeats, temperature)
@@ -61,16 +77,22 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tupl
     result = judging.judge_pair(
         model, image_a, image_b, parsed, repeats=repeats, seed=seed, temperature=temperature, prompts_dir=prompts_dir
     )
+    rates = result.rates()
+    data = {"a": str(image_a), "b": str(image_b), "answers": 2 * repeats,
+            "scores": {"a": dict(result.scores.a), "b": dict(result.scores.b)}, "verdict": dict(result.verdict),
+            "outcomes": {d: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "n": r.n, "win_rate": r.win_rate,
+                             "interval": list(r.interval)} for d, r in rates.items()}}
     width = max(len(str(image_a)), len(str(image_b)))
-    click.echo(f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS))
+    lines = [f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS)]
     for tag, path, scores in (("A", image_a, result.scores.a), ("B", image_b, result.scores.b)):
-        click.echo(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
+        lines.append(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
     verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
-    click.echo(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
-    for d, r in result.rates().items():
+    lines.append(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
+    for d, r in rates.items():
         lo, hi = r.interval
-        click.echo(f"A vs B outcomes, {d}: {r.wins} win / {r.ties} tie / {r.losses} loss of {r.n}; "
-                   f"win rate {r.win_rate:.0%} (95% Wilson {lo:.0%}-{hi:.0%})")
+        lines.append(f"A vs B outcomes, {d}: {r.wins} win / {r.ties} tie / {r.losses} loss of {r.n}; "
+                     f"win rate {r.win_rate:.0%} (95% Wilson {lo:.0%}-{hi:.0%})")
+    emit(as_json, data, lines)
 
 
 def check_judging(repeats: int, temperature: float | None) -> None:
@@ -100,7 +122,7 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 
 
 @click.command()
-@click.option("--testbed", required=True, help="A shipped testbed (tiny, composlora-anime, composlora-realistic) or a .toml file.")
+@click.option("--testbed", required=True, shell_complete=complete_testbeds, help="A shipped testbed (tiny, composlora-anime, composlora-realistic) or a .toml file.")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
               help=f"Methods to run, comma-separated, of {', '.join(METHODS)} (random, cmaes and hybrid spend "
                    f"the renders reflect does, on a CLIP objective).")
@@ -125,12 +147,15 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--reference-seeds", default=",".join(map(str, DEFAULT_REFERENCE_SEEDS)), show_default=True,
               help="Seeds of the single-LoRA renders CLIP-I is scored against; never a --seeds seed, so no search "
                    "has seen them.")
-@click.option("--profile", "profile_name", default=None, help="Profile from models.toml (default: the testbed's).")
+@click.option("--profile", "profile_name", default=None, shell_complete=complete_profiles,
+              help="Profile from models.toml (default: the testbed's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
+@json_option
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
-          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path, plain: bool) -> None:
+          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path, plain: bool,
+          as_json: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
@@ -150,16 +175,22 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
         reference_seeds=_csv(reference_seeds, "--reference-seeds", int),
     )
-    ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
+    if as_json or verbosity.quiet():  # stdout is the summary alone: progress, if any, goes to stderr
+        ui = PlainProgress(lambda line: None if verbosity.quiet() else click.echo(line, err=True))
+    else:
+        ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     try:
         with ui:
             summary = runner.run(cfg, ui)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; finished rows are saved in {out / DB_FILE}. Rerun the same command to go on.",
                    err=True)
-        sys.exit(130)
-    click.echo(f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
-               f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls. Report: localora report {out}")
+        sys.exit(INTERRUPTED)
+    data = {"out": str(out), "store": str(out / DB_FILE), "rows_made": summary.made, "rows_skipped": summary.skipped,
+            "renders": summary.renders, "cache_hits": summary.cache_hits, "vlm_calls": summary.vlm_calls}
+    emit(as_json, data, [f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
+                         f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls. Report: "
+                         f"localora report {out}"])
 
 
 @click.command()
