@@ -118,11 +118,13 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
     """Run (or finish) the search in `run`, then write report.html; the run's lock is released
     however this ends."""
     try:
-        if hasattr(ui, "status"):  # the first line, at once: loading the models comes next and takes a while
+        parts = components(profile, ui, run, batch)
+        if hasattr(ui, "status"):
+            # The first line: the models are found (else one error line, and nothing before it)
+            # but none is loaded yet, which takes a while.
             ui.status(f"run {run.path}, profile {profile.name} "
                       f"({', '.join(f'{k} {v}' for k, v in model_names(profile).items())}); "
                       f"each model loads on first use")
-        parts = components(profile, ui, run, batch)
         emit = ui.event if ui is not None else (lambda e: None)
         steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
         if run.completed:

@@ -1,11 +1,13 @@
 """What a bench shows while it works: one plain line per finished row, or a Rich progress bar.
 
-    PlainProgress   bench: starting (reading the testbed; models are built or loaded on first use)
-                    bench: 3 rows to make, 0 already done
-                    [00:00] 1/3 demo-character_demo-clothing seed 0 merge …
-                    [00:00] model  loading diffusion (tiny-sdxl) …
+    PlainProgress   bench: 3 rows to make, 0 already done        after the plan is checked, before any load
+                            1/3 demo-character_demo-clothing seed 0 merge … (00:00)
+                            model  loading diffusion (tiny-sdxl) … (00:00)
                     [00:11] 1/3 demo-character_demo-clothing seed 0 merge     CLIP-T -0.0460 ...
                             … VLM generating, 37 tokens (00:52)      after 10 quiet seconds
+
+      A timed line "[mm:ss]" is a finished row, and only that (scripts count them); what is
+      happening meanwhile is indented, with its time after it.
     LiveProgress    the same lines, scrolling above
                     ⠹ bench ━━━━━━ 1/3 0:00:11 ETA 0:00:01 <current step> · VLM generating, 37 tokens
 
@@ -26,7 +28,8 @@ from localora.ui.activity import Heartbeat, generating_phrase, placement_phrase,
 if TYPE_CHECKING:
     from localora.devices import Placement
 
-STARTING = "bench: starting (reading the testbed; models are built or loaded on first use)"
+_INDENT = " " * len("[00:00] ")
+STARTING = "starting: reading the testbed (the tiny models are built on first use)"
 
 
 def _model_line(p: Placement) -> str:
@@ -51,13 +54,16 @@ class PlainProgress:
         self.echo(text)
         self.heartbeat.printed()
 
-    def _stamp(self) -> str:
+    def _time(self) -> str:
         m, s = divmod(int(self.clock() - self.started), 60)
-        return f"[{m:02d}:{s:02d}]"
+        return f"{m:02d}:{s:02d}"
+
+    def _note(self, text: str) -> None:
+        self._print(f"{_INDENT}{text} ({self._time()})")
 
     def _beat(self, phrase: str) -> None:
         if self.heartbeat.due():
-            self._print(f"{' ' * len(self._stamp())} … {phrase} {self._stamp().replace('[', '(').replace(']', ')')}")
+            self._note(f"… {phrase}")
 
     def start(self, total: int, done: int) -> None:
         self.total = total
@@ -66,17 +72,17 @@ class PlainProgress:
     def working(self, what: str) -> None:
         if not self.announced:  # a row's first step: say which row, then stay quiet until it is done
             self.announced = True
-            self._print(f"{self._stamp()} {self.count + 1}/{self.total} {what} …")
+            self._note(f"{self.count + 1}/{self.total} {what} …")
         else:
             self._beat(what)
 
     def finished(self, line: str) -> None:
         self.count += 1
         self.announced = False
-        self._print(f"{self._stamp()} {self.count}/{self.total} {line}")
+        self._print(f"[{self._time()}] {self.count}/{self.total} {line}")
 
     def placement(self, p: Placement) -> None:
-        self._print(f"{self._stamp()} {_model_line(p)}")
+        self._note(_model_line(p))
 
     def step(self, i: int, total: int) -> None:
         self._beat(step_phrase(i + 1, total))
@@ -86,7 +92,7 @@ class PlainProgress:
             self._beat(generating_phrase(tokens, limit))
 
     def __enter__(self) -> PlainProgress:
-        self._print(STARTING)  # at once: planning may build the tiny models, and loading comes next
+        # No line yet: a bad argument is found while planning, and it must be the only line then.
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,7 +140,7 @@ class LiveProgress:
     def __enter__(self) -> LiveProgress:
         self.bar.start()
         # Before the plan is made the total is unknown: a pulsing bar and what is happening.
-        self.task = self.bar.add_task(STARTING.removeprefix("bench: "), total=None)
+        self.task = self.bar.add_task(STARTING, total=None)
         return self
 
     def __exit__(self, *exc) -> None:
