@@ -33,16 +33,7 @@ def events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`localora demo` from a clean LOCALORA_HOME, then a second demo in the same home."""
-    home = tmp_path_factory.mktemp("clean-home")
-    first, second = home.parent / "demo-1", home.parent / "demo-2"
-    for out in (first, second):
-        proc = localora("demo", "--out", out, home=home)
-        output, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, output
-    return home, first, second
+# `demo` (conftest.py): two finished demo runs in a clean home, shared with other test files.
 
 
 def test_demo_writes_a_complete_run_folder(demo):
@@ -217,6 +208,7 @@ def _copy_models(src_home: Path, dst_home: Path) -> None:
     shutil.copytree(src_home / "tiny", dst_home / "tiny")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_run_resumes_to_the_same_result(demo, tmp_path, sig):
     home, _, _ = demo

@@ -181,3 +181,147 @@ def test_the_vlm_reports_each_token_and_answers_exactly_as_without_a_listener(tm
     assert heard[0] == (0, budget, False) and heard[-1] == (told.new_tokens, budget, True)
     counts = [n for n, _, done in heard if not done]
     assert counts == sorted(counts) and counts[-1] >= told.new_tokens - 1
+
+
+# ------------------------------------------------------------------ report.html, from a run folder's events
+
+def _run_folder(tmp_path, select_value):
+    """A finished two-round run folder written by hand: report.html reads only the folder."""
+    from PIL import Image
+
+    from localora.runs.folder import RunFolder
+
+    names = ["hero", "style"]
+    spec = {"diffusion": {"name": "tiny-sdxl", "source": "tiny:sdxl"},
+            "vlm": {"name": "tiny-qwen2-vl", "source": "tiny:qwen2-vl", "quantization": "nf4"},
+            "clip": {"name": "tiny-clip", "source": "tiny:clip"}}
+    config = {"prompt": "a hero", "iterations": 2, "candidates": 1, "bounds": [0.0, 1.5], "method": "merge",
+              "sampling": {"seed": 0},
+              "loras": [{"name": n, "category": "style", "triggers": n, "path": f"/l/{n}.safetensors"} for n in names]}
+    run = RunFolder.create(tmp_path / "run", {"config": config, "profile": "tiny", "profile_spec": spec})
+    images = {}
+    for k, step in enumerate(["ref/0", "ref/1", "start", "iter1/cand1", "iter1/refined", "iter2/cand1",
+                              "iter2/refined"]):
+        images[step] = f"images/{k}.png"
+        Image.new("RGB", (8, 8), (k * 30, 0, 0)).save(run.path / images[step])
+    w = {"hero": 1.0, "style": 1.0}
+
+    def render(step, role, seconds, r=None, cached=False):
+        run.log({"type": "render", "id": step, "role": role, "iteration": r, "weights": w, "key": step,
+                 "cached": cached, "image": images[step], "seconds": seconds})
+
+    def vlm(step, kind, value, seconds):
+        run.log({"type": "vlm", "id": step, "step": kind, "system": "s", "prompt": "p", "images": [], "raw": "",
+                 "value": value, "seconds": seconds, "prompt_tokens": 1, "new_tokens": 1})
+
+    run.log({"type": "start", "iterations": 2, "candidates": 1, "loras": names, "grid": 0})
+    run.log(model("diffusion", "load", 10.0) | {"bytes": 2**21, "detail": "tiny-sdxl (float32)"})
+    render("ref/0", "reference", 12.0)
+    render("ref/1", "reference", 2.0)
+    render("start", "start", 2.0)
+    for r in (1, 2):
+        run.log({"type": "iteration", "iteration": r})
+        if r == 1:
+            run.log(model("vlm", "load", 3.0) | {"detail": "tiny-qwen2-vl (nf4, float32)"})
+        vlm(f"iter{r}/generate", "generate", [w], 1.0)
+        render(f"iter{r}/cand1", "candidate", 1.5, r)
+        run.log({"type": "scores", "id": f"iter{r}/scores", "iteration": r, "candidates": [w],
+                 "images": [images[f"iter{r}/cand1"]], "clip_t": [0.25 + r]})
+        vlm(f"iter{r}/feedback", "feedback", {"feedback": "more red"}, 2.0)
+        vlm(f"iter{r}/refine", "refine", {"feedback": "so", "weights": w}, 2.0)
+        render(f"iter{r}/refined", "refined", 1.5, r, cached=r == 2)
+    refined = [images["iter1/refined"], images["iter2/refined"]]
+    run.log({"type": "scores", "id": "final/scores", "iteration": None, "candidates": [w, w], "images": refined,
+             "clip_t": [0.125, 0.375], "clip_i": [0.5, 0.625], "objective": [0.625, 1.0]})
+    vlm("select", "select", select_value, 1.0)
+    run.log({"type": "done", "weights": w, "iteration": 2, "image": refined[1]})
+    run.copy(refined[1], "final.png")
+    run.write_json("final.json", {"weights": w, "iteration": 2, "image": refined[1]})
+    return run
+
+
+def test_the_report_scores_refined_and_final_images_and_says_why_the_pick(tmp_path):
+    from localora.runs import report
+
+    page = report.build(_run_folder(tmp_path, {"reason": "the red hero & the style both show", "choice": 2}))
+    assert "<b>Scores:</b> CLIP-T 0.375, CLIP-I 0.625, objective 1.000" in page  # the final pick
+    assert "refined: hero=1.00, style=1.00; CLIP-T 0.125, CLIP-I 0.500, objective 0.625" in page
+    assert "refined: hero=1.00, style=1.00; CLIP-T 0.375, CLIP-I 0.625, objective 1.000" in page
+    assert "Why this one:</b> The VLM picked it among the refined images: \u201cthe red hero &amp; the style both show\u201d" in page
+
+
+def test_a_run_made_before_reasons_says_its_pick_has_none(tmp_path):
+    from localora.runs import report
+
+    page = report.build(_run_folder(tmp_path, 2))
+    assert "answer has no reason: it was made by a localora that asked for the number only" in page
+
+
+def test_the_report_names_every_model_and_times_each_stage_counting_nothing_twice(tmp_path):
+    from localora.runs import report
+    from localora.runs.folder import RunFolder
+
+    run = _run_folder(tmp_path, {"reason": "r", "choice": 1})
+    page = report.build(run)
+    for cell in ("<td>tiny-sdxl</td><td>tiny:sdxl</td><td>tiny-sdxl (float32)</td><td>2.0 MiB</td><td>10.00 s</td>",
+                 "<td>tiny-qwen2-vl</td>", "<td>tiny-clip</td><td>tiny:clip</td><td></td><td>-</td><td>not loaded</td>"):
+        assert cell in page
+    stages = report.stage_times(RunFolder.open(run.path, write=False).events())
+    assert list(stages) == ["each LoRA alone", "start weights", "iteration 1", "iteration 2", "final pick"]
+    refs = stages["each LoRA alone"]
+    # ref/0's 12 s held the pipeline's 10 s load: 2 s denoising, and the load counted once, as model time.
+    assert (refs.renders, refs.render_s, refs.model_s) == (2, 4.0, 10.0)
+    one, two = stages["iteration 1"], stages["iteration 2"]
+    assert (one.calls, one.vlm_s, one.model_s, one.render_s) == (3, 5.0, 3.0, 3.0)  # the VLM's load is before its call
+    assert (two.renders, two.cached, two.render_s) == (1, 1, 1.5)
+    assert sum(s.total for s in stages.values()) == 4 + 10 + 2 + (5 + 3 + 3) + (5 + 1.5) + 1
+    assert "<tr><td>all</td><td>6 (1)</td>" in page
+
+
+def test_lines_of_equal_weight_are_told_apart_by_marker_dash_and_a_small_x_offset():
+    from localora.runs.report import weight_series
+
+    rounds = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.5, "b": 0.5, "c": 0.8}]
+    lines = weight_series(rounds)
+    assert [line.ys for line in lines] == [[1.0, 0.5], [1.0, 0.5], [1.0, 0.8]]  # the values drawn are exact
+    assert len({line.marker for line in lines}) == 3 and len({line.dash for line in lines}) == 3
+    assert len({line.xs[0] for line in lines}) == 3 and all(abs(line.xs[1] - 1) < 0.25 for line in lines)
+    assert sum(line.xs[0] for line in lines) == pytest.approx(0)  # centred on the iteration
+
+
+def test_the_select_answer_is_a_bounded_reason_then_the_number():
+    from localora.vlm import schemas
+
+    s = schemas.pick(3, 20)
+    assert s.parse('{"reason":"sharper, all three","choice":3}') == {"reason": "sharper, all three", "choice": 3}
+    for bad in ('{"reason":"x","choice":4}', '{"choice":1,"reason":"x"}', '{"reason":"' + "x" * 21 + '","choice":1}'):
+        with pytest.raises(ValueError):
+            s.parse(bad)
+    assert s.max_chars == len('{"reason":"' + "x" * 20 + '","choice":3}')
+
+
+# ------------------------------------------------------------------ a real run: the demo (conftest.py)
+
+def test_a_demo_run_says_what_it_does_at_once_and_its_report_says_why_and_how_well(demo):
+    import html
+    import json
+
+    _, run, _ = demo
+    lines = run.with_suffix(".log").read_text().splitlines()
+    # The first line, before the start event and any model load, names the run and its models.
+    assert lines[0].startswith(f"localora: run {run}, profile tiny") and "vlm tiny-qwen2-vl" in lines[0]
+    assert lines[1].startswith("[") and " start " in lines[1]
+    log = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    select = next(e for e in log if e.get("id") == "select")
+    # The grammar bounds the reason (gpt4lora.SELECT_REASON_CHARS), and the number is in range.
+    assert list(select["value"]) == ["reason", "choice"] and 1 <= len(select["value"]["reason"]) <= 200
+    done = next(e for e in log if e["type"] == "done")
+    assert done["iteration"] == select["value"]["choice"]
+    page = (run / "report.html").read_text()
+    assert html.escape(select["value"]["reason"]) in page
+    scores = next(e for e in log if e.get("id") == "final/scores")
+    refined = [e for e in log if e.get("role") == "refined"]
+    assert scores["images"] == [e["image"] for e in refined] and len(refined) == 2
+    for value in scores["objective"]:
+        assert f"objective {value:.3f}" in page
+    assert "<h2>Time per stage</h2>" in page and "<td>tiny-sdxl</td>" in page and "<td>tiny-clip</td>" in page
