@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 # A plain view prints a heartbeat line after this many seconds without one.
 HEARTBEAT_S = 10.0
+# Plain views indent what is happening under the text of their timed "[mm:ss]" lines: a script
+# that counts timed lines counts events (compose) or finished rows (bench), never these.
+INDENT = " " * len("[00:00] ")
 
 _VERBS = {"load": "loading", "to-device": "moving to the accelerator", "offload": "offloading", "drop": "dropping"}
 

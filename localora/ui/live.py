@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from localora import events
-from localora.ui.activity import Heartbeat, generating_phrase, placement_phrase, step_phrase
+from localora.ui.activity import INDENT, Heartbeat, generating_phrase, placement_phrase, step_phrase
 
 if TYPE_CHECKING:  # devices imports torch; the view must be able to start before torch loads
     from localora.devices import Placement
@@ -101,10 +101,6 @@ def _short(value: Any, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# Heartbeat lines are indented under the text of the timed lines: they report, they are not events.
-_INDENT = " " * len("[00:00] ")
-
-
 class PlainUI:
     """One line per event, for logs and pipes; a heartbeat line when a step is quiet for long."""
 
@@ -123,7 +119,7 @@ class PlainUI:
 
     def _beat(self, phrase: str) -> None:
         if self.heartbeat.due():
-            self._print(f"{_INDENT}… {phrase} ({_clock(self.clock() - self.started)})")
+            self._print(f"{INDENT}… {phrase} ({_clock(self.clock() - self.started)})")
 
     def event(self, event: dict[str, Any]) -> None:
         self._timed(describe(event))

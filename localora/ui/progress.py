@@ -23,19 +23,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from localora.ui.activity import Heartbeat, generating_phrase, placement_phrase, step_phrase
+from localora.ui.activity import INDENT, Heartbeat, generating_phrase, placement_phrase, step_phrase
+from localora.ui.live import describe_placement
 
 if TYPE_CHECKING:
     from localora.devices import Placement
 
-_INDENT = " " * len("[00:00] ")
 STARTING = "starting: reading the testbed (the tiny models are built on first use)"
-
-
-def _model_line(p: Placement) -> str:
-    if not p.done:
-        return f"model  {placement_phrase(p)}"
-    return f"model  {p.component} {p.action} in {p.seconds:.2f}s" + (f"  {p.detail}" if p.detail else "")
 
 
 class PlainProgress:
@@ -59,7 +53,7 @@ class PlainProgress:
         return f"{m:02d}:{s:02d}"
 
     def _note(self, text: str) -> None:
-        self._print(f"{_INDENT}{text} ({self._time()})")
+        self._print(f"{INDENT}{text} ({self._time()})")
 
     def _beat(self, phrase: str) -> None:
         if self.heartbeat.due():
@@ -82,7 +76,7 @@ class PlainProgress:
         self._print(f"[{self._time()}] {self.count}/{self.total} {line}")
 
     def placement(self, p: Placement) -> None:
-        self._note(_model_line(p))
+        self._note(describe_placement(p))
 
     def step(self, i: int, total: int) -> None:
         self._beat(step_phrase(i + 1, total))
