@@ -50,7 +50,7 @@ def grid(i: int) -> str:
 START_RENDER = "start"
 FEWSHOT_STEP = "fewshot"
 SELECT = "select"
-FINAL_SCORES = "final/scores"  # --final-judge in the vlm loop: the refined images' objective
+FINAL_SCORES = "final/scores"  # the vlm loop: the refined images' objective (report; --final-judge ranks by it)
 
 
 def candidate(r: int, j: int) -> str:

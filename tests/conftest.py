@@ -4,6 +4,8 @@ per run from a clean state and the user's own cache is never touched."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,19 @@ def demo_loras(localora_home):
 
     return {arch: list(loras.read_catalog(tiny.ensure(f"loras-{arch}") / "catalog.toml").values())
             for arch in ("sdxl", "sd15")}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, localora_home):
+    """`localora demo` from a clean LOCALORA_HOME, then a second demo in the same home: (home, first
+    run folder, second run folder). Each run's output (plain: stdout is a pipe) is kept beside its
+    folder as demo-N.log. One pair of runs for every test file that reads a finished demo."""
+    home = tmp_path_factory.mktemp("clean-home")
+    first, second = home.parent / "demo-1", home.parent / "demo-2"
+    for out in (first, second):
+        env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "localora", "demo", "--out", str(out)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        assert proc.returncode == 0, proc.stdout
+        out.with_suffix(".log").write_text(proc.stdout)
+    return home, first, second

@@ -83,6 +83,7 @@ def resumed(tmp_path_factory, localora_home):
     return out, before, images, loop_logs, output
 
 
+@pytest.mark.slow
 def test_a_finished_bench_holds_every_row(resumed):
     out = resumed[0]
     results, pairs = table(out, "results"), table(out, "pairs")
@@ -118,6 +119,7 @@ def test_a_finished_bench_holds_every_row(resumed):
         for seed in DEFAULT_REFERENCE_SEEDS]
 
 
+@pytest.mark.slow
 def test_a_killed_bench_resumes_without_redoing_finished_rows(resumed):
     out, before, images, loop_logs, output = resumed
     results, pairs = table(out, "results"), table(out, "pairs")
@@ -148,6 +150,7 @@ def test_a_killed_bench_resumes_without_redoing_finished_rows(resumed):
     assert calls == sum(r["vlm_calls"] for r in new + new_pairs)
 
 
+@pytest.mark.slow
 def test_a_complete_bench_reruns_as_a_no_op(resumed):
     out = resumed[0]
     result = cli(*ARGS, "--out", out)
@@ -155,6 +158,7 @@ def test_a_complete_bench_reruns_as_a_no_op(resumed):
     assert "0 rows to make, 14 already done" in result.output and "0 VLM calls" in result.output
 
 
+@pytest.mark.slow
 def test_a_folder_refuses_a_bench_with_other_settings(resumed):
     out = resumed[0]
     args = [a if a != "2" or prev != "--candidates" else "3" for prev, a in zip(("",) + ARGS, ARGS)]
@@ -385,6 +389,7 @@ def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path, monkeypatch):
     assert not conn.in_transaction
 
 
+@pytest.mark.slow
 def test_black_box_methods_bench_at_the_search_budget(tmp_path):
     out = tmp_path / "b"
     result = cli("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods",

@@ -33,16 +33,7 @@ def events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`localora demo` from a clean LOCALORA_HOME, then a second demo in the same home."""
-    home = tmp_path_factory.mktemp("clean-home")
-    first, second = home.parent / "demo-1", home.parent / "demo-2"
-    for out in (first, second):
-        proc = localora("demo", "--out", out, home=home)
-        output, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, output
-    return home, first, second
+# `demo` (conftest.py): two finished demo runs in a clean home, shared with other test files.
 
 
 def test_demo_writes_a_complete_run_folder(demo):
@@ -219,18 +210,30 @@ def _copy_models(src_home: Path, dst_home: Path) -> None:
     shutil.copytree(src_home / "tiny", dst_home / "tiny")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_result(demo, tmp_path, sig):
-    home, _, _ = demo
-    args = ["compose", "a girl", "-l", "demo-character", "-l", "demo-style", "-n", "2", "-c", "2",
-            "--fewshot-levels", "0.5,1.0", "--seed", "3", "--plain"]
-    ref_home, cut_home = tmp_path / "ref-home", tmp_path / "cut-home"
-    _copy_models(home, ref_home)
-    _copy_models(home, cut_home)
-    reference = localora(*args, "--out", tmp_path / "ref", home=ref_home)
+KILL_ARGS = ["compose", "a girl", "-l", "demo-character", "-l", "demo-style", "-n", "2", "-c", "2",
+             "--fewshot-levels", "0.5,1.0", "--seed", "3", "--plain"]
+
+
+@pytest.fixture(scope="module")
+def uncut(demo, tmp_path_factory):
+    """The run the killed ones must end like, made once for every signal, in a home of its own
+    (so its renders never serve the killed runs from the cache)."""
+    root = tmp_path_factory.mktemp("uncut")
+    _copy_models(demo[0], root / "home")
+    reference = localora(*KILL_ARGS, "--out", root / "ref", home=root / "home")
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out
-    total = len(events(tmp_path / "ref"))
+    return root / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_result(demo, uncut, tmp_path, sig):
+    home, _, _ = demo
+    args = KILL_ARGS
+    cut_home = tmp_path / "cut-home"
+    _copy_models(home, cut_home)
+    total = len(events(uncut))
 
     stop_after = random.Random(int(sig)).randint(3, total - 3)
     proc = localora(*args, "--out", tmp_path / "cut", home=cut_home)
@@ -254,10 +257,10 @@ def test_killed_run_resumes_to_the_same_result(demo, tmp_path, sig):
     assert after[0]["type"] == "resume"
     redone = {e["id"] for e in after if "id" in e} & done_before
     assert redone == set()
-    ref_final = json.loads((tmp_path / "ref" / "final.json").read_text())
+    ref_final = json.loads((uncut / "final.json").read_text())
     cut_final = json.loads((tmp_path / "cut" / "final.json").read_text())
     assert cut_final["weights"] == ref_final["weights"]
-    assert (tmp_path / "cut" / "final.png").read_bytes() == (tmp_path / "ref" / "final.png").read_bytes()
+    assert (tmp_path / "cut" / "final.png").read_bytes() == (uncut / "final.png").read_bytes()
 
 
 # ------------------------------------------------------------------ bad input

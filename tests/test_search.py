@@ -153,6 +153,7 @@ def test_hybrid_compose_asks_the_vlm_each_round(tmp_path):
     assert {e["origin"] for e in cands} <= {"vlm", "cmaes", "filled"} and "cmaes" in {e["origin"] for e in cands}
 
 
+@pytest.mark.slow
 def test_a_killed_cmaes_run_resumes_to_the_same_result_without_redoing_a_render(cmaes_run, tmp_path):
     from localora import paths
 
@@ -197,6 +198,7 @@ def test_the_final_judge_picks_among_the_top_three(tmp_path):
     assert len(judged["images"]) == 2 and "demo-character" in judged["prompt"]
 
 
+@pytest.mark.slow
 def test_the_final_judge_replaces_the_select_step_of_the_vlm_loop(tmp_path):
     result = compose(*ARGS, "-n", "3", "--no-fewshot", "--final-judge", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output

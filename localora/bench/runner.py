@@ -127,7 +127,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
 
     from localora.runs import session
 
-    parts = session.components(p.profile)
+    parts = session.components(p.profile, progress)  # model loads, steps and VLM tokens show too
     have = {(r["set_id"], r["seed"], r["method"]): r for r in store.results()}
     calls = 0
     for row in rows(p, work, parts, progress, store.start_session(sys.argv[1:]), have):

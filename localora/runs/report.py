@@ -4,6 +4,17 @@
                              in the run folder (a relative link, never a URL)
     DIR/rounds/round-N.png   round N's candidates side by side, captioned (runs/sheet.py)
 
+    Final pick       the image, its scores (CLIP-T, CLIP-I, objective), why it was picked (the
+                     VLM's reason, the judge's points or the best objective), its A1111 infotext
+    Models           what each model was (run.json's profile, the load event's detail), its size,
+                     its first load and its moves, in seconds
+    Time per stage   renders, VLM calls and model loads/moves of each LoRA alone, few-shot,
+                     each iteration and the final pick, in seconds (from events.jsonl)
+    Iteration N      candidates with scores and origin, feedback, refine, the refined image
+                     with its scores (the run's final/scores step)
+    Weights plot     one line per LoRA, each with its own marker and dash, side by side where
+                     values are equal (a small x offset; the weights drawn are exact)
+
 The final pick shows the A1111 infotext stored in final.png (its `parameters` chunk), with a
 button that copies it, so the result can be pasted into A1111's prompt box.
 """
@@ -14,7 +25,9 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -89,16 +102,40 @@ def _svg(fig) -> str:
     return svg[svg.index("<svg"):]
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", ":", "-.")
+DODGE = 0.08  # x offset between neighbouring LoRAs' lines, in iterations
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    xs: list[float]
+    ys: list[float]
+    marker: str
+    dash: str
+
+
+def weight_series(rounds: list[dict[str, float]]) -> list[Series]:
+    """One line per LoRA. Two LoRAs often hold the same weight (the start, 1.00 each): each line
+    gets its own marker and dash, and is drawn a little beside the others along x (iterations are
+    whole numbers, so the offset misreads nothing), never moved along y: the weights stay exact."""
+    names = list(rounds[0]) if rounds else []
+    middle = (len(names) - 1) / 2
+    return [Series(name, [x + (k - middle) * DODGE for x in range(len(rounds))], [r[name] for r in rounds],
+                   MARKERS[k % len(MARKERS)], DASHES[k % len(DASHES)])
+            for k, name in enumerate(names)]
+
+
 def _plot(rounds: list[dict[str, float]]) -> str:
     """Weights over iterations as an inline SVG (matplotlib, no external resources)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 2.8), dpi=100)
     ax = fig.subplots()
-    names = list(rounds[0]) if rounds else []
     xs = list(range(len(rounds)))
-    for name in names:
-        ax.plot(xs, [r[name] for r in rounds], marker="o", label=name)
+    for line in weight_series(rounds):
+        ax.plot(line.xs, line.ys, marker=line.marker, linestyle=line.dash, label=line.name)
     ax.set_xticks(xs, ["start"] + [str(i) for i in xs[1:]])
     ax.set_xlabel("iteration")
     ax.set_ylabel("weight")
@@ -122,6 +159,157 @@ def _objective_plot(states: list[dict]) -> str:
     return _svg(fig)
 
 
+# ------------------------------------------------------------------ scores, the pick's reason
+
+def scores_by_image(log: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each scored image's CLIP-T, CLIP-I and objective, as the run's scores events hold them: the
+    candidates of each round, and the refined images (the vlm loop's final/scores step)."""
+    out: dict[str, dict[str, float]] = {}
+    for e in log:
+        if e.get("type") != events.SCORES:
+            continue
+        for i, image in enumerate(e["images"]):
+            row = {"CLIP-T": e["clip_t"][i]}
+            row.update({label: e[key][i] for key, label in (("clip_i", "CLIP-I"), ("objective", "objective"))
+                        if key in e})
+            out[image] = {**out.get(image, {}), **row}
+    return out
+
+
+def _scores_text(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def why_picked(final: dict[str, Any], by_id: dict[str, dict[str, Any]], log: list[dict[str, Any]]) -> str:
+    """Why the final image is the one: the VLM's reason, the judge's points, or the best objective."""
+    select = by_id.get(events.SELECT)
+    if select is not None:
+        value = select["value"]
+        if isinstance(value, dict) and value.get("reason"):
+            return f"The VLM picked it among the refined images: \u201c{value['reason']}\u201d"
+        return ("The VLM picked it among the refined images (this run's answer has no reason: it was made by a "
+                "localora that asked for the number only).")
+    if final.get("picked_by") == "final judge" or any(e.get("step") == "final-judge" for e in log):
+        points = f" (points per contender, best-ranked first: {final['judge_points']})" if "judge_points" in final else ""
+        return f"The pairwise judge (--final-judge) picked it among the top 3 by the objective{points}."
+    if final.get("picked_by") == "objective":
+        return f"The best objective (CLIP-T + mean CLIP-I) of the {final.get('renders', '?')} renders searched."
+    return "The only refined image: one iteration, nothing to choose."
+
+
+# ------------------------------------------------------------------ models and time per stage
+
+COMPONENTS = ("diffusion", "vlm", "clip")  # the device manager's names, as run.json's profile_spec keys them
+
+
+def _models(run: RunFolder, log: list[dict[str, Any]]) -> str:
+    """What each model was, from run.json's profile and the first load event's detail, with its
+    size and its load and move seconds (events.jsonl)."""
+    spec = run.settings.get("profile_spec") or {}
+    loads: dict[str, dict[str, Any]] = {}
+    moves: dict[str, list[float]] = {}
+    for e in log:
+        if e.get("type") == events.MODEL:
+            if e["action"] == "load" and e["model"] not in loads:
+                loads[e["model"]] = e
+            else:
+                moves.setdefault(e["model"], []).append(e.get("seconds", 0.0))
+    rows = ["<table><tr><th>model</th><th>name</th><th>source</th><th>loaded as</th><th>size</th>"
+            "<th>first load</th><th>moves, offloads, reloads</th></tr>"]
+    for comp in dict.fromkeys([*COMPONENTS, *loads]):
+        s, load, moved = spec.get(comp, {}), loads.get(comp), moves.get(comp, [])
+        size = f"{load['bytes'] / 2**20:.1f} MiB" if load and load.get("bytes") else "-"
+        first = f"{load['seconds']:.2f} s" if load else "not loaded"
+        rows.append(f"<tr><td>{comp}</td><td>{html.escape(str(s.get('name', '-')))}</td>"
+                    f"<td>{html.escape(str(s.get('source', '-')))}</td>"
+                    f"<td>{html.escape(load.get('detail', '') if load else '')}</td><td>{size}</td><td>{first}</td>"
+                    f"<td>{len(moved)}, {sum(moved):.2f} s</td></tr>")
+    return "\n".join(rows) + "</table>"
+
+
+def _stage(step_id: str) -> str | None:
+    kind = events.parse(step_id)
+    if kind.kind == "reference":
+        return "each LoRA alone"
+    if kind.kind in ("grid", "fewshot"):
+        return "few-shot"
+    if kind.kind == "start":
+        return "start weights"
+    if kind.kind in ("select", "final-judge", "final-scores"):
+        return "final pick"
+    return f"iteration {kind.round}" if kind.round is not None else None
+
+
+@dataclass
+class StageTime:
+    renders: int = 0
+    cached: int = 0
+    render_s: float = 0.0  # denoising, the model time inside a render taken out
+    calls: int = 0
+    vlm_s: float = 0.0
+    model_s: float = 0.0  # loads and moves this stage waited for
+
+    @property
+    def total(self) -> float:
+        return self.render_s + self.vlm_s + self.model_s
+
+    def add(self, other: StageTime) -> StageTime:
+        return StageTime(self.renders + other.renders, self.cached + other.cached, self.render_s + other.render_s,
+                         self.calls + other.calls, self.vlm_s + other.vlm_s, self.model_s + other.model_s)
+
+
+def stage_times(log: list[dict[str, Any]]) -> dict[str, StageTime]:
+    """Seconds per stage, in the order the stages ran. A model event is the wait of the next step.
+    A render's logged seconds include acquiring the pipeline (loading or moving it, and evicting
+    others) while a VLM call's start after its model is resident: the model time just before a
+    render is taken out of it (a batch shares it over its images), so nothing counts twice."""
+    stages: dict[str, StageTime] = {}
+    waiting = inside = 0.0  # model seconds not yet given to a stage; of those, not yet taken from a render
+    for e in log:
+        if e.get("type") == events.MODEL:
+            waiting += e.get("seconds", 0.0)
+            inside += e.get("seconds", 0.0)
+            continue
+        try:
+            name = _stage(e["id"]) if "id" in e else None
+        except ValueError:
+            name = None
+        if name is None:
+            continue
+        st = stages.setdefault(name, StageTime())
+        st.model_s, waiting = st.model_s + waiting, 0.0
+        if e["type"] == events.RENDER and e.get("cached"):
+            st.cached += 1
+        elif e["type"] == events.RENDER:
+            taken = min(inside, e.get("seconds", 0.0))
+            inside -= taken
+            st.renders += 1
+            st.render_s += e.get("seconds", 0.0) - taken
+        else:
+            inside = 0.0
+            if e["type"] == events.VLM:
+                st.calls += 1
+                st.vlm_s += e.get("seconds", 0.0)
+    if waiting:
+        stages.setdefault("after the last step", StageTime()).model_s += waiting
+    return stages
+
+
+def _times(log: list[dict[str, Any]]) -> str:
+    stages = stage_times(log)
+    rows = ["<table><tr><th>stage</th><th>renders (cached)</th><th>denoising</th><th>VLM calls</th>"
+            "<th>VLM</th><th>model loads, moves</th><th>total</th></tr>"]
+    everything = StageTime()
+    for st in stages.values():
+        everything = everything.add(st)
+    for name, st in [*stages.items(), ("all", everything)]:
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{st.renders} ({st.cached})</td><td>{st.render_s:.2f} s</td>"
+                    f"<td>{st.calls}</td><td>{st.vlm_s:.2f} s</td><td>{st.model_s:.2f} s</td>"
+                    f"<td>{st.total:.2f} s</td></tr>")
+    return ("\n".join(rows) + "</table><p>Seconds as events.jsonl logs them (a resumed run's log holds every "
+            "session's steps and loads); CLIP scoring and writing files are not timed.</p>")
+
+
 def build(run: RunFolder) -> str:
     log = run.events()
     by_id = {e["id"]: e for e in log if "id" in e}
@@ -143,14 +331,21 @@ def build(run: RunFolder) -> str:
                f"{settings.get('bounds')}, seed {settings.get('sampling', settings).get('seed')}, method {settings.get('method')}, profile "
                f"{html.escape(str(run.settings.get('profile', '')))}</p>")
 
+    image_scores = scores_by_image(log)
     if final:
         out.append("<h2>Final pick</h2><div class=row>")
         out.append(figure(final["image"], f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
         out.append("</div>")
+        score = image_scores.get(final["image"]) or ({"objective": final["objective"]} if "objective" in final else {})
+        out.append(f"<p><b>Scores:</b> {_scores_text(score) if score else 'not scored'}</p>"
+                   f"<p class=why><b>Why this one:</b> {html.escape(why_picked(final, by_id, log))}</p>")
         infotext = _infotext(run.path / "final.png")
         if infotext:
             out.append("<p>For Automatic1111 / Forge (paste into the prompt box, then the arrow under Generate), "
                        f"or drop final.png on ComfyUI:</p><pre>{html.escape(infotext)}</pre>{COPY_BUTTON}")
+
+    out.append("<h2>Models</h2>" + _models(run, log))
+    out.append("<h2>Time per stage</h2>" + _times(log))
 
     refs = [e for e in log if e.get("type") == events.RENDER and e.get("role") == "reference"]
     out.append("<h2>Each LoRA alone</h2><div class=row>")
@@ -207,7 +402,9 @@ def build(run: RunFolder) -> str:
             out.append(f"<h3>Refine</h3><pre>{html.escape(ref['value']['feedback'])}</pre>")
         refined = by_id.get(events.round_step(r, "refined"))
         if refined:
-            out.append("<div class=row>" + figure(refined["image"], f"refined: {_weights(refined['weights'])}") + "</div>")
+            score = image_scores.get(refined["image"])
+            caption = f"refined: {_weights(refined['weights'])}" + (f"; {_scores_text(score)}" if score else "")
+            out.append("<div class=row>" + figure(refined["image"], caption) + "</div>")
             rounds.append(refined["weights"])
         r += 1
     if len(rounds) > 1:

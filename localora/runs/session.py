@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +34,38 @@ class Components:
     scorer: Any
 
 
+def model_names(profile: Profile) -> dict[str, str]:
+    """The device manager's component names -> the profile's names of those models."""
+    return {"diffusion": profile.diffusion.name, "vlm": profile.vlm.name, "clip": profile.clip.name}
+
+
 def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, batch: int = 0) -> Components:
     """Renderer, VLM and CLIP scorer for `profile`, sharing one device under its placement.
 
-    Every load, move and drop of a model is shown by `ui` and, with a `run`, logged in its events.
+    Every load, move and drop of a model is shown by `ui` and, with a `run`, logged in its events;
+    `ui` also sees each denoising step and each token the VLM decodes, where it has a method for
+    them (`step`, `generating`, `placement`: a bench's progress may lack some).
     """
     from localora.scoring.clip import ClipScorer
     from localora.vlm.model import VLM
+
+    names = model_names(profile)
+    show = getattr(ui, "placement", None)
 
     def placement(p: Placement) -> None:
         if run is not None and p.done:
             run.log(events.ModelEvent(type="model", model=p.component, action=p.action, seconds=round(p.seconds, 3),
                                       bytes=p.bytes, memory=p.memory_bytes, resident=list(p.resident),
                                       detail=p.detail))
-        if ui is not None:
-            ui.placement(p)
+        if show is not None:
+            # An announced change says which model: the profile's name (the manager knows its source).
+            show(p if p.done else replace(p, detail=names.get(p.component, "")))
 
     devices = DeviceManager.for_profile(profile, log=placement)
     renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None), batch=batch)
-    return Components(devices, renderer, VLM(profile.vlm, devices=devices), ClipScorer.load(profile.clip, devices))
+    vlm = VLM(profile.vlm, devices=devices)
+    vlm.on_tokens = getattr(ui, "generating", None)
+    return Components(devices, renderer, vlm, ClipScorer.load(profile.clip, devices))
 
 
 def default_out(prompt: str, parent: Path = Path("runs")) -> Path:
@@ -106,6 +119,12 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
     however this ends."""
     try:
         parts = components(profile, ui, run, batch)
+        if hasattr(ui, "status"):
+            # The first line: the models are found (else one error line, and nothing before it)
+            # but none is loaded yet, which takes a while.
+            ui.status(f"run {run.path}, profile {profile.name} "
+                      f"({', '.join(f'{k} {v}' for k, v in model_names(profile).items())}); "
+                      f"each model loads on first use")
         emit = ui.event if ui is not None else (lambda e: None)
         steps = Steps(run, parts.renderer, parts.vlm, parts.scorer, emit)
         if run.completed:

@@ -9,8 +9,9 @@
             X_r <- render(C_r)                               and CLIP-T scores, for the record
             F_r <- feedback(X_r, R)
             w_r <- refine(X_r, C_r, F_r);  x_r <- render(w_r)
-        return select(x_1 .. x_N)          (--final-judge: the pairwise judge, among the top 3 of
-                                           x_1 .. x_N by the black-box objective; search/final.py)
+        S    <- CLIP-T, CLIP-I and the objective of x_1 .. x_N   for the report, and --final-judge
+        return select(x_1 .. x_N)          the VLM's pick, with a short reason (--final-judge: the
+                                           pairwise judge, among the top 3 by S; search/final.py)
 
 Every line is a step of localora.search.steps (cached, resumable, one event each); this file
 only decides what to render and what to ask. A round's M candidates are distinct and new to the
@@ -44,6 +45,8 @@ AGAIN_TEMPERATURE = 0.7
 # examples as still fit. 8192 leaves a 32k-context Qwen2-VL room for the text and the answer.
 GENERATE_VISUAL_TOKENS = 8192
 TOKEN_PIXELS = 28 * 28  # Qwen2-VL: one visual token per 28x28 pixels after merging
+# The final pick's reason: one short sentence for report.html, not an essay to decode.
+SELECT_REASON_CHARS = 200
 
 # The fields each prompt template may use: every template gets BASE_FIELDS, plus its own.
 BASE_FIELDS = ("prompt", "loras", "lo", "hi", "answer_format")
@@ -117,6 +120,10 @@ class GPT4LoRA:
             current = self.render(events.round_step(r, "refined"), "refined", weights, r)
             self._taken.add([weights])
             refined.append((weights, current))
+        # Every refined image's CLIP scores, for the report (and --final-judge's ranking, which
+        # recalls them): cheap next to a render, CLIP being loaded for the rounds' scores anyway.
+        self.steps.objective(events.FINAL_SCORES, [w for w, _ in refined], [p for _, p in refined],
+                             self._prompt, refs, cfg.names, None)
         pick = self.judge_final(refined, refs) if cfg.final_judge else self.select(refined)
         return self.finish(pick, *refined[pick - 1])
 
@@ -184,12 +191,14 @@ class GPT4LoRA:
         return tuple(float(value["weights"][n]) for n in self.cfg.names)
 
     def select(self, refined: list[tuple[Weights, str]]) -> int:
+        """The VLM's pick among the refined images, with a short reason (kept in its event)."""
         if len(refined) == 1:
             return 1  # one refined image: nothing to choose
-        schema = schemas.choice(len(refined))
+        schema = schemas.pick(len(refined), SELECT_REASON_CHARS)
         text = self._template("select", schema, count=str(len(refined)),
                               image_list=self._list([w for w, _ in refined], label="round"))
-        return int(self.ask(events.SELECT, "select", [p for _, p in refined], text, schema))
+        value = self.ask(events.SELECT, "select", [p for _, p in refined], text, schema)
+        return int(value if isinstance(value, int) else value["choice"])  # a bare number: a run made before reasons
 
     def judge_final(self, refined: list[tuple[Weights, str]], refs: list[str]) -> int:
         """--final-judge: the pairwise judge's pick among the top 3 refined images by the objective."""

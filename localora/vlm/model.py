@@ -9,6 +9,8 @@ pipeline leaves the accelerator first), with the processor capped at the spec's 
 Decoding is greedy unless a temperature is given; sampling is seeded (default seed 0), so every
 answer can be reproduced. With a schema, xgrammar masks the logits at every step, so the answer
 always parses; the grammar is compiled once per VLM and grammar string.
+
+    vlm.on_tokens = ui.generating                  # (tokens so far, at most, done), once per token
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +81,24 @@ def _require_xgrammar() -> None:
         ) from None
 
 
+# (tokens decoded so far, the most it may decode, finished): what a live view shows as it decodes.
+TokenCallback = Callable[[int, int, bool], None]
+
+
+def _token_counter(report: TokenCallback, n_prompt: int, limit: int) -> Any:
+    """A logits processor that changes nothing and reports how many tokens were decoded. It is
+    called once per new token with the ids so far, whose length is known on the host: no device
+    sync, no decoding (a streamer would copy every token to the CPU)."""
+    from transformers import LogitsProcessor
+
+    class TokenCounter(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            report(input_ids.shape[1] - n_prompt, limit, False)
+            return scores
+
+    return TokenCounter()
+
+
 def _quantization_config(quantization: str, compute: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -105,6 +125,7 @@ class VLM:
         self._specials: list[str] | None = None
         self._compiler = None
         self._compiled: dict[str, Any] = {}
+        self.on_tokens: TokenCallback | None = None  # told each token of an answer as it is decoded
         # 4/8-bit weights move like any other (transformers >= 5), so the VLM is never reloaded.
         weights = spec.quantization if spec.quantization != "none" else self._dtype_name
         self.devices.register(name, self._load, source=repr(spec), estimate=estimate_bytes(spec.source, weights),
@@ -234,15 +255,23 @@ class VLM:
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0
         )
+        processors = []
         if schema is not None:
             import xgrammar as xgr
 
             compiled = self.compiled(schema)
             # A fresh processor per generate(): it holds the matcher state of one answer.
-            kwargs["logits_processor"] = [xgr.contrib.hf.LogitsProcessor(compiled)]
+            processors.append(xgr.contrib.hf.LogitsProcessor(compiled))
             kwargs["eos_token_id"] = list(compiled.tokenizer_info.stop_token_ids)
         else:
             kwargs["eos_token_id"] = model.generation_config.eos_token_id or tokenizer.eos_token_id
+        n_prompt = inputs["input_ids"].shape[1]
+        report = self.on_tokens
+        if report is not None:
+            report(0, max_new_tokens, False)
+            processors.append(_token_counter(report, n_prompt, max_new_tokens))
+        if processors:
+            kwargs["logits_processor"] = processors
         sampling = temperature is not None and temperature > 0
         if sampling:
             # Plain temperature sampling: the model's own top-k/top-p defaults would make it near-greedy.
@@ -257,8 +286,9 @@ class VLM:
             out = model.generate(**inputs, **kwargs)
         seconds = time.perf_counter() - start
 
-        n_prompt = inputs["input_ids"].shape[1]
         new = out[0, n_prompt:]
+        if report is not None:
+            report(len(new), max_new_tokens, True)
         answer = tokenizer.decode(new, skip_special_tokens=True)
         value = None
         if schema is not None:

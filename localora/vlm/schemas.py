@@ -211,6 +211,12 @@ def choice(n: int) -> Schema:
     )
 
 
+def pick(n: int, reason_chars: int) -> Schema:
+    """{"reason": "...", "choice": N}: why, in at most reason_chars characters, then which of n
+    pictures. The reason comes first so the number follows from it, as in `refine`."""
+    return record({"reason": text(reason_chars), "choice": choice(n)})
+
+
 JUDGE_DIMENSIONS = ("composition", "quality")
 
 
