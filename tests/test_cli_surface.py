@@ -294,3 +294,24 @@ def test_models_reads_the_hub_cache_as_snapshot_download_does(tmp_path, monkeypa
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     assert profiles.availability("hf-hub:org/model") == "ok"
     assert profiles.locate("org/model", "x") == repo / "snapshots" / "abc123"
+
+
+def test_compose_views_pass_on_every_call_the_session_makes():
+    # The session calls what a view has (status, generating, step, placement, event): a wrapper
+    # that lacks one silently drops the first line or the VLM's token count.
+    import io
+
+    from rich.console import Console
+
+    from localora.cli.compose import _Silent, _Watch
+    from localora.ui.live import LiveUI, PlainUI
+
+    calls = ("event", "step", "placement", "status", "generating")
+    for view in (PlainUI, LiveUI):
+        assert all(callable(getattr(view, name, None)) for name in calls), view
+    assert all(callable(getattr(_Silent(), name, None)) for name in calls)
+    out = io.StringIO()
+    watched = _Watch(PlainUI(Console(file=out)))
+    assert all(callable(getattr(watched, name, None)) for name in calls)
+    watched.status("run x, profile tiny")
+    assert out.getvalue().startswith("localora: run x, profile tiny")

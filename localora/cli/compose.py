@@ -43,6 +43,12 @@ class _Watch:
     def step(self, i: int, total: int) -> None:
         self.ui.step(i, total)
 
+    def status(self, text: str) -> None:
+        self.ui.status(text)
+
+    def generating(self, tokens: int, limit: int, done: bool) -> None:
+        self.ui.generating(tokens, limit, done)
+
     def placement(self, p: Any) -> None:
         if p.done:
             self._add(f"model {p.action} {p.component}", p.seconds)
@@ -68,6 +74,8 @@ class _Silent:
     def event(self, event: dict[str, Any]) -> None: ...
     def step(self, i: int, total: int) -> None: ...
     def placement(self, p: Any) -> None: ...
+    def status(self, text: str) -> None: ...
+    def generating(self, tokens: int, limit: int, done: bool) -> None: ...
     def __enter__(self): return self
     def __exit__(self, *exc) -> None: ...
 
