@@ -73,6 +73,7 @@ class Summary:
     renders: int
     cache_hits: int
     vlm_calls: int
+    retried: int = 0  # --ray: tasks given to another worker after theirs died
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,32 @@ def todo(p: Plan, store: Store) -> list[Work]:
     return work
 
 
+def counts(p: Plan, work: list[Work]) -> tuple[int, int]:
+    """(rows to make, rows already stored) of the plan."""
+    total = sum(len(w.methods) + len(w.judged) for w in work)
+    return total, sum(len(p.methods_for(c)) + len(p.pairs_for(c)) for c in p.cases) - total
+
+
+def check_templates(p: Plan, work: list[Work]) -> None:
+    """A user's prompt template with a bad field is refused now, not after hours of renders."""
+    if any(w.judged for w in work):
+        judge.check_templates()
+    if any(p.variants[m].base in SEARCH_STRATEGY for w in work for m in w.methods):
+        from localora.search.gpt4lora import check_templates as check_loop
+
+        check_loop(None)
+
+
 def run(cfg: BenchConfig, progress: Progress) -> Summary:
     """Make every row of the bench that is not in its folder yet; the one writer of the store."""
     p = plan(cfg)
     store = Store.create_or_open(cfg.out, p.settings())
     work = todo(p, store)
-    total = sum(len(w.methods) + len(w.judged) for w in work)
-    skipped = sum(len(p.methods_for(c)) + len(p.pairs_for(c)) for c in p.cases) - total
+    total, skipped = counts(p, work)
     progress.start(total, skipped)
     if not work:
         return Summary(0, skipped, 0, 0, 0)
-    # A user's prompt template with a bad field is refused now, not after hours of renders.
-    if any(w.judged for w in work):
-        judge.check_templates()
-    if any(p.variants[m].base in SEARCH_STRATEGY for w in work for m in w.methods):
-        from localora.search.gpt4lora import check_templates
-
-        check_templates(None)
+    check_templates(p, work)
 
     from localora.runs import session
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
-from localora.cli.options import complete_profiles, complete_testbeds, emit, json_option
+from localora.cli.options import complete_profiles, complete_testbeds, emit, json_option, ray_options
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles, verbosity
@@ -150,17 +150,23 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @click.option("--profile", "profile_name", default=None, shell_complete=complete_profiles,
               help="Profile from models.toml (default: the testbed's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
+@click.option("--resume", is_flag=True, help="Go on with an existing bench folder only (a plain rerun also goes on; "
+              "this refuses to start a new one).")
+@ray_options
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
 @json_option
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
-          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path, plain: bool,
-          as_json: bool) -> None:
+          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path,
+          resume: bool, ray: str | None, workers: int | None, worker_cpus: int, plain: bool, as_json: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
     saved as soon as it is made: rerun the same command to go on after an interruption. Runs with
     other --elements, --seeds or --methods add to the same folder. Then: localora report OUT.
+
+    --ray spreads the rows over a Ray cluster (one worker per GPU, each keeping its models
+    loaded); this process alone writes OUT, and the rows are those one process makes.
     """
     from localora.bench import runner
     from localora.bench.plan import BenchConfig
@@ -179,17 +185,30 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         ui = PlainProgress(lambda line: None if verbosity.quiet() else click.echo(line, err=True))
     else:
         ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
+    if ray is None and (workers is not None or worker_cpus != 1):
+        raise LocaloraError("--workers and --worker-cpus size the Ray workers; add --ray (or drop them)")
+    if resume and not (out / DB_FILE).is_file():
+        raise LocaloraError(f"--resume {out}: no {DB_FILE} there to go on with; drop --resume to start a new bench")
     try:
         with ui:
-            summary = runner.run(cfg, ui)
+            if ray is None:
+                summary = runner.run(cfg, ui)
+            else:
+                from localora.bench import distributed
+
+                summary = distributed.run(cfg, ui, ray, workers, worker_cpus)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; finished rows are saved in {out / DB_FILE}. Rerun the same command to go on.",
                    err=True)
         sys.exit(INTERRUPTED)
     data = {"out": str(out), "store": str(out / DB_FILE), "rows_made": summary.made, "rows_skipped": summary.skipped,
             "renders": summary.renders, "cache_hits": summary.cache_hits, "vlm_calls": summary.vlm_calls}
+    retried = ""
+    if ray is not None:
+        data["retried"] = summary.retried
+        retried = f"; {summary.retried} rows retried after their worker died" if summary.retried else ""
     emit(as_json, data, [f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
-                         f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls. Report: "
+                         f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls{retried}. Report: "
                          f"localora report {out}"])
 
 

@@ -117,6 +117,22 @@ lora_dir_option = click.option(
     "--lora-dir", "lora_dirs", multiple=True, metavar="DIR",
     help="A folder of .safetensors LoRAs (A1111 models/Lora, ComfyUI models/loras): a bare name is a file "
          "stem there, subfolders included; repeatable, searched before $LOCALORA_LORA_DIRS and config.toml.")
+def ray_options(command):
+    """--ray [ADDRESS], --workers, --worker-cpus: the work spread over a Ray cluster (localora/cluster.py)."""
+    for option in reversed((
+        click.option("--ray", "ray", default=None, is_flag=False, flag_value="auto", metavar="[ADDRESS]",
+                     help="Run on a Ray cluster: auto (the default) joins the one `ray start` runs here, local starts "
+                          "one on this machine, HOST:PORT joins that head. Needs pip install \"localora[ray]\"."),
+        click.option("--workers", type=int, default=None,
+                     help="--ray: at most this many workers (default: one per GPU; with no GPU, one per "
+                          "--worker-cpus CPUs)."),
+        click.option("--worker-cpus", type=int, default=1, show_default=True,
+                     help="--ray on CPUs: cores (torch threads) per worker."),
+    )):
+        command = option(command)
+    return command
+
+
 plain_option = click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")
 batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
                             help="Merge renders per UNet batch (0: as many as free memory holds; an "
