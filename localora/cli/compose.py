@@ -102,9 +102,9 @@ def _ui(plain: bool, as_json: bool) -> Any:
 
 def summary(final, run, renders: int | None) -> dict[str, Any]:
     """compose's result, for --json and the two human lines alike (a batch line's, too)."""
-    from localora.runs import session
+    from localora.runs.folder import result
 
-    return session.summary(final, run, renders)
+    return result(run.path, final.weights, final.iteration, renders)
 
 
 def summary_lines(d: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
 from localora.files import slug, write_json
+from localora.runs.folder import RunFolder, result
 
 if TYPE_CHECKING:
     from localora.search.config import ComposeConfig
@@ -144,8 +145,8 @@ def check_folder(item: Item, folder: Path) -> None:
 
 
 def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0) -> dict[str, Any]:
-    """Start (or resume) the compose of `item` in `folder`; returns session.summary's dict, as
-    `localora compose --json` prints it. Writes only inside `folder`. The models stay loaded in
+    """Start (or resume) the compose of `item` in `folder`; returns folder.result's dict, as
+    `localora compose --json` prints it (cli/compose.summary). Writes only inside `folder`. The models stay loaded in
     this process for its next item (release() lets them go); `batch` is --batch."""
     from localora.profiles import load_profile
     from localora.runs import session
@@ -166,20 +167,17 @@ def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0) -> dict[str, 
         run.close()
         raise
     final = session.compose(cfg, profile, run, ui, batch=batch, parts=parts)
-    return session.summary(final, run, _renders(folder))
+    return result(folder, final.weights, final.iteration, _renders(folder))
 
 
 def finished(folder: Path) -> dict[str, Any]:
     """A finished run folder's summary, from its files (nothing is loaded)."""
     final = json.loads((folder / "final.json").read_text(encoding="utf-8"))
-    return {"weights": final["weights"], "iteration": final["iteration"], "renders": _renders(folder),
-            "run_folder": str(folder), "image": str(folder / "final.png"), "report": str(folder / "report.html")}
+    return result(folder, final["weights"], final["iteration"], _renders(folder))
 
 
 def _renders(folder: Path) -> int | None:
     """The renders the run spent, as its done event counted them."""
-    from localora.runs.folder import RunFolder
-
     done = [e for e in RunFolder.open(folder, write=False).events() if e["type"] == "done"]
     return done[-1].get("renders") if done else None
 

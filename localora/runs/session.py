@@ -124,12 +124,6 @@ def _resume_settings(run: RunFolder, path: Path, loras: list | None) -> tuple[Co
     return cfg, profile
 
 
-def summary(final: Final, run: RunFolder, renders: int | None) -> dict[str, Any]:
-    """A finished run's result: compose's --json document, and a batch line's."""
-    return {"weights": final.weights, "iteration": final.iteration, "renders": renders,
-            "run_folder": str(run.path), "image": str(run.path / "final.png"), "report": str(run.path / "report.html")}
-
-
 def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0,
             parts: Components | None = None) -> Final:
     """Run (or finish) the search in `run`, then write report.html; the run's lock is released
