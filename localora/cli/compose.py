@@ -310,11 +310,11 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
     items = batches.load(path, make_config)
     folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
     ui = _ui(True, as_json)  # one line per event: a live view is one run's
+    again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
     try:
         with ui:
             records = batches.run(items, folder, ui, source=path, batch=batch)
     except KeyboardInterrupt:
-        again = "the same command" if out else f"the same command with --out {folder}"
         click.echo(f"\ninterrupted; the finished lines stay in {folder} and the interrupted line's run folder "
                    f"is resumable. Continue with {again}", err=True)
         sys.exit(INTERRUPTED)
@@ -322,7 +322,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
     failed = [r for r in records if r["status"] == "failed"]
     if failed:
         raise RuntimeFailure(f"{len(failed)} of {len(records)} lines failed (line {failed[0]['line']}: "
-                             f"{failed[0]['error']}); see {folder / 'batch.json'}, then rerun the same command "
+                             f"{failed[0]['error']}); see {folder / 'batch.json'}, then rerun {again} "
                              f"(the finished lines are kept)")
 
 
