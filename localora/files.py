@@ -6,6 +6,7 @@
     clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
     hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
     storage_error(e, folder)      an OSError from a full, read-only or missing folder, as one line
+    slug(text)                    a prompt's short, folder-name-safe form
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +26,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
+
+def slug(text: str) -> str:
+    """A prompt's short, folder-name-safe form: lower case, dashes, at most 40 characters."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "run"
+
 
 _HASHES: dict[tuple[str, int, int, bool], str] = {}
 

@@ -1,8 +1,15 @@
-"""`localora compose` (the main job), `localora demo` (it, on the tiny profile) and `localora open`."""
+"""`localora compose` (the main job), `localora demo` (it, on the tiny profile) and `localora open`.
+
+    compose PROMPT ...                  one run folder (runs/session.py drives it)
+    compose --prompts FILE.jsonl ...    a batch of them, one per line (runs/batch.py)
+    compose_config(...)                 the options -> ComposeConfig, for a PROMPT and a batch line alike
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,7 @@ from localora.cli.options import (batch_option, catalog_option, emit, float_list
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
                                   sampling_options, weight_bounds)
 from localora.diffusion.methods import METHODS
-from localora.errors import INTERRUPTED, LocaloraError
+from localora.errors import INTERRUPTED, LocaloraError, RuntimeFailure
 from localora.search import STRATEGIES
 
 
@@ -94,9 +101,10 @@ def _ui(plain: bool, as_json: bool) -> Any:
 
 
 def summary(final, run, renders: int | None) -> dict[str, Any]:
-    """compose's result, for --json and the two human lines alike."""
-    return {"weights": final.weights, "iteration": final.iteration, "renders": renders,
-            "run_folder": str(run.path), "image": str(run.path / "final.png"), "report": str(run.path / "report.html")}
+    """compose's result, for --json and the two human lines alike (a batch line's, too)."""
+    from localora.runs.folder import result
+
+    return result(run.path, final.weights, final.iteration, renders)
 
 
 def summary_lines(d: dict[str, Any]) -> list[str]:
@@ -166,16 +174,23 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
               help="Renders for the few-shot examples (default: 3 per LoRA; the full grid when it is smaller).")
 @click.option("--fewshot-threshold", type=float, default=None,
               help="Drop grid images whose weakest LoRA's CLIP-T is below this (default: the CLIP model's).")
-@click.option("--prompts", "prompts_dir", type=click.Path(), default=None,
+@click.option("--prompts", type=click.Path(), default=None, metavar="FILE.jsonl|DIR",
+              help="A FILE.jsonl of prompts to compose one after another, the models loaded once: one JSON "
+                   "object a line, {\"prompt\", \"loras\", \"name\", \"seed\"}; every other option applies to "
+                   "every line, and --out is the batch's folder. A folder instead: prompt templates, as "
+                   "--templates (what --prompts meant before, so old command lines keep working).")
+@click.option("--templates", "prompts_dir", type=click.Path(), default=None, metavar="DIR",
               help="Folder of prompt templates overriding the shipped ones.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>, or under out in config.toml).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/<time>-<slug>, or under out in config.toml); with --prompts "
+                   "FILE.jsonl, the batch's folder (default batch-<time>-<file stem> there).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
 @plain_option
 @batch_option
 @json_option
 def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
-            method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts_dir, out,
-            resume, plain, batch, as_json):
+            method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
+            prompts_dir, out, resume, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -191,13 +206,19 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
 
     --method switch|composite searches the weights for that way of rendering: every render of
     the run (the LoRAs alone, the few-shot examples, every candidate) uses it.
+
+    --prompts FILE.jsonl composes every line of FILE into a folder of DIR (--out), one after
+    another in this process; rerunning the same command skips the finished lines and resumes an
+    interrupted one.
     """
-    from localora.diffusion import methods
     from localora.profiles import load_profile
     from localora.runs import session
-    from localora.search.config import ComposeConfig
     from localora.vlm.prompts import check_dir
 
+    jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
+    if jsonl and resume:
+        raise LocaloraError(f"--resume continues one run; to continue a batch, rerun the same command "
+                            f"(--prompts {jsonl} with its --out)")
     if resume:
         from click.core import ParameterSource
 
@@ -213,27 +234,104 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
         run, cfg, prof = session.reopen(Path(resume), given)
         _run(cfg, prof, run, plain, batch, as_json)
         return
-    if not prompt:
-        raise LocaloraError("compose needs a PROMPT (or --resume DIR)")
-    prompts_dir = check_dir(prompts_dir)
+    if jsonl and prompt:
+        raise LocaloraError(f"give a PROMPT or --prompts {jsonl} (its lines are the prompts), not both")
+    if not prompt and not jsonl:
+        raise LocaloraError("compose needs a PROMPT (or --prompts FILE.jsonl, or --resume DIR)")
+    prompts_dir = check_dir(prompts_dir, option)
     prof = load_profile(profile)
+    options = dict(iterations=iterations, candidates=candidates, bounds=bounds, search=search, budget=budget,
+                   final_judge=final_judge, method=method, sampling=sampling, temperature=temperature,
+                   no_fewshot=no_fewshot, fewshot_levels=fewshot_levels, fewshot_budget=fewshot_budget,
+                   fewshot_threshold=fewshot_threshold, prompts_dir=prompts_dir)
+    if jsonl:
+        if lora_specs:
+            raise LocaloraError(f"--lora does not go with --prompts {jsonl}: give each line's LoRAs in its "
+                                f"\"loras\" (or as <lora:NAME:START> tags in its prompt)")
+        _batch(jsonl, prof, catalog, lora_dirs, options, out, batch, as_json)
+        return
+    cfg = compose_config(prof, prompt, lora_specs, catalog, lora_dirs, **options)
+    _start(cfg, prof, out, plain, batch, as_json)
+
+
+def _prompts_option(prompts: str | None, templates: str | None) -> tuple[Path | None, str | None, str]:
+    """--prompts and --templates -> (the batch's FILE.jsonl or None, the templates folder, the
+    option that named it): --prompts means templates, as it always did, unless it names a .jsonl."""
+    if prompts is not None and Path(prompts).suffix.lower() == ".jsonl":
+        return Path(prompts), templates, "--templates"
+    if prompts is not None and templates is not None:
+        raise LocaloraError(f"--prompts {prompts} and --templates {templates} both name a templates folder; "
+                            f"give --templates only")
+    if prompts is not None and Path(prompts).is_file():
+        raise LocaloraError(f"--prompts {prompts}: not a folder; give a folder of prompt templates, or a "
+                            f"batch of prompts in a file ending in .jsonl")
+    return None, prompts if prompts is not None else templates, "--prompts" if prompts is not None else "--templates"
+
+
+def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tuple[str, ...],
+                   lora_dirs: tuple[str, ...], *, iterations: int, candidates: int, bounds: str | None, search: str,
+                   budget: int | None, final_judge: bool, method: str, sampling, temperature: float | None,
+                   no_fewshot: bool, fewshot_levels: str, fewshot_budget: int | None,
+                   fewshot_threshold: float | None, prompts_dir: Path | None):
+    """compose's options -> the run's ComposeConfig: for its PROMPT, and for each batch line (its
+    prompt, LoRAs and seed, the rest as the command line says)."""
+    from localora.diffusion import methods
+    from localora.search.config import ComposeConfig
+
     request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
-    prompt, choices = request.prompt, request.choices
-    if not prompt:
+    if not request.prompt:
         raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
+    choices = request.choices
     # In the order the method runs them (Switch: character first), so the run's LoRAs, start
     # weights and every render agree.
     loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])
     starts = starts if any(w is not None for w in starts) else None
-    cfg = ComposeConfig(
-        prompt=prompt, loras=loras, iterations=iterations, candidates=candidates, method=method,
+    return ComposeConfig(
+        prompt=request.prompt, loras=loras, iterations=iterations, candidates=candidates, method=method,
         bounds=weight_bounds(bounds), search=search, budget=budget, final_judge=final_judge,
         sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
         temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,
     )
-    _start(cfg, prof, out, plain, batch, as_json)
+
+
+def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: str | None, batch: int,
+           as_json: bool) -> None:
+    """compose --prompts FILE.jsonl: every line checked first, then run one after another."""
+    from localora.runs import batch as batches
+
+    def make_config(line: dict[str, Any]):
+        sampling = options["sampling"] if line["seed"] is None else replace(options["sampling"], seed=line["seed"])
+        cfg = compose_config(prof, line["prompt"], tuple(line["loras"]), catalog, lora_dirs,
+                             **{**options, "sampling": sampling})
+        return cfg, prof.name
+
+    items = batches.load(path, make_config)
+    folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
+    ui = _ui(True, as_json)  # one line per event: a live view is one run's
+    again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
+    try:
+        with ui:
+            records = batches.run(items, folder, ui, source=path, batch=batch)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the finished lines stay in {folder} and the interrupted line's run folder "
+                   f"is resumable. Continue with {again}", err=True)
+        sys.exit(INTERRUPTED)
+    emit(as_json, batches.document(path, records), batch_lines(records, folder))
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        raise RuntimeFailure(f"{len(failed)} of {len(records)} lines failed (line {failed[0]['line']}: "
+                             f"{failed[0]['error']}); see {folder / 'batch.json'}, then rerun {again} "
+                             f"(the finished lines are kept)")
+
+
+def batch_lines(records: list[dict[str, Any]], folder: Path) -> list[str]:
+    lines = []
+    for r in records:
+        weights = ", ".join(f"{k}={v:.2f}" for k, v in (r["weights"] or {}).items())
+        lines.append(f"line {r['line']}: {r['status']}  {r['folder']}" + (f"  {weights}" if weights else ""))
+    return lines + [f"batch: {folder / 'batch.json'}"]
 
 
 DEMO_PROMPT = "a portrait of a girl in a garden"

@@ -141,6 +141,12 @@ class RunFolder:
         atomic_write(self.path / name, lambda p: shutil.copyfile(self.path / rel, p))
 
 
+def result(path: Path, weights: dict[str, float], iteration: int, renders: int | None) -> dict[str, Any]:
+    """A finished run's result, where its files are: compose's --json document, a batch line's."""
+    return {"weights": weights, "iteration": iteration, "renders": renders, "run_folder": str(path),
+            "image": str(path / "final.png"), "report": str(path / "report.html")}
+
+
 def _take_lock(path: Path) -> Any:
     lock = hold_lock(path / ".lock")
     if lock is None:

@@ -7,7 +7,6 @@ the only place that knows how they are wired together on one device.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from localora import __version__, events, package_version
 from localora.devices import DeviceManager, Placement
 from localora.diffusion.render import Renderer
 from localora.errors import LocaloraError
-from localora.files import file_hash
+from localora.files import file_hash, slug
 from localora.profiles import Profile, load_profile
 from localora.runs import report
 from localora.runs.folder import RunFolder
@@ -28,10 +27,20 @@ from localora.search.steps import Steps
 
 @dataclass
 class Components:
+    """The loaded models of one profile. A batch's runs share one set (models load once per
+    process): attach() says which run logs their moves and which UI shows their progress."""
+
     devices: DeviceManager
     renderer: Renderer
     vlm: Any
     scorer: Any
+    run: RunFolder | None = None  # where model loads and moves are logged now
+    ui: Any = None
+
+    def attach(self, run: RunFolder | None, ui: Any) -> None:
+        self.run, self.ui = run, ui
+        self.renderer.on_step = getattr(ui, "step", None)
+        self.vlm.on_tokens = getattr(ui, "generating", None)
 
 
 def model_names(profile: Profile) -> dict[str, str]:
@@ -50,27 +59,28 @@ def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, b
     from localora.vlm.model import VLM
 
     names = model_names(profile)
-    show = getattr(ui, "placement", None)
 
     def placement(p: Placement) -> None:
-        if run is not None and p.done:
-            run.log(events.ModelEvent(type="model", model=p.component, action=p.action, seconds=round(p.seconds, 3),
-                                      bytes=p.bytes, memory=p.memory_bytes, resident=list(p.resident),
-                                      detail=p.detail))
+        # Read at each change, not at build time: attach() moves the models on to the next run.
+        if parts.run is not None and p.done:
+            parts.run.log(events.ModelEvent(type="model", model=p.component, action=p.action,
+                                            seconds=round(p.seconds, 3), bytes=p.bytes, memory=p.memory_bytes,
+                                            resident=list(p.resident), detail=p.detail))
+        show = getattr(parts.ui, "placement", None)
         if show is not None:
             # An announced change says which model: the profile's name (the manager knows its source).
             show(p if p.done else replace(p, detail=names.get(p.component, "")))
 
     devices = DeviceManager.for_profile(profile, log=placement)
-    renderer = Renderer(profile, devices, on_step=getattr(ui, "step", None), batch=batch)
+    renderer = Renderer(profile, devices, batch=batch)
     vlm = VLM(profile.vlm, devices=devices)
-    vlm.on_tokens = getattr(ui, "generating", None)
-    return Components(devices, renderer, vlm, ClipScorer.load(profile.clip, devices))
+    parts = Components(devices, renderer, vlm, ClipScorer.load(profile.clip, devices))
+    parts.attach(run, ui)
+    return parts
 
 
 def default_out(prompt: str, parent: Path = Path("runs")) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "run"
-    return parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    return parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(prompt)}"
 
 
 def _versions() -> dict[str, str]:
@@ -114,11 +124,19 @@ def _resume_settings(run: RunFolder, path: Path, loras: list | None) -> tuple[Co
     return cfg, profile
 
 
-def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0) -> Final:
+def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0,
+            parts: Components | None = None) -> Final:
     """Run (or finish) the search in `run`, then write report.html; the run's lock is released
-    however this ends."""
+    however this ends. `parts`: models already loaded for `profile` (a batch's earlier runs), used
+    instead of loading them again."""
     try:
-        parts = components(profile, ui, run, batch)
+        if parts is None:
+            parts = components(profile, ui, run, batch)
+        else:
+            if parts.renderer.profile != profile:
+                raise ValueError(f"components of profile {parts.renderer.profile.name} given for a run "
+                                 f"of {profile.name}")
+            parts.attach(run, ui)
         if hasattr(ui, "status"):
             # The first line: the models are found (else one error line, and nothing before it)
             # but none is loaded yet, which takes a while.
@@ -134,4 +152,6 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
         finally:
             report.write(run)
     finally:
+        if parts is not None:
+            parts.attach(None, None)  # a later move is not this run's, and its log is closed
         run.close()
