@@ -28,6 +28,7 @@ from localora.bench import report as bench_report
 from localora.bench.plan import BenchConfig
 from localora.bench.store import DB_FILE
 from localora.cli import main
+from localora.runs import distributed as distributed_compose
 from support import one_error_line
 
 pytest.importorskip("ray")
@@ -231,3 +232,46 @@ def test_ray_not_installed_is_one_line_saying_how_to_install(tmp_path, monkeypat
 def test_worker_options_without_ray_and_resume_without_a_bench(tmp_path):
     one_error_line(bench_cli("--out", tmp_path / "b", "--workers", "2"), "--ray")
     one_error_line(bench_cli("--out", tmp_path / "b", "--resume"), "--resume", DB_FILE)
+
+
+LINES = [{"prompt": "a girl in a garden", "loras": ["demo-character", "demo-style"]},
+         {"prompt": "a girl on a beach", "loras": ["demo-character", "demo-clothing"], "seed": 3},
+         {"prompt": "a girl in a city", "loras": ["demo-clothing", "demo-style"], "name": "city"}]
+COMPOSE = ("compose", "--profile", "tiny", "--iterations", "1", "--candidates", "2", "--no-fewshot")
+
+
+def run_folders(out: Path) -> dict[str, tuple]:
+    """Each line's folder: its final pick and the bytes of its final image."""
+    return {p.name: (json.loads((p / "final.json").read_text()), hashlib.sha256((p / "final.png").read_bytes()).hexdigest())
+            for p in sorted(out.iterdir()) if p.is_dir()}
+
+
+@pytest.mark.slow
+def test_a_batch_compose_on_two_workers_writes_the_single_process_folders(tmp_path, localora_home):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in LINES))
+    result = CliRunner().invoke(main, [*COMPOSE, "--prompts", str(prompts), "--out", str(tmp_path / "single")])
+    assert result.exit_code == 0, result.output
+    with own_home(tmp_path / "home", localora_home):
+        ray_args = [*COMPOSE, "--prompts", str(prompts), "--out", str(tmp_path / "ray"), "--ray", "local",
+                    "--workers", "2", "--json"]
+        result = CliRunner().invoke(main, ray_args)
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        assert [r["status"] for r in doc["lines"]] == ["done"] * 3
+        assert run_folders(tmp_path / "ray") == run_folders(tmp_path / "single")
+        assert json.loads((tmp_path / "ray" / "batch.json").read_text())["lines"] == doc["lines"]
+        # Both workers composed, each line once; a rerun has nothing to do and starts no cluster.
+        logs = [json.loads(line) for p in distributed_compose.log_dir(distributed_compose.batch_id(tmp_path / "ray"))
+                .glob("worker-*.jsonl") for line in p.read_text().splitlines()]
+        assert sorted(t["line"] for t in logs) == [1, 2, 3]
+        stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*") if p.parent.name != "ray"}
+        result = CliRunner().invoke(main, ray_args)
+        assert result.exit_code == 0, result.output
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_compose_ray_needs_a_batch(tmp_path):
+    result = CliRunner().invoke(main, [*COMPOSE, "a prompt", "--lora", "demo-character", "--lora", "demo-style",
+                                       "--ray", "local"])
+    one_error_line(result, "--ray", "--prompts FILE.jsonl")

@@ -18,7 +18,7 @@ import click
 from localora import verbosity
 from localora.cli.options import (batch_option, catalog_option, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
-                                  sampling_options, weight_bounds)
+                                  ray_options, sampling_options, weight_bounds)
 from localora.diffusion.methods import METHODS
 from localora.errors import INTERRUPTED, LocaloraError, RuntimeFailure
 from localora.search import STRATEGIES
@@ -185,12 +185,13 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
               help="Run folder (default runs/<time>-<slug>, or under out in config.toml); with --prompts "
                    "FILE.jsonl, the batch's folder (default batch-<time>-<file stem> there).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue an interrupted run folder, with the settings it started with.")
+@ray_options
 @plain_option
 @batch_option
 @json_option
 def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
             method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
-            prompts_dir, out, resume, plain, batch, as_json):
+            prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -208,14 +209,18 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     the run (the LoRAs alone, the few-shot examples, every candidate) uses it.
 
     --prompts FILE.jsonl composes every line of FILE into a folder of DIR (--out), one after
-    another in this process; rerunning the same command skips the finished lines and resumes an
-    interrupted one.
+    another in this process, or with --ray on the workers of a Ray cluster; rerunning the same
+    command skips the finished lines and resumes an interrupted one.
     """
     from localora.profiles import load_profile
     from localora.runs import session
     from localora.vlm.prompts import check_dir
 
     jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
+    if ray is not None and not jsonl:
+        raise LocaloraError("--ray spreads a batch over a cluster: give --prompts FILE.jsonl (one compose per line)")
+    if ray is None and (workers is not None or worker_cpus != 1):
+        raise LocaloraError("--workers and --worker-cpus size the Ray workers; add --ray (or drop them)")
     if jsonl and resume:
         raise LocaloraError(f"--resume continues one run; to continue a batch, rerun the same command "
                             f"(--prompts {jsonl} with its --out)")
@@ -248,7 +253,7 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
         if lora_specs:
             raise LocaloraError(f"--lora does not go with --prompts {jsonl}: give each line's LoRAs in its "
                                 f"\"loras\" (or as <lora:NAME:START> tags in its prompt)")
-        _batch(jsonl, prof, catalog, lora_dirs, options, out, batch, as_json)
+        _batch(jsonl, prof, catalog, lora_dirs, options, out, batch, as_json, (ray, workers, worker_cpus))
         return
     cfg = compose_config(prof, prompt, lora_specs, catalog, lora_dirs, **options)
     _start(cfg, prof, out, plain, batch, as_json)
@@ -297,8 +302,9 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
 
 
 def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: str | None, batch: int,
-           as_json: bool) -> None:
-    """compose --prompts FILE.jsonl: every line checked first, then run one after another."""
+           as_json: bool, ray: tuple[str | None, int | None, int]) -> None:
+    """compose --prompts FILE.jsonl: every line checked first, then run one after another, or
+    on the workers of a Ray cluster (`ray`: --ray, --workers, --worker-cpus)."""
     from localora.runs import batch as batches
 
     def make_config(line: dict[str, Any]):
@@ -313,7 +319,12 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
     again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
     try:
         with ui:
-            records = batches.run(items, folder, ui, source=path, batch=batch)
+            execute = None
+            if ray[0] is not None:
+                from localora.runs import distributed
+
+                execute = distributed.executor(ray[0], prof, folder, ui, ray[1], ray[2], batch)
+            records = batches.run(items, folder, ui, execute, source=path, batch=batch)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the finished lines stay in {folder} and the interrupted line's run folder "
                    f"is resumable. Continue with {again}", err=True)

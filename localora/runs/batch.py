@@ -137,11 +137,22 @@ def check_folder(item: Item, folder: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise LocaloraError(f"{folder}: not a compose run folder (no readable run.json); "
                             f"write the batch to a new --out") from None
-    wanted = json.loads(json.dumps({**item.cfg.settings(), "profile": item.profile}, default=str))
+    wanted = _by_content(json.loads(json.dumps({**item.cfg.settings(), "profile": item.profile}, default=str)))
+    stored = _by_content(stored)
     differ = [k for k in wanted if stored.get(k) != wanted[k]]
     if differ:
         raise LocaloraError(f"{folder}: line {item.line} now asks for other settings ({', '.join(differ)}) than "
                             f"the run in this folder; put the line back as it was, or write the batch to a new --out")
+
+
+def _by_content(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings with each LoRA known by name and sha256, not by where its file lies: a run made on
+    another node of a cluster (its own copy of the file) is the same line's run."""
+    loras = settings.get("loras")
+    if isinstance(loras, list):
+        settings = {**settings, "loras": [{k: v for k, v in lo.items() if k not in ("path", "references")}
+                                          if isinstance(lo, dict) else lo for lo in loras]}
+    return settings
 
 
 def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0) -> dict[str, Any]:
