@@ -34,13 +34,13 @@ import tarfile
 import tempfile
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from localora import paths
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
-from localora.files import file_hash
+from localora.files import file_hash, stable_hash
 
 INSTALL = 'pip install "localora[ray]"'
 DEFAULT_PORT = 6379  # `ray start --head` listens here unless told otherwise
@@ -226,8 +226,15 @@ class Pool:
                 worker = self._starting.pop(ref)
                 try:
                     worker.info = ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                except ray.exceptions.RayTaskError as e:  # its setup failed: a model missing there, ...
                     raise _failure(e, "a worker failed to start") from None
+                except ray.exceptions.RayActorError as e:  # it died starting (killed, node lost)
+                    if self.replaced >= self.retries * max(len(self.started), 1):
+                        raise RuntimeFailure(f"workers keep dying as they start ({type(e).__name__}); see Ray's "
+                                             f"logs (/tmp/ray/session_latest/logs on each node)") from None
+                    self.replaced += 1
+                    self._spawn()
+                    continue
                 self.started.append(worker.info)
                 self.free.append(worker)
                 continue
@@ -308,6 +315,32 @@ def local_file(path: Path, shipped: Shipped, ray: Any) -> Path:
         data = ray.get(shipped.refs[sha])
         atomic_write(target, lambda p: p.write_bytes(data))
     return target
+
+
+def local_lora(lora: Any, shipped: Shipped, ray: Any) -> Any:
+    """A Lora whose file and reference images are this node's (local_file for each)."""
+    return replace(lora, path=local_file(lora.path, shipped, ray),
+                   references=tuple(local_file(r, shipped, ray) for r in lora.references))
+
+
+def lora_files(loras: Any) -> list[Path]:
+    """Every file a worker needs of these LoRAs: the weights and the reference images."""
+    return [f for lo in loras for f in (lo.path, *lo.references)]
+
+
+def job_id(out: Path, kind: str) -> str:
+    """Names a job on every node (its scratch folder and logs): its kind, the driver's host and folder."""
+    return stable_hash({"host": socket.gethostname(), "out": str(Path(out).resolve()), "kind": kind})[:16]
+
+
+def scratch_dir(job: str) -> Path:
+    """A worker's folder for job `job` on its node: what it makes before sending it to the driver."""
+    return paths.home() / "cluster" / "work" / job
+
+
+def log_dir(job: str, home: Path | None = None) -> Path:
+    """Where the workers on a node with LOCALORA_HOME `home` log each task of job `job` they finished."""
+    return (home or paths.home()) / "cluster" / "logs" / job
 
 
 def pack(folder: Path) -> bytes:

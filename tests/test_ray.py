@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from localora import cluster
 from localora.bench import distributed, runner
 from localora.bench import report as bench_report
 from localora.bench.plan import BenchConfig
@@ -98,7 +99,7 @@ def stored(out: Path) -> dict[tuple, dict]:
 
 def worker_log(home: Path, out: Path) -> list[dict]:
     """Every task the workers of this bench finished, from their logs on this node."""
-    return [json.loads(line) for p in sorted(distributed.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl"))
+    return [json.loads(line) for p in sorted(cluster.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl"))
             for line in p.read_text().splitlines()]
 
 
@@ -132,7 +133,7 @@ def killed_worker(tmp_path_factory, localora_home):
 
     def kill(n: int) -> None:
         if n == 1:
-            pid = int(sorted(distributed.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl"))[0].stem.split("-")[1])
+            pid = int(sorted(cluster.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl"))[0].stem.split("-")[1])
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -149,7 +150,7 @@ def test_two_workers_store_exactly_the_single_process_rows_and_images(single, tw
     # Both workers made rows, each row once, and the render cache was this bench's own.
     log = worker_log(home, out)
     assert len(log) == ROWS and len({tuple(t["row"]) for t in log}) == ROWS
-    assert len({p.stem for p in distributed.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl")}) == 2
+    assert len({p.stem for p in cluster.log_dir(distributed.bench_id(out), home).glob("worker-*.jsonl")}) == 2
     assert sum(t["renders"] for t in log) > 0
     # A rerun finds every row stored and starts no worker.
     again = distributed.run(BenchConfig(out=out, **CONFIG), Rows(), "local", workers=2)
@@ -262,7 +263,7 @@ def test_a_batch_compose_on_two_workers_writes_the_single_process_folders(tmp_pa
         assert run_folders(tmp_path / "ray") == run_folders(tmp_path / "single")
         assert json.loads((tmp_path / "ray" / "batch.json").read_text())["lines"] == doc["lines"]
         # Both workers composed, each line once; a rerun has nothing to do and starts no cluster.
-        logs = [json.loads(line) for p in distributed_compose.log_dir(distributed_compose.batch_id(tmp_path / "ray"))
+        logs = [json.loads(line) for p in cluster.log_dir(distributed_compose.batch_id(tmp_path / "ray"))
                 .glob("worker-*.jsonl") for line in p.read_text().splitlines()]
         assert sorted(t["line"] for t in logs) == [1, 2, 3]
         stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*") if p.parent.name != "ray"}

@@ -39,11 +39,11 @@ from typing import Any
 
 from PIL import Image
 
-from localora import cluster, paths
+from localora import cluster
 from localora.bench import runner
 from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
 from localora.bench.store import Store
-from localora.files import atomic_write, stable_hash
+from localora.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,7 @@ class _Quiet:
 
 
 def bench_id(out: Path) -> str:
-    """Names this bench on every node (its scratch folder and logs): the driver's host and folder."""
-    return stable_hash({"host": socket.gethostname(), "out": str(Path(out).resolve())})[:16]
-
-
-def log_dir(bench: str, home: Path | None = None) -> Path:
-    """Where the workers on a node with LOCALORA_HOME `home` log the tasks of bench `bench`."""
-    return (home or paths.home()) / "cluster" / "logs" / bench
+    return cluster.job_id(out, "bench")
 
 
 class BenchWorker:
@@ -86,13 +80,13 @@ class BenchWorker:
 
         p, session, shipped, bench, threads = self.args
         torch.set_num_threads(threads)
-        here = {i: replace(lo, path=cluster.local_file(lo.path, shipped, ray),
-                           references=tuple(cluster.local_file(r, shipped, ray) for r in lo.references))
-                for i, lo in p.loras.items()}
-        self.scratch = paths.home() / "cluster" / "work" / bench
-        self.log = log_dir(bench) / f"worker-{os.getpid()}.jsonl"
+        here = {i: cluster.local_lora(lo, shipped, ray) for i, lo in p.loras.items()}
+        self.scratch = cluster.scratch_dir(bench)
+        self.log = cluster.log_dir(bench) / f"worker-{os.getpid()}.jsonl"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        p = replace(p, cfg=replace(p.cfg, out=self.scratch), loras=here)
+        # Ray shows a worker its own GPU alone, as cuda:0: a profile's cuda:N is the driver's numbering.
+        profile = replace(p.profile, device="cuda") if p.profile.device.startswith("cuda:") else p.profile
+        p = replace(p, cfg=replace(p.cfg, out=self.scratch), loras=here, profile=profile)
         parts = sessions.components(p.profile)
         self.runner = runner._Runner(p, _Quiet(), parts.renderer, runner._CountingVLM(parts.vlm), parts.scorer,
                                      session, {})
@@ -147,7 +141,7 @@ def run(cfg: BenchConfig, progress: runner.Progress, address: str, workers: int 
             return runner.Summary(0, skipped, 0, 0, 0)
         runner.check_templates(p, work)
         progress.working(c.describe() + "; starting the workers")
-        files = [f for lo in p.loras.values() for f in (lo.path, *lo.references)]
+        files = cluster.lora_files(p.loras.values())
         pool = c.pool(BenchWorker, p, store.start_session(sys.argv[1:]), cluster.ship_files(c.ray, files, c.nodes),
                       bench_id(cfg.out), worker_cpus)
         return _drive(p, store, work, pool, progress, total, skipped)

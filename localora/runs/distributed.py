@@ -28,9 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from localora import cluster, paths
+from localora import cluster
 from localora.errors import RuntimeFailure
-from localora.files import stable_hash
 from localora.runs import batch
 
 
@@ -44,13 +43,7 @@ class _Silent:
 
 
 def batch_id(out: Path) -> str:
-    """Names this batch on every node (its scratch folder and logs): the driver's host and folder."""
-    return stable_hash({"host": socket.gethostname(), "out": str(Path(out).resolve()), "kind": "compose"})[:16]
-
-
-def log_dir(batch_name: str, home: Path | None = None) -> Path:
-    """Where the workers on a node with LOCALORA_HOME `home` log the lines of batch `batch_name`."""
-    return (home or paths.home()) / "cluster" / "logs" / batch_name
+    return cluster.job_id(out, "compose")
 
 
 class ComposeWorker:
@@ -65,8 +58,8 @@ class ComposeWorker:
 
         shipped, name, threads, _ = self.args
         torch.set_num_threads(threads)
-        self.scratch = paths.home() / "cluster" / "work" / name
-        self.log = log_dir(name) / f"worker-{os.getpid()}.jsonl"
+        self.scratch = cluster.scratch_dir(name)
+        self.log = cluster.log_dir(name) / f"worker-{os.getpid()}.jsonl"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         return {"node": socket.gethostname(), "pid": os.getpid(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
@@ -75,10 +68,8 @@ class ComposeWorker:
         import ray
 
         shipped, _, _, images_per_batch = self.args
-        here = tuple(replace(lo, path=cluster.local_file(lo.path, shipped, ray),
-                             references=tuple(cluster.local_file(r, shipped, ray) for r in lo.references))
-                     for lo in item.cfg.loras)
-        item = replace(item, cfg=replace(item.cfg, loras=here))
+        item = replace(item, cfg=replace(item.cfg, loras=tuple(cluster.local_lora(lo, shipped, ray)
+                                                              for lo in item.cfg.loras)))
         folder = self.scratch / item.name
         try:
             summary = batch.run_item(item, folder, _Silent(), batch=images_per_batch)
@@ -105,7 +96,7 @@ def executor(address: str, profile: Any, out: Path, ui: Any, workers: int | None
         c = cluster.connect(address, profile, workers, worker_cpus)
         pool = None
         try:
-            files = [f for item, _ in todo for lo in item.cfg.loras for f in (lo.path, *lo.references)]
+            files = cluster.lora_files(lo for item, _ in todo for lo in item.cfg.loras)
             pool = c.pool(ComposeWorker, cluster.ship_files(c.ray, files, c.nodes), batch_id(out), worker_cpus,
                           images_per_batch)
             if hasattr(ui, "status"):
