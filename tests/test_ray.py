@@ -166,7 +166,10 @@ def test_a_killed_worker_has_its_row_retried_and_every_row_stored_once(single, k
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_without_computing_a_stored_row_again(single, tmp_path, localora_home):
+@pytest.mark.parametrize("how", ["killed", "interrupted"])
+def test_a_stopped_driver_resumes_without_computing_a_stored_row_again(single, tmp_path, localora_home, how):
+    """The driver SIGKILLed (with its local cluster), or Ctrl-C'd (SIGINT: it says so, exits 130
+    and stops the cluster), after 3 stored rows; then rerun (--resume for the interrupted one)."""
     out = tmp_path / "bench"
     home = tmp_path / "home"
     home.mkdir()
@@ -174,10 +177,10 @@ def test_a_killed_driver_resumes_without_computing_a_stored_row_again(single, tm
     env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
 
-    def bench() -> subprocess.Popen:
+    def bench(*extra: str) -> subprocess.Popen:
         # Its own process group: the Ray processes the driver starts are killed with it.
         return subprocess.Popen([sys.executable, "-m", "localora", *ARGS, "--out", str(out), "--plain", "--ray", "local",
-                                 "--workers", "2"], env=env, text=True, stdout=subprocess.PIPE,
+                                 "--workers", "2", *extra], env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     proc, seen, lines = bench(), 0, []
@@ -185,14 +188,22 @@ def test_a_killed_driver_resumes_without_computing_a_stored_row_again(single, tm
         lines.append(line)
         seen += bool(re.match(r"\[\d\d:\d\d\] \d+/\d+ ", line))  # a stored row's line
         if seen == 3:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if how == "killed":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                os.kill(proc.pid, signal.SIGINT)
             break
-    proc.wait(timeout=60)
-    assert proc.returncode == -9, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's left behind
+    if how == "killed":
+        assert proc.returncode == -9, "".join(lines) + rest
+    else:
+        assert proc.returncode == 130 and "interrupted; finished rows are saved" in rest, "".join(lines) + rest
     first = stored(out)
     assert 3 <= len(first) < ROWS
     rerun_started = time.time()
-    proc = bench()
+    proc = bench(*(["--resume"] if how == "interrupted" else []))
     output, _ = proc.communicate(timeout=600)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's left behind
