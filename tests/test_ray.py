@@ -287,3 +287,41 @@ def test_compose_ray_needs_a_batch(tmp_path):
     result = CliRunner().invoke(main, [*COMPOSE, "a prompt", "--lora", "demo-character", "--lora", "demo-style",
                                        "--ray", "local"])
     one_error_line(result, "--ray", "--prompts FILE.jsonl")
+
+
+def test_a_node_without_a_lora_file_gets_the_drivers_bytes_once_under_its_name(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("LOCALORA_HOME", str(tmp_path / "node-home"))
+    lora = tmp_path / "driver" / "loras" / "my-style.safetensors"
+    lora.parent.mkdir(parents=True)
+    lora.write_bytes(b"weights" * 1000)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             object_store_memory=cluster.LOCAL_OBJECT_STORE)
+    try:
+        assert cluster.ship_files(ray, [lora], nodes=1) == cluster.Shipped()  # one node: its files are the driver's
+        shipped = cluster.ship_files(ray, [lora, lora], nodes=2)
+        assert cluster.local_file(lora, shipped, ray) == lora  # this node has it, with that content
+        data = lora.read_bytes()
+        lora.rename(lora.with_suffix(".moved"))  # a node that lacks the driver's file
+        here = cluster.local_file(lora, shipped, ray)
+        assert here.name == "my-style.safetensors" and here.read_bytes() == data
+        assert here.is_relative_to(tmp_path / "node-home" / "cluster" / "files")
+        stamp = here.stat().st_mtime_ns
+        assert cluster.local_file(lora, shipped, ray) == here and here.stat().st_mtime_ns == stamp  # kept, not rewritten
+    finally:
+        ray.shutdown()
+
+
+def test_a_packed_run_folder_replaces_the_old_one_whole(tmp_path):
+    made = tmp_path / "worker" / "run"
+    (made / "images").mkdir(parents=True)
+    (made / "final.json").write_text("{}")
+    (made / "images" / "a.png").write_bytes(b"png")
+    (made / ".lock").write_text("123")  # the worker's lock stays with the worker
+    target = tmp_path / "bench" / "runs" / "run"
+    target.mkdir(parents=True)
+    (target / "events.jsonl").write_text("partial")
+    cluster.unpack(cluster.pack(made), target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["final.json", "images", "images/a.png"]
+    assert [p.name for p in target.parent.iterdir()] == ["run"]  # no temporary left beside it
