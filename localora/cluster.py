@@ -6,7 +6,8 @@ CPU profile, each holding its models for its whole life; the driver alone writes
     Cluster.pool(worker_class, *args)   -> Pool       the workers, started and told their share
     Pool.add(task) / Pool.results()                   tasks out to free workers, (task, result)
                                                       back as each finishes, in completion order
-    ship_files / local_file                           LoRA files to nodes that do not have them
+    ship_files / local_file / local_lora              LoRA files to nodes that do not have them
+    job_id / scratch_dir / log_dir                    a job's name on every node, a worker's folders
     pack / unpack                                     a folder as bytes (a run folder to the driver)
 
 A worker class is a plain class with `ready() -> dict` (sets it up, then says its node, pid and
@@ -19,8 +20,8 @@ has killed `retries + 1` workers is given up as a failure. An exception a task r
 retried: a LocaloraError keeps its message (prefixed by the node) and class, so the CLI prints
 one line, and stops the whole job as it would in one process.
 
-Ray is an optional dependency (`pip install "localora[ray]"`) and is imported only here, only
-when a command is given --ray.
+Ray is an optional dependency (`pip install "localora[ray]"`), imported only when a command is
+given --ray: here, and in the workers (bench/distributed.py, runs/distributed.py).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ class Pool:
                 result = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise _failure(e, f"{_where(worker)}: {task.key}") from None
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                     ray.exceptions.ObjectLostError) as e:
                 self._lost(worker, task, e)
                 continue
@@ -256,6 +257,10 @@ class Pool:
             raise RuntimeFailure(f"{task.key} was tried on {task.attempts + 1} workers and each died (last "
                                  f"{_where(worker)}: {type(error).__name__}); finished work is saved, rerun to "
                                  f"go on") from None
+        try:  # one only unreachable for now would hold its GPU and finish a row nobody reads
+            self.ray.kill(worker.handle)
+        except Exception:
+            pass
         self.queue.appendleft(Task(task.key, task.payload, task.attempts + 1))
         self.replaced += 1
         self._spawn()
