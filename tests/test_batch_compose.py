@@ -169,6 +169,7 @@ def localora(*args) -> subprocess.Popen:
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_a_stopped_batch_continues_with_the_same_command(batch, templates, tmp_path, sig):
     _, first_out, _, _, _ = batch
