@@ -72,6 +72,14 @@ def needs_gpu(profile: Any) -> bool:
     return device.startswith("cuda") or (device == "auto" and profile.diffusion.dtype != "float32")
 
 
+def worker_profile(profile: Any) -> Any:
+    """The profile as a worker runs it: Ray shows each worker its own GPU alone, as cuda:0, so a
+    profile's cuda:N (the driver's numbering) becomes plain cuda."""
+    from dataclasses import replace as with_field
+
+    return with_field(profile, device="cuda") if str(profile.device).startswith("cuda:") else profile
+
+
 def _check_reachable(address: str) -> None:
     """One line for an address nobody answers, in seconds rather than Ray's minutes of retries."""
     if address.startswith("ray://"):
@@ -123,10 +131,8 @@ def connect(address: str, profile: Any, workers: int | None = None, cpus_per_wor
     anything else is the head's address. Workers: one per GPU the cluster has; with no GPU, one
     per `cpus_per_worker` CPUs (refused when the profile needs a GPU); `workers` caps it.
     """
-    if workers is not None and workers < 1:
-        raise LocaloraError(f"--workers {workers}: give at least 1")
-    if cpus_per_worker < 1:
-        raise LocaloraError(f"--worker-cpus {cpus_per_worker}: give at least 1")
+    if (workers is not None and workers < 1) or cpus_per_worker < 1:
+        raise ValueError(f"workers {workers} and cpus_per_worker {cpus_per_worker} must be at least 1")
     if address not in ("local", "auto"):
         _check_reachable(address)
     # Ray's C++ core logs each retry of a connection on stderr, a line a second; errors still show.

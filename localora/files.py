@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
 
+
 def slug(text: str) -> str:
     """A prompt's short, folder-name-safe form: lower case, dashes, at most 40 characters."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "run"

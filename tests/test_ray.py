@@ -325,3 +325,19 @@ def test_a_packed_run_folder_replaces_the_old_one_whole(tmp_path):
     cluster.unpack(cluster.pack(made), target)
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["final.json", "images", "images/a.png"]
     assert [p.name for p in target.parent.iterdir()] == ["run"]  # no temporary left beside it
+
+
+def test_a_worker_runs_the_profile_on_its_own_gpu_numbering():
+    from dataclasses import replace
+
+    from localora.profiles import load_profile
+
+    tiny = load_profile("tiny")
+    assert cluster.worker_profile(replace(tiny, device="cuda:1")).device == "cuda"  # Ray shows it as cuda:0
+    assert cluster.worker_profile(tiny) == tiny and cluster.worker_profile(replace(tiny, device="cpu")).device == "cpu"
+    assert cluster.needs_gpu(load_profile("sdxl-realistic")) and not cluster.needs_gpu(tiny)
+
+
+def test_worker_counts_below_one_are_refused_by_the_option(tmp_path):
+    result = bench_cli("--out", tmp_path / "b", "--ray", "local", "--workers", "0")
+    assert result.exit_code == 2 and "--workers" in result.output and not (tmp_path / "b").exists()

@@ -84,9 +84,7 @@ class BenchWorker:
         self.scratch = cluster.scratch_dir(bench)
         self.log = cluster.log_dir(bench) / f"worker-{os.getpid()}.jsonl"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        # Ray shows a worker its own GPU alone, as cuda:0: a profile's cuda:N is the driver's numbering.
-        profile = replace(p.profile, device="cuda") if p.profile.device.startswith("cuda:") else p.profile
-        p = replace(p, cfg=replace(p.cfg, out=self.scratch), loras=here, profile=profile)
+        p = replace(p, cfg=replace(p.cfg, out=self.scratch), loras=here, profile=cluster.worker_profile(p.profile))
         parts = sessions.components(p.profile)
         self.runner = runner._Runner(p, _Quiet(), parts.renderer, runner._CountingVLM(parts.vlm), parts.scorer,
                                      session, {})

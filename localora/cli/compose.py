@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from localora import verbosity
-from localora.cli.options import (batch_option, catalog_option, emit, float_list, json_option, lora_dir_option,
+from localora.cli.options import (batch_option, catalog_option, check_ray_options, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
                                   ray_options, sampling_options, weight_bounds)
 from localora.diffusion.methods import METHODS
@@ -219,8 +219,7 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
     if ray is not None and not jsonl:
         raise LocaloraError("--ray spreads a batch over a cluster: give --prompts FILE.jsonl (one compose per line)")
-    if ray is None and (workers is not None or worker_cpus != 1):
-        raise LocaloraError("--workers and --worker-cpus size the Ray workers; add --ray (or drop them)")
+    check_ray_options(ray, workers, worker_cpus)
     if jsonl and resume:
         raise LocaloraError(f"--resume continues one run; to continue a batch, rerun the same command "
                             f"(--prompts {jsonl} with its --out)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
-from localora.cli.options import complete_profiles, complete_testbeds, emit, json_option, ray_options
+from localora.cli.options import complete_profiles, complete_testbeds, check_ray_options, emit, json_option, ray_options
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles, verbosity
@@ -185,8 +185,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         ui = PlainProgress(lambda line: None if verbosity.quiet() else click.echo(line, err=True))
     else:
         ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
-    if ray is None and (workers is not None or worker_cpus != 1):
-        raise LocaloraError("--workers and --worker-cpus size the Ray workers; add --ray (or drop them)")
+    check_ray_options(ray, workers, worker_cpus)
     if resume and not (out / DB_FILE).is_file():
         raise LocaloraError(f"--resume {out}: no {DB_FILE} there to go on with; drop --resume to start a new bench")
     try:

@@ -117,20 +117,27 @@ lora_dir_option = click.option(
     "--lora-dir", "lora_dirs", multiple=True, metavar="DIR",
     help="A folder of .safetensors LoRAs (A1111 models/Lora, ComfyUI models/loras): a bare name is a file "
          "stem there, subfolders included; repeatable, searched before $LOCALORA_LORA_DIRS and config.toml.")
+
+
 def ray_options(command):
     """--ray [ADDRESS], --workers, --worker-cpus: the work spread over a Ray cluster (localora/cluster.py)."""
     for option in reversed((
         click.option("--ray", "ray", default=None, is_flag=False, flag_value="auto", metavar="[ADDRESS]",
                      help="Run on a Ray cluster: auto (the default) joins the one `ray start` runs here, local starts "
                           "one on this machine, HOST:PORT joins that head. Needs pip install \"localora[ray]\"."),
-        click.option("--workers", type=int, default=None,
+        click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="--ray: at most this many workers (default: one per GPU; with no GPU, one per "
                           "--worker-cpus CPUs)."),
-        click.option("--worker-cpus", type=int, default=1, show_default=True,
+        click.option("--worker-cpus", type=click.IntRange(min=1), default=1, show_default=True,
                      help="--ray on CPUs: cores (torch threads) per worker."),
     )):
         command = option(command)
     return command
+
+
+def check_ray_options(ray: str | None, workers: int | None, worker_cpus: int) -> None:
+    if ray is None and (workers is not None or worker_cpus != 1):
+        raise LocaloraError("--workers and --worker-cpus size the Ray workers; add --ray (or drop them)")
 
 
 plain_option = click.option("--plain", is_flag=True, help="One log line per event instead of the live view.")

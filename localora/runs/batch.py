@@ -155,10 +155,12 @@ def _by_content(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0) -> dict[str, Any]:
+def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0, profile: Any = None) -> dict[str, Any]:
     """Start (or resume) the compose of `item` in `folder`; returns folder.result's dict, as
     `localora compose --json` prints it (cli/compose.summary). Writes only inside `folder`. The models stay loaded in
-    this process for its next item (release() lets them go); `batch` is --batch."""
+    this process for its next item (release() lets them go); `batch` is --batch. `profile`: the
+    Profile to start the run with instead of item.profile's entry in this machine's models.toml
+    (a cluster worker runs the driver's)."""
     from localora.profiles import load_profile
     from localora.runs import session
 
@@ -170,7 +172,7 @@ def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0) -> dict[str, 
         check_folder(item, folder)
         run, cfg, profile = session.reopen(folder, list(item.cfg.loras))
     else:
-        cfg, profile = item.cfg, load_profile(item.profile)
+        cfg, profile = item.cfg, profile or load_profile(item.profile)
         run = session.start(cfg, profile, folder)
     try:
         parts = _models(profile, batch)

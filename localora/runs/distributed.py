@@ -50,13 +50,13 @@ class ComposeWorker:
     """One worker of a batch. Its constructor keeps the arguments; `ready()` sets it up; `run(item)`
     composes one line and returns its run folder, packed."""
 
-    def __init__(self, shipped: cluster.Shipped, name: str, threads: int, images_per_batch: int):
-        self.args = (shipped, name, threads, images_per_batch)
+    def __init__(self, profile: Any, shipped: cluster.Shipped, name: str, threads: int, images_per_batch: int):
+        self.args = (cluster.worker_profile(profile), shipped, name, threads, images_per_batch)
 
     def ready(self) -> dict[str, Any]:
         import torch
 
-        shipped, name, threads, _ = self.args
+        _, shipped, name, threads, _ = self.args
         torch.set_num_threads(threads)
         self.scratch = cluster.scratch_dir(name)
         self.log = cluster.log_dir(name) / f"worker-{os.getpid()}.jsonl"
@@ -67,12 +67,12 @@ class ComposeWorker:
         """("done", the packed folder) or ("failed", why) for a line whose work failed."""
         import ray
 
-        shipped, _, _, images_per_batch = self.args
+        profile, shipped, _, _, images_per_batch = self.args
         item = replace(item, cfg=replace(item.cfg, loras=tuple(cluster.local_lora(lo, shipped, ray)
                                                               for lo in item.cfg.loras)))
         folder = self.scratch / item.name
         try:
-            summary = batch.run_item(item, folder, _Silent(), batch=images_per_batch)
+            summary = batch.run_item(item, folder, _Silent(), batch=images_per_batch, profile=profile)
         except RuntimeFailure as e:
             return "failed", str(e)
         with open(self.log, "a") as f:
@@ -97,8 +97,8 @@ def executor(address: str, profile: Any, out: Path, ui: Any, workers: int | None
         pool = None
         try:
             files = cluster.lora_files(lo for item, _ in todo for lo in item.cfg.loras)
-            pool = c.pool(ComposeWorker, cluster.ship_files(c.ray, files, c.nodes), batch_id(out), worker_cpus,
-                          images_per_batch)
+            pool = c.pool(ComposeWorker, profile, cluster.ship_files(c.ray, files, c.nodes), batch_id(out),
+                          worker_cpus, images_per_batch)
             if hasattr(ui, "status"):
                 ui.status(f"{c.describe()}: {len(todo)} lines to compose")
             for item, _ in todo:
