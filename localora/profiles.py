@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localora import paths
+from localora import archs, paths
 from localora.errors import LocaloraError, MissingError, check_keys
 
-ARCHS = ("sdxl", "sd15")
-SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
+ARCHS = tuple(archs.ARCHS)
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "flow_euler")  # flow_euler: the flow-matching bases' own
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "nf4", "int8")
 PLACEMENTS = ("auto", "swap", "resident", "reload")  # see localora/devices.py
@@ -41,6 +41,10 @@ class DiffusionSpec:
     # A1111's "Model hash" (AutoV2: first 10 hex of the checkpoint file's sha256) of the same
     # weights, for the infotext; a diffusers folder has no single file to hash.
     a1111_hash: str | None = None
+    # Text tokens the prompt is encoded to (T5 / Qwen3 encoders; None: the pipeline's default, 512)
+    max_sequence_length: int | None = None
+    # The denoiser and large text encoder in 4-bit NF4 or 8-bit (bitsandbytes), for 12-24 GB cards
+    quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ def _build(cls: type, name: str, table: Any, where: str) -> Any:
             "str": isinstance(value, str),
             "str | None": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
+            "int | None": isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         }.get(str(want), True)
         if not ok:
@@ -151,12 +156,18 @@ def load_catalog(path: Path | None = None) -> Catalog:
             raise LocaloraError(f"{path} [diffusion.{n}]: source {d.source} is not a {d.arch} model; "
                                 f"use source = \"tiny:{d.arch}\" or arch = \"{d.source.removeprefix('tiny:')}\"")
         _choice(d.scheduler, SCHEDULERS, f"{path} [diffusion.{n}] scheduler")
+        if archs.arch(d.arch).flow != (d.scheduler == "flow_euler"):
+            want = "flow_euler" if archs.arch(d.arch).flow else "one of euler, euler_a, dpmpp_2m, ddim"
+            raise LocaloraError(f"{path} [diffusion.{n}]: scheduler '{d.scheduler}' does not fit the "
+                                f"{archs.arch(d.arch).label} base; use {want}")
+        _choice(d.quantization, QUANTIZATIONS, f"{path} [diffusion.{n}] quantization")
         _choice(d.dtype, DTYPES, f"{path} [diffusion.{n}] dtype")
         if d.a1111_hash is not None and not re.fullmatch(r"[0-9a-f]{10}", d.a1111_hash):
             raise LocaloraError(f"{path} [diffusion.{n}]: a1111_hash '{d.a1111_hash}' is not 10 lowercase hex digits "
                                 f"(A1111's AutoV2 hash, as its infotext shows it); fix it or remove the key")
-        if d.steps < 1 or d.width % 8 or d.height % 8:
-            raise LocaloraError(f"{path} [diffusion.{n}]: steps must be >= 1 and width/height multiples of 8")
+        multiple = archs.arch(d.arch).size_multiple
+        if d.steps < 1 or d.width % multiple or d.height % multiple:
+            raise LocaloraError(f"{path} [diffusion.{n}]: steps must be >= 1 and width/height multiples of {multiple}")
     for n, v in comps["vlm"].items():
         _choice(v.quantization, QUANTIZATIONS, f"{path} [vlm.{n}] quantization")
         _choice(v.dtype, DTYPES, f"{path} [vlm.{n}] dtype")

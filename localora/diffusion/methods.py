@@ -4,11 +4,13 @@
     METHODS["switch"].order(loras)                                          the order a method wants
     decode(pipe, latents) -> PIL image
 
-Each method takes a loaded pipeline whose adapters are already loaded and a resolved Sampling,
-and returns the final latents. Merge and Switch run the stock diffusers pipeline; Composite needs
-its own denoising loop because it runs the UNet once per LoRA at every step. METHODS is the one
-registry: the renderer, the CLI's choices, the bench and the docs read it. To add a method, write
-its function here and register it.
+Each method takes a loaded pipeline of any base (archs.py) whose adapters are already loaded and
+a resolved Sampling, and returns the final latents (batch, channels, h, w). Merge and Switch run
+the base's stock diffusers pipeline; Composite and batched Merge run their own loop on the
+denoiser seam (denoisers.py), which sees a network that predicts for a batch of rows, each row with
+its own LoRA weights, so they are written once for every base. METHODS is the one registry: the
+renderer, the CLI's choices, the bench and the docs read it. To add a method, write its function
+here and register it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from localora import archs
+from localora.diffusion import denoisers
 from localora.diffusion.loras import Lora, switch_order
-from localora.diffusion.pipeline import set_unet_weights, set_weights
+from localora.diffusion.pipeline import set_weights
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 
@@ -38,25 +42,26 @@ class MethodFn(Protocol):
 
 
 def _generator(seed: int) -> torch.Generator:
-    import torch
-
-    # Noise is drawn on the CPU so a seed gives the same start on any device.
-    return torch.Generator("cpu").manual_seed(seed)
+    return denoisers.generator(seed)
 
 
-def fresh_scheduler(pipe):
-    """Give the pipeline a new scheduler built from its config, and return it.
+fresh_scheduler = denoisers.fresh_scheduler
 
-    Schedulers keep state between renders: Euler's `init_noise_sigma` is the largest sigma of the
-    last `set_timesteps`, DPM++ keeps its previous model outputs and the step index. A new one per
-    render makes every render independent of whatever ran before it in the process.
-    """
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    return pipe.scheduler
+
+def arch_of(pipe) -> str:
+    """The base of a loaded pipeline, by its class (archs.ARCHS declares each one's)."""
+    for a in archs.ARCHS.values():
+        if type(pipe).__name__ == a.pipeline:
+            return a.name
+    raise LocaloraError(f"localora has no base for a {type(pipe).__name__}; it renders {', '.join(archs.ARCHS)}")
 
 
 def _run_pipeline(pipe, prompt: str, s: Sampling, on_step: StepCallback | None,
                   switch: Callable | None = None) -> torch.Tensor:
+    """The stock diffusers pipeline of the base, with the family's settings: Merge and Switch are
+    exactly what the pipeline computes."""
+    fam = denoisers.family_of(arch_of(pipe))
+
     def callback(p, i, t, kwargs):
         if switch:
             switch(i)
@@ -65,11 +70,11 @@ def _run_pipeline(pipe, prompt: str, s: Sampling, on_step: StepCallback | None,
         return {}
 
     fresh_scheduler(pipe)
-    return pipe(
-        prompt=prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-        guidance_scale=s.guidance, width=s.width, height=s.height, generator=_generator(s.seed),
-        output_type="latent", callback_on_step_end=callback,
+    latents = pipe(
+        prompt=prompt, num_inference_steps=s.steps, width=s.width, height=s.height, generator=_generator(s.seed),
+        output_type="latent", callback_on_step_end=callback, **fam.stock_kwargs(s),
     ).images
+    return fam.unpacked(pipe, latents, s)
 
 
 def merge(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
@@ -81,52 +86,46 @@ def merge(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampl
 
 def merge_many(pipe, adapters: list[str], rows: list[list[float]], prompt: str, s: Sampling,
                on_step: StepCallback | None = None) -> torch.Tensor:
-    """LoRA Merge of several weight vectors at once: one UNet batch whose row m (and its
-    unconditional twin) uses `rows[m]` (rows.py). Every image starts from the seed's noise, as
-    merge() draws it, so row m equals merge() at `rows[m]` up to float rounding. Only for
-    deterministic schedulers: an ancestral step draws different noise for a batch.
-    Returns latents with one row per weight vector."""
+    """LoRA Merge of several weight vectors at once: one denoiser batch whose image m uses `rows[m]`
+    (rows.py), on the denoiser seam. Every image starts from the seed's noise, as merge() draws
+    it, so image m equals merge() at `rows[m]` up to float rounding. Only for deterministic
+    schedulers: an ancestral step draws different noise for a batch.
+    Returns latents with one image per weight vector."""
     import torch
-    from diffusers.utils.torch_utils import randn_tensor
 
     from localora.diffusion.rows import lora_layers, row_weights
 
+    arch = arch_of(pipe)
+    fam = denoisers.family_of(arch)
+    net = denoisers.denoiser(pipe, arch)
     m = len(rows)
-    device = pipe.unet.device
-    # 1. Prompt embeddings: text-encoder LoRA layers make them differ per weight vector.
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    per_row = any(lora_layers(e) for e in encoders)
-    encoded = []
-    for w in rows if per_row else rows[:1]:
-        set_weights(pipe, adapters, w)
-        encoded.append(_encode(pipe, prompt, s, device))
-    encoded = encoded if per_row else encoded * m
-    negative = torch.cat([e["embeds"][:1] for e in encoded])
-    positive = torch.cat([e["embeds"][1:] for e in encoded])
-    kwargs = {}
-    if encoded[0]["added"] is not None:
-        kwargs = {"pooled_prompt_embeds": torch.cat([e["added"]["text_embeds"][1:] for e in encoded]),
-                  "negative_pooled_prompt_embeds": torch.cat([e["added"]["text_embeds"][:1] for e in encoded])}
-    # 2. One image's starting noise, drawn exactly as the pipeline draws it, for every row.
-    shape = (1, pipe.unet.config.in_channels, s.height // pipe.vae_scale_factor, s.width // pipe.vae_scale_factor)
-    noise = randn_tensor(shape, generator=_generator(s.seed), device=device, dtype=positive.dtype)
-
-    def callback(p, i, t, kw):
-        if on_step:
-            on_step(i, s.steps)
-        return {}
-
-    fresh_scheduler(pipe)
-    weights = torch.tensor(rows, dtype=torch.float64)
-    # 3. The stock denoising loop; classifier-free guidance batches [uncond rows, cond rows].
-    with row_weights(pipe.unet, adapters) as lora_rows:
-        # Stock pipelines run the unconditional rows only when guidance is on (scale > 1).
-        lora_rows.weights = torch.cat([weights, weights]) if s.guidance > 1 else weights
-        return pipe(
-            prompt_embeds=positive, negative_prompt_embeds=negative, **kwargs, latents=noise.repeat(m, 1, 1, 1),
-            num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
-            generator=_generator(s.seed), output_type="latent", callback_on_step_end=callback,
-        ).images
+    with torch.no_grad():
+        # 1. Prompt embeddings: text-encoder LoRA layers make them differ per weight vector.
+        uncond = fam.uses_uncond(s, always=False)
+        encoders = [getattr(pipe, e, None) for e in archs.arch(arch).text_encoders]
+        if any(lora_layers(e) for e in encoders if e is not None):
+            conds = []
+            for w in rows:
+                set_weights(pipe, adapters, w)
+                conds.append(fam.encode(pipe, prompt, s, uncond))
+            cond = denoisers.concat(conds)
+        else:
+            set_weights(pipe, adapters, rows[0])
+            cond = fam.encode(pipe, prompt, s, uncond)
+        # 2. One image's schedule and starting noise, drawn exactly as the pipeline draws it, for every image.
+        run = fam.start(pipe, s, cond, s.seed)
+        latents = run.latents.repeat(m, *([1] * (run.latents.dim() - 1)))
+        weights = torch.tensor(rows, dtype=torch.float64).repeat_interleave(cond.branches, 0)
+        # 3. The denoising loop: image-major rows, each with its weight vector.
+        with row_weights(net, adapters) as lora_rows:
+            lora_rows.weights = weights
+            for i, t in enumerate(run.timesteps):
+                out = fam.predict(pipe, run, latents, t, cond, 1)
+                eps = fam.guide(out.view(m, cond.branches, *out.shape[1:]), s)
+                latents = fam.step(run, eps, t, latents)
+                if on_step:
+                    on_step(i, s.steps)
+    return fam.unpacked(pipe, latents, s)
 
 
 def switch_active(step: int, n: int, every: int) -> int:
@@ -145,12 +144,13 @@ def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Samp
     The prompt is encoded with only the first adapter active, as in the reference.
     """
     set_weights(pipe, [adapters[0]], [weights[0]])
+    net = denoisers.denoiser(pipe, arch_of(pipe))
     current = [0]
 
     def after_step(i: int) -> None:
         nxt = switch_active(i + 1, len(adapters), s.switch_every)
         if nxt != current[0]:
-            set_unet_weights(pipe, [adapters[nxt]], [weights[nxt]])
+            net.set_adapters([adapters[nxt]], weights=[weights[nxt]])
             current[0] = nxt
 
     return _run_pipeline(pipe, prompt, s, on_step, switch=after_step)
@@ -158,10 +158,11 @@ def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Samp
 
 def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
               on_step: StepCallback | None = None) -> torch.Tensor:
-    """LoRA Composite: at every step, one UNet pass per adapter alone on [uncond, cond];
-    eps = u + g (c - u) with u, c the means over adapters. Correct for any guidance g.
+    """LoRA Composite: at every step, one denoiser pass per adapter alone; the mean of their
+    predictions, guided (UNets: eps = u + g (c - u) with u, c the means over adapters, for any g;
+    Flux.1: no unconditional pass, the guidance is embedded; Z-Image: its own guidance formula).
 
-    The k passes run as one UNet batch of 2k rows, each row with its own LoRA (rows.py), so no
+    The k passes run as one denoiser batch, each row with its own LoRA (rows.py), so no
     set_adapters call happens between them; if the card runs out of memory the batch is split.
     """
     import torch
@@ -176,132 +177,80 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
 
     from localora.diffusion.rows import is_out_of_memory, row_weights
 
+    arch = arch_of(pipe)
+    fam = denoisers.family_of(arch)
     # 1. Encode the prompt with every LoRA active (their text-encoder layers, if any, as in Merge).
-    device = pipe.unet.device
     set_weights(pipe, adapters, weights)
-    cond = _encode(pipe, prompt, s, device)
-    # 2. Timesteps, then the starting noise: prepare_latents scales the noise by init_noise_sigma,
-    #    which Euler-type schedulers derive from the schedule that is set.
-    generator = _generator(s.seed)
-    scheduler = fresh_scheduler(pipe)
-    scheduler.set_timesteps(s.steps, device=device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
-                                   device, generator)
-    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    cond = fam.encode(pipe, prompt, s, fam.uses_uncond(s, always=True))
+    # 2. Timesteps, then the starting noise.
+    run = fam.start(pipe, s, cond, s.seed)
+    latents = run.latents
     k = len(adapters)
-    per_pass = k  # LoRAs in one UNet batch (2 rows each); halved if the card runs out of memory
-    # 3. The denoising loop: per step, the guided mean of the k single-LoRA noise predictions.
-    with row_weights(pipe.unet, adapters) as rows:
-        for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    per_pass = k  # LoRAs in one denoiser batch; halved if the card runs out of memory
+    # 3. The denoising loop: per step, the guided mean of the k single-LoRA predictions.
+    with row_weights(denoisers.denoiser(pipe, arch), adapters) as rows:
+        for i, t in enumerate(run.timesteps):
             while True:
                 try:
-                    total = sum(_composite_pass(pipe, rows, x, t, cond, weights, range(j, min(j + per_pass, k)))
+                    total = sum(_composite_pass(fam, pipe, run, rows, latents, t, cond, weights,
+                                                range(j, min(j + per_pass, k)))
                                 for j in range(0, k, per_pass))
                     break
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                     if not is_out_of_memory(e) or per_pass == 1:
                         raise
                     per_pass = max(1, per_pass // 2)
-                    log.warning("composite: out of accelerator memory with %d LoRAs per UNet batch; "
+                    log.warning("composite: out of accelerator memory with %d LoRAs per denoiser batch; "
                                 "going on with %d", 2 * per_pass, per_pass)
-            uncond, text = (total / k).chunk(2)
-            eps = uncond + s.guidance * (text - uncond)
-            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+            eps = fam.guide((total / k).unsqueeze(0), s)
+            latents = fam.step(run, eps, t, latents)
             if on_step:
                 on_step(i, s.steps)
-    return latents
+    return fam.unpacked(pipe, latents, s)
 
 
 def composite_per_lora(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
                        on_step: StepCallback | None = None) -> torch.Tensor:
-    """Composite as the paper writes it: per step, one UNet pass per LoRA, each switched on with
-    set_adapters. Kept as the reference that `composite` is tested and benchmarked against."""
+    """Composite as the paper writes it: per step, one denoiser pass per LoRA, each switched on
+    with set_adapters. Kept as the reference that `composite` is tested and benchmarked against."""
     import torch
 
+    arch = arch_of(pipe)
+    fam = denoisers.family_of(arch)
+    net = denoisers.denoiser(pipe, arch)
     with torch.no_grad():
         set_weights(pipe, adapters, weights)
-        cond = _encode(pipe, prompt, s, pipe.unet.device)
-        generator = _generator(s.seed)
-        scheduler = fresh_scheduler(pipe)
-        scheduler.set_timesteps(s.steps, device=pipe.unet.device)
-        latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, s.height, s.width, cond["embeds"].dtype,
-                                       pipe.unet.device, generator)
-        extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
-        for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        cond = fam.encode(pipe, prompt, s, fam.uses_uncond(s, always=True))
+        run = fam.start(pipe, s, cond, s.seed)
+        latents = run.latents
+        for i, t in enumerate(run.timesteps):
             total = 0
             for name, w in zip(adapters, weights):
-                set_unet_weights(pipe, [name], [w])
-                total = total + pipe.unet(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=cond["added"],
-                                          return_dict=False)[0]
-            uncond, text = (total / len(adapters)).chunk(2)
-            latents = scheduler.step(uncond + s.guidance * (text - uncond), t, latents, **extra, return_dict=False)[0]
+                net.set_adapters([name], weights=[w])
+                total = total + fam.predict(pipe, run, latents, t, cond, 1)
+            eps = fam.guide((total / len(adapters)).view(1, cond.branches, *total.shape[1:]), s)
+            latents = fam.step(run, eps, t, latents)
             if on_step:
                 on_step(i, s.steps)
-        return latents
+        return fam.unpacked(pipe, latents, s)
 
 
-def _composite_pass(pipe, rows, x, t, cond: dict, weights: list[float], which: range):
-    """The sum over the LoRAs in `which` of their [uncond, cond] noise predictions, in one UNet batch."""
+def _composite_pass(fam: denoisers.Family, pipe, run, rows, latents, t, cond, weights: list[float], which: range):
+    """The sum over the LoRAs in `which` of their predictions (every branch), in one denoiser batch."""
     from localora.diffusion.rows import one_hot_rows
 
     n = len(which)
-    rows.weights = one_hot_rows(weights, which, per_row=2)
-    added = None if cond["added"] is None else {key: v.repeat(n, *([1] * (v.dim() - 1)))
-                                                 for key, v in cond["added"].items()}
-    out = pipe.unet(x.repeat(n, 1, 1, 1), t, encoder_hidden_states=cond["embeds"].repeat(n, 1, 1),
-                    added_cond_kwargs=added, return_dict=False)[0]
-    return out.view(n, 2, *out.shape[1:]).sum(0)
+    rows.weights = one_hot_rows(weights, which, per_row=cond.branches)
+    out = fam.predict(pipe, run, latents, t, cond, n)
+    return out.view(n, cond.branches, *out.shape[1:]).sum(0)
 
 
-def sdxl_time_ids(height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """SDXL's size and crop conditioning, as the stock pipeline builds it with its defaults:
-    original size = target size = the image's (height, width), crop top-left (0, 0)."""
-    import torch
-
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
-
-
-def _encode(pipe, prompt: str, s: Sampling, device: torch.device) -> dict:
-    """Prompt embeddings for [uncond, cond], plus SDXL's pooled text and size conditioning."""
-    import torch
-
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=s.negative_prompt or None)
-        time_ids = sdxl_time_ids(s.height, s.width, pos.dtype)
-        added = {"text_embeds": torch.cat([neg_pooled, pooled]).to(device),
-                 "time_ids": torch.cat([time_ids, time_ids]).to(device)}
-        return {"embeds": torch.cat([neg, pos]).to(device), "added": added}
-    pos, neg = pipe.encode_prompt(prompt, device, 1, True, negative_prompt=s.negative_prompt or None)
-    return {"embeds": torch.cat([neg, pos]), "added": None}
+sdxl_time_ids = denoisers.sdxl_time_ids
 
 
 def decode(pipe, latents: torch.Tensor) -> Image.Image:
-    """Latents to a PIL image with the pipeline's VAE (upcast where fp16 would overflow)."""
-    import torch
-
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(dtype=torch.float32)
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
-    return pipe.image_processor.postprocess(image.detach(), output_type="pil")[0]
+    """Latents (as the methods return them) to a PIL image with the pipeline's VAE."""
+    return denoisers.family_of(arch_of(pipe)).decode(pipe, latents)
 
 
 # ------------------------------------------------------------------ the registry

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localora.diffusion import loras as loralib
-from localora import profiles, verbosity
+from localora import archs, profiles, verbosity
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch loads with the first pipeline, so that commands witho
 
 def _scheduler(name: str, config: Any):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
+                           EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
@@ -24,6 +24,8 @@ def _scheduler(name: str, config: Any):
         return EulerAncestralDiscreteScheduler.from_config(config)
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     return DDIMScheduler.from_config(config)
 
 
@@ -33,17 +35,39 @@ def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
     return getattr(torch, profiles.run_dtype(spec.dtype, device.type))
 
 
+def quantization_config(spec: DiffusionSpec, dtype: torch.dtype):
+    """diffusers' pipeline quantization for a spec that asks for it: the base's denoiser and its
+    large text encoder (archs.Arch.quantize) in 4-bit NF4 or 8-bit through bitsandbytes, the rest
+    in the run dtype. None when the spec runs unquantized."""
+    if spec.quantization == "none":
+        return None
+    from diffusers import PipelineQuantizationConfig
+
+    if spec.quantization == "nf4":
+        backend, kwargs = "bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                "bnb_4bit_compute_dtype": dtype}
+    else:
+        backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs,
+                                      components_to_quantize=list(archs.arch(spec.arch).quantize))
+
+
 def load_pipeline(spec: DiffusionSpec, device: torch.device):
     """The diffusers pipeline for `spec`, from local files only, on `device`."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
+    from diffusers import AutoencoderKL
 
     verbosity.quiet_libraries()
-    cls = StableDiffusionXLPipeline if spec.arch == "sdxl" else StableDiffusionPipeline
+    base = archs.arch(spec.arch)
+    cls = getattr(diffusers, base.pipeline)
     path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
     dtype = dtype_for(spec, device)
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if spec.arch == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    quantized = quantization_config(spec, dtype)
+    if quantized is not None:
+        kwargs["quantization_config"] = quantized
     if path.is_file() and path.suffix.lower() != ".safetensors":
         loralib.check_suffix(path)
         raise LocaloraError(f"{path}: single-file checkpoints must be .safetensors")
@@ -52,19 +76,21 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         with verbosity.hushed():
             if spec.vae:
                 vae_path = profiles.locate(spec.vae, f"VAE of '{spec.name}'")
-                kwargs["vae"] = _from_pretrained(AutoencoderKL, vae_path, f"VAE of '{spec.name}'", **kwargs)
+                vae_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+                kwargs["vae"] = _from_pretrained(AutoencoderKL, vae_path, f"VAE of '{spec.name}'", **vae_kwargs)
             if path.is_file():
                 pipe = cls.from_single_file(str(path), **kwargs)
             else:
-                pipe = _from_pretrained(cls, path, f"{spec.arch.upper()} pipeline of '{spec.name}'", **kwargs)
+                pipe = _from_pretrained(cls, path, f"{base.label} pipeline of '{spec.name}'", **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise LocaloraError(
-            f"{path}: cannot load the {spec.arch.upper()} pipeline of '{spec.name}' ({str(e).splitlines()[0][:160]}); "
+            f"{path}: cannot load the {base.label} pipeline of '{spec.name}' ({str(e).splitlines()[0][:160]}); "
             f"check the folder is a complete diffusers model or fetch it again"
         ) from None
     pipe.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # A quantized pipeline's 4-bit layers are placed when loaded; moving them again is refused.
+    return pipe if quantized is not None and device.type == "cpu" else pipe.to(device)
 
 
 def _from_pretrained(cls, path: Path, what: str, **kwargs):
@@ -84,13 +110,9 @@ def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
     """Load one LoRA file as adapter `name`, or fail with one line saying why it does not fit."""
     info = loralib.inspect(lora.path)  # also refuses NaN/Inf tensors and mismatched ranks
     if info.arch and info.arch != arch:
-        theirs, ours = loralib.ARCH_NAMES[info.arch], loralib.ARCH_NAMES[arch]
-        article = "a" if theirs == "Flux" else "an"
-        fix = (f"use a profile with {article} {theirs} base" if info.arch in profiles.ARCHS
-               else f"localora renders SDXL and SD1.5 only: use a LoRA trained for {ours}")
-        raise LocaloraError(f"{lora.path}: this is {article} {theirs} LoRA ({info.arch_evidence}) but the "
-                            f"profile's base is {ours}; {fix}")
-    before = _lora_layer_count(pipe)
+        raise LocaloraError(base_mismatch(lora.path, info.arch, info.arch_evidence, arch))
+    ours = archs.arch(arch).label
+    before = _lora_layer_count(pipe, arch)
     try:
         with verbosity.hushed("peft"):
             pipe.load_lora_weights(str(lora.path), adapter_name=name)
@@ -99,22 +121,30 @@ def load_adapter(pipe, lora: loralib.Lora, name: str, arch: str) -> None:
     except Exception as e:
         _unload(pipe, name)
         raise LocaloraError(
-            f"{lora.path}: does not fit the {loralib.ARCH_NAMES[arch]} base "
-            f"({str(e).splitlines()[0][:160]}); check it was trained for this base model"
+            f"{lora.path}: does not fit the {ours} base ({str(e).splitlines()[0][:160]}); "
+            f"check it was trained for this base model"
         ) from None
-    if _lora_layer_count(pipe) == before:
+    if _lora_layer_count(pipe, arch) == before:
         _unload(pipe, name)
         raise LocaloraError(
-            f"{lora.path}: none of its layers match the {loralib.ARCH_NAMES[arch]} base; "
-            f"check it was trained for this base model"
+            f"{lora.path}: none of its layers match the {ours} base; check it was trained for this base model"
         )
 
 
-def _lora_layer_count(pipe) -> int:
+def base_mismatch(path, theirs: str, evidence: str, ours: str) -> str:
+    """The one line for a LoRA of another base than the profile's, naming both."""
+    t, o = archs.label(theirs), archs.arch(ours).label
+    fix = (f"use a profile with {archs.article(t)} {t} base (localora models lists them)" if theirs in archs.ARCHS
+           else f"localora renders {', '.join(a.label for a in archs.ARCHS.values())}: use a LoRA trained for {o}")
+    return f"{path}: this is {archs.article(t)} {t} LoRA ({evidence}) but the profile's base is {o}; {fix}"
+
+
+def _lora_layer_count(pipe, arch: str) -> int:
     from peft.tuners.lora import LoraLayer
 
     count = 0
-    for comp in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+    base = archs.arch(arch)
+    for comp in (getattr(pipe, base.denoiser), *(getattr(pipe, e, None) for e in base.text_encoders)):
         if comp is not None:
             count += sum(len(m.lora_A) for m in comp.modules() if isinstance(m, LoraLayer))
     return count
@@ -133,8 +163,8 @@ def set_weights(pipe, names: list[str], weights: list[float]) -> None:
 
 
 def set_unet_weights(pipe, names: list[str], weights: list[float]) -> None:
-    """As set_weights, for the UNet only: the text was already encoded."""
-    pipe.unet.set_adapters(names, weights=weights)
+    """As set_weights, for the denoiser (UNet or transformer) only: the text was already encoded."""
+    (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).set_adapters(names, weights=weights)
 
 
 def model_identity(spec: DiffusionSpec, device: torch.device) -> dict[str, str]:
@@ -143,6 +173,8 @@ def model_identity(spec: DiffusionSpec, device: torch.device) -> dict[str, str]:
 
     ident = {"arch": spec.arch, "source": spec.source, "vae": spec.vae or "", "scheduler": spec.scheduler,
              "dtype": str(dtype_for(spec, device)), "device": device.type}
+    if spec.quantization != "none":  # a key of its own only when set, so older cache keys stay valid
+        ident["quantization"] = spec.quantization
     if profiles.is_tiny(spec.source):
         ident["build"] = f"tiny-v{tiny.VERSION}-seed{tiny.SEED}"
     else:

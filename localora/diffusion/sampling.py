@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from localora import archs
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
@@ -26,6 +27,7 @@ class Sampling:
     width: int | None = None
     height: int | None = None
     switch_every: int = 5  # LoRA Switch: denoising steps per LoRA turn (other methods ignore it)
+    max_sequence_length: int | None = None  # text tokens (T5 / Qwen3 encoders); the profile's
 
     def resolved(self, spec: DiffusionSpec) -> Sampling:
         """Every unset field from the profile's diffusion spec, then checked."""
@@ -36,9 +38,16 @@ class Sampling:
             guidance=spec.guidance if self.guidance is None else self.guidance,
             width=spec.width if self.width is None else self.width,
             height=spec.height if self.height is None else self.height,
+            max_sequence_length=spec.max_sequence_length if self.max_sequence_length is None else self.max_sequence_length,
         )
-        if s.width % 8 or s.height % 8 or s.width < 8 or s.height < 8:
-            raise LocaloraError(f"size {s.width}x{s.height}: width and height must be positive multiples of 8")
+        base = archs.arch(spec.arch)
+        m = base.size_multiple
+        if s.width % m or s.height % m or s.width < m or s.height < m:
+            raise LocaloraError(f"size {s.width}x{s.height}: width and height must be positive multiples of {m} "
+                                f"for {base.label}")
+        if s.negative_prompt and not base.negative_prompt:
+            raise LocaloraError(f"--negative: {base.label} has no unconditional pass, so a negative prompt would "
+                                f"change nothing; leave it out")
         if s.steps < 1 or s.switch_every < 1:
             raise LocaloraError("--steps and --switch-every must be at least 1")
         if not math.isfinite(s.guidance):
@@ -50,6 +59,8 @@ class Sampling:
         d = asdict(self)
         if method != "switch":
             d.pop("switch_every")
+        if d["max_sequence_length"] is None:  # UNet bases: absent, so their cache keys are unchanged
+            d.pop("max_sequence_length")
         return d
 
     @classmethod

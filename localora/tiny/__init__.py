@@ -27,13 +27,18 @@ BUILDERS = {
     "sd15": "localora.tiny.diffusion:build_sd15",
     "loras-sdxl": "localora.tiny.diffusion:build_demo_loras_sdxl",
     "loras-sd15": "localora.tiny.diffusion:build_demo_loras_sd15",
+    "flux": "localora.tiny.flow:build_flux",
+    "zimage": "localora.tiny.flow:build_zimage",
+    "loras-flux": "localora.tiny.flow:build_demo_loras_flux",
+    "loras-zimage": "localora.tiny.flow:build_demo_loras_zimage",
     "qwen2-vl": "localora.tiny.vlm:build",
     "clip": "localora.tiny.clip:build",
 }
 
 
 # Which tiny parts can stand in for which kind of model (checked when models.toml is read).
-KINDS = {"diffusion": ("sdxl", "sd15"), "vlm": ("qwen2-vl",), "clip": ("clip",), "loras": ("loras-sdxl", "loras-sd15")}
+KINDS = {"diffusion": ("sdxl", "sd15", "flux", "zimage"), "vlm": ("qwen2-vl",), "clip": ("clip",),
+         "loras": ("loras-sdxl", "loras-sd15", "loras-flux", "loras-zimage")}
 
 
 def root() -> Path:

@@ -121,12 +121,13 @@ def random_lora(unet: torch.nn.Module, rank: int, seed: int, strength: float = 1
     return layers
 
 
-def save_diffusers_lora(path: Path, layers: dict, metadata: dict[str, str] | None = None) -> None:
+def save_diffusers_lora(path: Path, layers: dict, metadata: dict[str, str] | None = None,
+                        component: str = "unet") -> None:
     """The diffusers/peft layout that `save_lora_weights` writes (scale 1: alpha = rank)."""
     tensors = {}
     for name, (a, b) in layers.items():
-        tensors[f"unet.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = b.contiguous()
+        tensors[f"{component}.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{component}.{name}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(path), metadata=metadata or {})
 
 
