@@ -43,8 +43,7 @@ class Arch:
     kohya_base: str = ""  # kohya's ss_base_model_version
     modelspec: str = ""  # modelspec.architecture of a LoRA
     negative_prompt: bool = True  # whether a negative prompt means anything
-    # A1111/Forge infotext label of the guidance scale (Forge writes Flux's as "Distilled CFG Scale")
-    infotext_guidance: str = "CFG scale"
+    cfg_offset: float = 0.0  # guidance scale + this = the classic CFG scale (Z-Image's c + g (c - u): 1)
     # What `localora generate --method composite` means on this base (README, --help)
     composite_note: str = ""
     # Components a spec's `quantization` (nf4/int8) applies to: the denoiser and the large text encoder
@@ -59,11 +58,11 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          "unet", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v1", "stable-diffusion-v1/lora", quantize=("unet",)),
     Arch("flux", "Flux.1", "FluxPipeline", "transformer", ("text_encoder", "text_encoder_2"), "distilled", True, 16,
          "flux", {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}, "flux1", "flux-1-dev/lora",
-         negative_prompt=False, infotext_guidance="Distilled CFG Scale",
+         negative_prompt=False,
          composite_note="no unconditional pass: the mean of the k single-LoRA predictions, guidance embedded",
          quantize=("transformer", "text_encoder_2")),
     Arch("zimage", "Z-Image", "ZImagePipeline", "transformer", ("text_encoder",), "cfg", True, 16,
-         "zimage", {"transformer": "lora_unet_"}, "zimage", "z-image/lora",
+         "zimage", {"transformer": "lora_unet_"}, "zimage", "z-image/lora", cfg_offset=1.0,
          composite_note="the guided mean of the k single-LoRA predictions; Turbo (scale 0) runs no unconditional pass",
          quantize=("transformer", "text_encoder")),
 )}

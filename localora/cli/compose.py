@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from localora import verbosity
-from localora.cli.options import (batch_option, catalog_option, check_ray_options, emit, float_list, json_option, lora_dir_option,
+from localora.cli.options import (batch_option, catalog_option, check_ray_options, complete_profiles, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
                                   ray_options, sampling_options, weight_bounds)
 from localora.diffusion.methods import METHODS
@@ -350,17 +350,23 @@ DEMO_LORAS = ("demo-character", "demo-clothing", "demo-style")
 
 @click.command()
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<time>-<slug>, or under out in config.toml).")
+@click.option("--profile", "-p", "profile_name", default="tiny", show_default=True, shell_complete=complete_profiles,
+              help="A tiny profile: tiny (SDXL), tiny-sd15, tiny-flux (Flux.1), tiny-zimage (Z-Image).")
 @plain_option
-def demo(out, plain):
-    """Compose the three demo LoRAs on the tiny profile: 2 iterations, 3 candidates.
+def demo(out, profile_name, plain):
+    """Compose the three demo LoRAs on a tiny profile: 2 iterations, 3 candidates.
 
     Everything is built offline on first use; it shows every step of the real loop in about a
     minute on a laptop CPU (the tiny models are random, so the images are noise-like).
     """
+    from localora import profiles
     from localora.profiles import load_profile
     from localora.search.config import ComposeConfig
 
-    prof = load_profile("tiny")
+    prof = load_profile(profile_name)
+    if not profiles.is_tiny(prof.diffusion.source):
+        raise LocaloraError(f"--profile {profile_name}: the demo runs on a tiny profile (its demo LoRAs are built "
+                            f"for it); use `localora compose` with your own LoRAs on {profile_name}")
     loras = tuple(c.lora for c in resolve_loras(prof, DEMO_LORAS, ()))
     cfg = ComposeConfig(prompt=DEMO_PROMPT, loras=loras, iterations=2, candidates=3,
                         fewshot_threshold=prof.clip.fewshot_threshold)

@@ -29,14 +29,16 @@ import json
 import re
 from typing import Any
 
-from localora import __version__
+from localora import __version__, archs
 from localora.errors import LocaloraError
 from localora.export.info import RenderInfo
 
 # localora's scheduler -> A1111's sampler label. DDIM is A1111's timestep sampler of that name.
-SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
+SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "flow_euler": "Euler"}
 # the sigma spacing of the diffusers config -> A1111's "Schedule type" label
-SCHEDULE_TYPES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+SCHEDULE_TYPES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
+                  # flow matching: Forge writes its Flux renders as Euler / Simple
+                  "simple": "Simple", "dynamic": "Simple"}
 METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite"}
 
 # A1111's own pattern of one "Key: value" setting (a value is a JSON string or runs to the next ",").
@@ -88,12 +90,22 @@ def settings(info: RenderInfo) -> dict[str, str | None]:
     name, schedule = sampler(info)
     hashes = ", ".join(f"{x.name.replace(':', '').replace(',', '')}: {x.short_hash}" for x in info.loras)
     return {
-        "Steps": str(info.steps), "Sampler": name, "Schedule type": schedule, "CFG scale": str(float(info.guidance)),
+        "Steps": str(info.steps), "Sampler": name, "Schedule type": schedule, **guidance_fields(info),
         "Seed": str(info.seed), "Size": f"{info.width}x{info.height}", "Model hash": info.model_hash,
         "Model": info.model, "Lora hashes": hashes,
         "localora method": METHOD_NAMES[info.method] if info.method != "merge" else None, "Note": note(info),
         "Version": f"localora {__version__}", "localora": info.entry_json(),
     }
+
+
+def guidance_fields(info: RenderInfo) -> dict[str, str]:
+    """CFG scale, as A1111 writes it; a guidance-distilled base (Flux.1) as Forge writes it: CFG
+    scale 1 (no unconditional pass) and the embedded scale as "Distilled CFG Scale"; Z-Image's
+    c + g (c - u) is classifier-free guidance at scale 1 + g."""
+    base = archs.ARCHS.get(info.arch)
+    if base is not None and base.guidance == "distilled":
+        return {"CFG scale": "1.0", "Distilled CFG Scale": str(float(info.guidance))}
+    return {"CFG scale": str(float(info.guidance) + (base.cfg_offset if base else 0.0))}
 
 
 def infotext(info: RenderInfo) -> str:

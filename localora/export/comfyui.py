@@ -30,6 +30,16 @@ SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_unifo
 # Which inputs each core node takes (nodes.py), to check a graph before it leaves localora.
 NODE_INPUTS = {
     "CheckpointLoaderSimple": ("ckpt_name",),
+    # Flux (nodes.py UNETLoader / DualCLIPLoader / VAELoader / LoraLoaderModelOnly, comfy_extras/
+    # nodes_flux.py FluxGuidance, nodes_sd3.py EmptySD3LatentImage, nodes_model_advanced.py
+    # ModelSamplingFlux; read in Comfy-Org/ComfyUI at a125cd84)
+    "UNETLoader": ("unet_name", "weight_dtype"),
+    "DualCLIPLoader": ("clip_name1", "clip_name2", "type"),
+    "VAELoader": ("vae_name",),
+    "LoraLoaderModelOnly": ("model", "lora_name", "strength_model"),
+    "FluxGuidance": ("conditioning", "guidance"),
+    "ModelSamplingFlux": ("model", "max_shift", "base_shift", "width", "height"),
+    "EmptySD3LatentImage": ("width", "height", "batch_size"),
     "LoraLoader": ("model", "clip", "lora_name", "strength_model", "strength_clip"),
     "CLIPTextEncode": ("text", "clip"),
     "EmptyLatentImage": ("width", "height", "batch_size"),
@@ -39,11 +49,17 @@ NODE_INPUTS = {
     "SaveImage": ("images", "filename_prefix"),
 }
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range (nodes.py)
+FLUX_GUIDANCE_RANGE = (0.0, 100.0)  # FluxGuidance's guidance range (comfy_extras/nodes_flux.py)
+# The files ComfyUI's Flux.1 examples put in models/text_encoders and models/vae.
+FLUX_FILES = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "vae_name": "ae.safetensors"}
 STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip range (nodes.py)
 
-_SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim"}
+_SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim",
+            "flow_euler": "euler"}
 # diffusers' default spacing is the model's own timesteps: ComfyUI's "normal"; DDIM's is ddim_uniform.
-_SCHEDULER = {"default": "normal", "karras": "karras", "exponential": "exponential", "beta": "beta"}
+_SCHEDULER = {"default": "normal", "karras": "karras", "exponential": "exponential", "beta": "beta",
+              # flow matching: evenly spaced sigmas, shifted by the model (ModelSamplingFlux when dynamic)
+              "simple": "simple", "dynamic": "simple"}
 
 
 def sampler(info: RenderInfo) -> tuple[str, str]:
@@ -63,6 +79,11 @@ def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str
     if not info.reproducible_elsewhere:
         raise LocaloraError(f"{where}: a {info.method} render has no ComfyUI graph (only Merge is a stock LoRA "
                             f"stack); export it --to a1111 or --to diffusers, or use a Merge render")
+    if info.arch == "flux":
+        return flux_workflow(info, where)
+    if info.arch != "sdxl" and info.arch != "sd15":
+        raise LocaloraError(f"{where}: localora writes no ComfyUI graph for {info.arch} renders yet (its loader nodes "
+                            f"are not checked against ComfyUI's source); export it --to a1111 or --to diffusers")
     name, schedule = sampler(info)
     graph: dict[str, dict[str, Any]] = {"1": {"class_type": "CheckpointLoaderSimple",
                                               "inputs": {"ckpt_name": checkpoint_name(info)}}}
@@ -86,6 +107,44 @@ def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str
     return graph
 
 
+def flux_workflow(info: RenderInfo, where: str) -> dict[str, dict[str, Any]]:
+    """Flux.1 as ComfyUI's own examples wire it: the transformer, its two text encoders and its VAE
+    from their own folders, model-only LoRAs, the guidance as a FluxGuidance on the positive
+    conditioning, KSampler at cfg 1 (no unconditional pass), the resolution shift of [dev]."""
+    name, schedule = sampler(info)
+    graph: dict[str, dict[str, Any]] = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{info.model}.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": FLUX_FILES["clip_name1"],
+                                                         "clip_name2": FLUX_FILES["clip_name2"], "type": "flux"}},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": FLUX_FILES["vae_name"]}},
+    }
+    model = ["1", 0]
+    for i, (lora, weight) in enumerate(zip(info.loras, info.weights)):
+        node = str(10 + i)
+        graph[node] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": lora.file, "strength_model": float(weight)}}
+        model = [node, 0]
+    if info.sigmas == "dynamic":
+        graph["20"] = {"class_type": "ModelSamplingFlux", "inputs": {
+            "model": model, "max_shift": 1.15, "base_shift": 0.5, "width": info.width, "height": info.height}}
+        model = ["20", 0]
+    graph["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": info.prompt, "clip": ["2", 0]}}
+    graph["21"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": float(info.guidance)}}
+    graph["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}}
+    graph["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": info.width, "height": info.height,
+                                                                  "batch_size": 1}}
+    graph["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": info.seed, "steps": info.steps, "cfg": 1.0, "sampler_name": name,
+        "scheduler": schedule, "positive": ["21", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["9", 0]}}
+    graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "localora"}}
+    if not FLUX_GUIDANCE_RANGE[0] <= info.guidance <= FLUX_GUIDANCE_RANGE[1]:
+        raise LocaloraError(f"{where}: guidance {info.guidance} is outside ComfyUI's FluxGuidance range "
+                            f"{FLUX_GUIDANCE_RANGE[0]}..{FLUX_GUIDANCE_RANGE[1]}")
+    check(graph, where)
+    return graph
+
+
 def check(graph: dict[str, dict[str, Any]], where: str) -> None:
     """Every node a core node with exactly its inputs, wires to existing nodes, enums and ranges valid."""
     for node, spec in graph.items():
@@ -100,6 +159,6 @@ def check(graph: dict[str, dict[str, Any]], where: str) -> None:
                 raise AssertionError(f"KSampler {inputs['sampler_name']} / {inputs['scheduler']}")
             if not 0 <= inputs["seed"] <= SEED_MAX:
                 raise LocaloraError(f"{where}: seed {inputs['seed']} is outside ComfyUI's range 0..{SEED_MAX}")
-        if spec["class_type"] == "LoraLoader" and not STRENGTH_RANGE[0] <= inputs["strength_model"] <= STRENGTH_RANGE[1]:
+        if spec["class_type"] in ("LoraLoader", "LoraLoaderModelOnly") and not STRENGTH_RANGE[0] <= inputs["strength_model"] <= STRENGTH_RANGE[1]:
             raise LocaloraError(f"{where}: LoRA weight {inputs['strength_model']} is outside ComfyUI's LoraLoader "
                                 f"range {STRENGTH_RANGE[0]}..{STRENGTH_RANGE[1]}")

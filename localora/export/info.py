@@ -100,6 +100,8 @@ def sigma_schedule(spec: DiffusionSpec) -> str:
     """Which sigma spacing the profile's scheduler config asks for (the pipeline builds its
     scheduler from that config, so the same flags hold for the render)."""
     config = scheduler_config(spec)
+    if spec.scheduler == "flow_euler":  # flow matching: evenly spaced sigmas, shifted by resolution or not
+        return "dynamic" if config.get("use_dynamic_shifting") else "simple"
     for flag, name in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
                        ("use_beta_sigmas", "beta")):
         if config.get(flag):
