@@ -69,12 +69,13 @@ def loras_inspect(file):
     info = loralib.inspect(Path(file))
     rows = [
         ("file", file),
-        ("format", "kohya-ss" if info.format == "kohya" else "diffusers/peft"),
+        ("format", {"kohya": "kohya-ss", "xlabs": "XLabs"}.get(info.format, "diffusers/peft")),
         ("base", f"{loralib.ARCH_NAMES[info.arch]} ({info.arch_evidence})" if info.arch else f"unknown ({info.arch_evidence})"),
         ("rank", str(info.rank)),
         ("alpha", f"{info.alpha:g} (scale {info.alpha / info.rank:g})" if info.alpha is not None else "= rank (scale 1)"),
         ("layers", f"{info.layers} in {', '.join(info.components)}"),
         ("targets", ", ".join(info.targets)),
+        ("blocks", info.blocks or "(not named by blocks)"),
         ("triggers", info.triggers or "(none found in header or sidecar)"),
     ]
     for k, v in rows:

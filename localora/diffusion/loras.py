@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localora import archs
 from localora.errors import LocaloraError, MissingError, check_keys
 from localora.profiles import PICKLE_SUFFIXES
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
-# The bases localora renders (sdxl, sd15) and those it recognises only to refuse them by name.
-ARCH_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2", "sd3": "SD3", "flux": "Flux"}
+# The bases localora renders and those it recognises only to refuse them by name (archs.py).
+ARCH_NAMES = archs.LORA_BASES
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,17 @@ class Header:
 
 @dataclass(frozen=True)
 class LoraInfo:
-    format: str  # "diffusers" or "kohya"
+    format: str  # "diffusers", "kohya" or "xlabs" (BFL-named files load as "diffusers" with their prefix)
     arch: str | None  # a key of ARCH_NAMES, or None when nothing tells
     arch_evidence: str
     rank: int
     alpha: float | None
-    components: tuple[str, ...]  # unet, text_encoder, text_encoder_2
+    components: tuple[str, ...]  # unet or transformer, text_encoder, text_encoder_2
     targets: tuple[str, ...]  # module kinds, e.g. to_q, to_k, ff.net.2
     layers: int
     triggers: str
     metadata: dict[str, str] = field(default_factory=dict)
+    blocks: str = ""  # which blocks it targets, e.g. "double 0-18, single 0-37" or "down 1-2, mid, up 0-1"
 
 
 # ------------------------------------------------------------------ reading files
@@ -141,6 +143,13 @@ def inspect(path: Path) -> LoraInfo:
         components = sorted({m.split(".")[0] for m in modules})
         alpha = _peft_alpha(header.metadata)
         targets = sorted({_diffusers_target(m) for m in modules})
+    elif any(".proj_lora" in k and k.endswith(".down.weight") for k in keys):
+        fmt = "xlabs"  # XLabs' Flux LoRAs: double_blocks.N.processor.proj_lora1.down.weight
+        down = [k for k in keys if k.endswith(".down.weight")]
+        modules = [k.removesuffix(".down.weight") for k in down]
+        components = ["transformer"]
+        alpha = None
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
     else:
         kinds = "LyCORIS (LoHa/LoKr)" if any("hada_" in k or "lokr_" in k for k in keys) else "a full model or another network"
         raise LocaloraError(
@@ -151,14 +160,50 @@ def inspect(path: Path) -> LoraInfo:
     check_finite(path)
     ranks = {header.shapes[k][0] for k in down}
     arch, evidence = _arch(header, path)
+    if arch in archs.ARCHS and archs.ARCHS[arch].denoiser == "transformer":
+        # kohya calls every base's denoiser "unet"; BFL files prefix it diffusion_model
+        components = sorted({"transformer" if c in ("unet", "diffusion_model", "lora_unet") else c for c in components})
     return LoraInfo(
         format=fmt, arch=arch, arch_evidence=evidence, rank=max(ranks), alpha=alpha,
         components=tuple(components), targets=tuple(targets), layers=len(modules),
         triggers=triggers_from_header(header.metadata) or triggers_from_sidecar(path), metadata=header.metadata,
+        blocks=targeted_blocks(modules),
     )
 
 
+# Block kinds as diffusers, kohya/SGM and BFL name them -> one word each; ordered as a model runs them.
+_BLOCK_KINDS = (("down", r"(?:down_blocks|input_blocks)"), ("mid", r"(?:mid_block|middle_block)"),
+                ("up", r"(?:up_blocks|output_blocks)"), ("single", r"single(?:_transformer)?_blocks"),
+                ("double", r"(?:double_blocks|(?<!single_)transformer_blocks)"), ("noise_refiner", r"noise_refiner"),
+                ("context_refiner", r"context_refiner"),
+                ("layers", r"(?<![a-z])layers(?=[._]\d+[._](?:attention|feed|adaLN))"))
+
+
+def targeted_blocks(modules: list[str]) -> str:
+    """Which blocks a LoRA's modules sit in, with their index ranges ("double 0-18, single 0-37")."""
+    found: dict[str, set[int]] = {}
+    for m in modules:
+        for kind, pattern in _BLOCK_KINDS:
+            hit = re.search(pattern + r"(?:[._](\d+))?", m)
+            if hit:
+                found.setdefault(kind, set())
+                if hit.group(1) is not None and kind != "mid":
+                    found[kind].add(int(hit.group(1)))
+                break
+        else:
+            if m.startswith(("lora_te", "text_encoder", "te_", "te1", "te2")):
+                found.setdefault("text encoder", set())
+    parts = []
+    for kind in [k for k, _ in _BLOCK_KINDS] + ["text encoder"]:
+        if kind in found:
+            idx = sorted(found[kind])
+            parts.append(kind if not idx else f"{kind} {idx[0]}" if len(idx) == 1 else f"{kind} {idx[0]}-{idx[-1]}")
+    return ", ".join(parts)
+
+
 def _up_key(down: str) -> str:
+    if ".proj_lora" in down:  # xlabs
+        return down.removesuffix(".down.weight") + ".up.weight"
     return down.replace(".lora_down.", ".lora_up.").replace(".lora_A.", ".lora_B.").replace(".lora.down.", ".lora.up.")
 
 
@@ -288,6 +333,11 @@ def _peft_alpha(metadata: dict[str, str]) -> float | None:
 
 FLUX_KEYS = ("single_transformer_blocks", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
              "double_blocks.", "single_blocks.")
+# Z-Image's refiners and its single-stream layers' names (diffusers, ai-toolkit and kohya forms).
+ZIMAGE_KEYS = ("noise_refiner", "context_refiner", ".attention.to_q", "_attention_to_q", "feed_forward.w1",
+               "_feed_forward_w1", "all_x_embedder", "cap_embedder")
+# Qwen-Image's dual-stream blocks name their MLPs and modulations per stream.
+QWENIMAGE_KEYS = (".img_mlp.", ".txt_mlp.", ".img_mod.", ".txt_mod.")
 
 
 def _arch(header: Header, path: Path) -> tuple[str | None, str]:
@@ -302,8 +352,14 @@ def _arch(header: Header, path: Path) -> tuple[str | None, str]:
             return "sd2", f"modelspec.architecture = {spec}"
         if "stable-diffusion-v3" in spec:
             return "sd3", f"modelspec.architecture = {spec}"
+        if spec.startswith("flux-2") or spec.startswith("flux2"):
+            return "flux2", f"modelspec.architecture = {spec}"
         if spec.startswith("flux"):
             return "flux", f"modelspec.architecture = {spec}"
+        if spec.startswith(("z-image", "zimage")):
+            return "zimage", f"modelspec.architecture = {spec}"
+        if spec.startswith("qwen-image"):
+            return "qwenimage", f"modelspec.architecture = {spec}"
     base = md.get("ss_base_model_version", "")
     if base.startswith("sdxl"):
         return "sdxl", f"ss_base_model_version = {base}"
@@ -313,14 +369,24 @@ def _arch(header: Header, path: Path) -> tuple[str | None, str]:
         return "sd2", f"ss_base_model_version = {base}"
     if base.startswith("sd3"):
         return "sd3", f"ss_base_model_version = {base}"
+    if base.startswith("flux2"):
+        return "flux2", f"ss_base_model_version = {base}"
     if base.startswith("flux"):
         return "flux", f"ss_base_model_version = {base}"
+    if base.startswith("zimage"):
+        return "zimage", f"ss_base_model_version = {base}"
     keys = header.shapes
     # Transformer bases have no UNet: their block names tell (diffusers, kohya and ComfyUI names).
     # Flux first: its double-stream blocks have "context" parts too, like SD3's joint blocks.
     for k in keys:
         if any(part in k for part in FLUX_KEYS):
             return "flux", f"key {k}"
+    for k in keys:
+        if any(part in k for part in ZIMAGE_KEYS):
+            return "zimage", f"key {k}"
+    for k in keys:
+        if any(part in k for part in QWENIMAGE_KEYS):
+            return "qwenimage", f"key {k}"
     for k in keys:
         if "joint_blocks" in k or (k.startswith("transformer.transformer_blocks.") and "context" in k):
             return "sd3", f"key {k}"
