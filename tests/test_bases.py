@@ -299,3 +299,76 @@ def test_flux_rejects_a_negative_prompt_and_sizes_off_its_grid(localora_home):
     with pytest.raises(LocaloraError, match="multiples of 16"):
         Sampling(width=72).resolved(spec)
     assert replace(Sampling(), width=80).resolved(spec).width == 80
+
+
+@pytest.fixture(scope="module")
+def merged(base):
+    from localora.diffusion.render import RenderJob
+
+    arch, renderer, pipe, names = base
+    loras_ = tuple(demo(arch))
+    job = RenderJob(PROMPT, loras_, (0.8, 1.3, 0.5), "merge", Sampling(seed=5, steps=3, width=32, height=48))
+    return arch, renderer, job, renderer.render(job)
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from localora.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_export_to_diffusers_redoes_a_transformer_merge(merged, tmp_path, monkeypatch):
+    import shutil
+
+    from PIL import Image
+
+    arch, renderer, job, rendered = merged
+    out = tmp_path / "redo.py"
+    result = invoke("export", rendered.path, "--to", "diffusers", "-o", out)
+    assert result.exit_code == 0, result.output
+    script = out.read_text()
+    assert {"flux": "FluxPipeline", "zimage": "ZImagePipeline"}[arch] in script and "max_sequence_length=32" in script
+    assert ("negative_prompt" in script) == (arch == "zimage")
+    for lora in job.loras:
+        shutil.copyfile(lora.path, tmp_path / lora.path.name)
+    script = script.replace(repr(f"tiny:{arch}"), repr(str(tiny.ensure(arch))))  # the tiny model's folder
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, str(out), "exec"), {"__name__": "__main__"})
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "render.png").convert("RGB")), np.asarray(rendered.image))
+
+
+def test_the_baked_lora_alone_equals_the_merge(merged, tmp_path):
+    from localora.diffusion.render import RenderJob
+    from localora.export.bake import bake_lora
+
+    arch, renderer, job, rendered = merged
+    out = tmp_path / "baked.safetensors"
+    bake_lora(renderer, job.loras, job.weights, out)
+    info = loras.inspect(out)
+    assert (info.format, info.arch) == ("kohya", arch)
+    if arch == "flux":  # BFL's fused layers, as kohya names them
+        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in loras.read_header(out).shapes)
+    alone = renderer.render(RenderJob(PROMPT, (loras.Lora("baked", out),), (1.0,), "merge", job.sampling))
+    diff = np.abs(np.asarray(alone.image, dtype=np.int16) - np.asarray(rendered.image, dtype=np.int16))
+    assert diff.max() <= 1
+
+
+def test_generate_from_a_transformer_png_renders_it_again(merged, tmp_path):
+    arch, renderer, job, rendered = merged
+    out = tmp_path / "again.png"
+    result = invoke("generate", "--from", rendered.path, "-o", out)
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(rendered.image))
+
+
+def test_loras_inspect_names_base_format_rank_and_blocks(localora_home):
+    result = invoke("loras", "inspect", tiny.ensure("loras-flux") / "demo-clothing.safetensors")
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) for line in result.output.strip().splitlines())
+    assert lines["format"] == "kohya-ss" and lines["base"].startswith("Flux.1")
+    assert lines["rank"] == "12"  # q, k and v of rank 4, fused as kohya writes them
+    assert lines["blocks"] == "single 0-1, double 0-1"

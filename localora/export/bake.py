@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localora import __version__
+from localora import __version__, archs
 from localora.diffusion import loras as loralib
 from localora.diffusion.loras import Lora
 from localora.diffusion.pipeline import set_weights
 from localora.errors import LocaloraError
-from localora.export.keys import SDXL_LAYERS_PER_BLOCK, SDXL_UP_BLOCKS, kohya_name
+from localora.export.keys import SDXL_LAYERS_PER_BLOCK, SDXL_UP_BLOCKS, kohya_name, kohya_transformer_tensors
 from localora.files import atomic_write, file_hash, storage_error
 
 if TYPE_CHECKING:  # torch loads with the pipeline, so that importing this module stays cheap
@@ -38,10 +38,11 @@ if TYPE_CHECKING:  # torch loads with the pipeline, so that importing this modul
 
     from localora.diffusion.render import Renderer
 
-BASE_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}  # kohya's ss_base_model_version
-ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora"}
 ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SD/SDXL
+# What sd-scripts writes as modelspec.implementation, per base.
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models",
+                   "sd15": "https://github.com/Stability-AI/generative-models",
+                   "flux": "https://github.com/black-forest-labs/flux", "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def bake_lora(renderer: Renderer, loras: Sequence[Lora], weights: Sequence[float
     names = renderer.adapters_for(loras)
     factors = read_factors(pipe, names, loras)
     add_out_projections(pipe, factors)
-    tensors, ranks = concatenate(factors, weights, arch, pipe.unet.config)
+    tensors, ranks = concatenate(factors, weights, arch, getattr(pipe, archs.arch(arch).denoiser).config)
     title = title or "+".join(lora.name for lora in loras)
     metadata = describe(renderer, loras, weights, arch, title, out, max(ranks.values()))
     _write(out, tensors, metadata)
@@ -95,14 +96,17 @@ def check_bakeable(loras: list[Lora], weights: list[float], arch: str, out: Path
     bases = {lora.path: loralib.inspect(lora.path).arch for lora in loras}
     known = {a for a in bases.values() if a}
     if len(known) > 1 or (known and known != {arch}):
-        told = ", ".join(f"{path} ({loralib.ARCH_NAMES[a] if a else 'unknown'})" for path, a in bases.items())
-        raise LocaloraError(f"bake: LoRAs of different base models: {told}, on an {loralib.ARCH_NAMES[arch]} "
+        told = ", ".join(f"{path} ({archs.label(a)})" for path, a in bases.items())
+        ours = archs.arch(arch).label
+        raise LocaloraError(f"bake: LoRAs of different base models: {told}, on {archs.article(ours)} {ours} "
                             f"profile; bake only LoRAs of the profile's base model together")
 
 
 def read_factors(pipe, names: list[str], loras: list[Lora]) -> dict[tuple[str, str], list[Factors | None]]:
     """(component, module) -> one Factors per adapter (None where that LoRA does not touch it)."""
     from peft.tuners.lora import LoraLayer
+
+    from localora.diffusion.methods import arch_of
 
     # peft's scaling is weight * alpha / r after set_adapters: weight 1 leaves the LoRA's own scale.
     try:
@@ -111,7 +115,8 @@ def read_factors(pipe, names: list[str], loras: list[Lora]) -> dict[tuple[str, s
         raise LocaloraError(f"bake: {', '.join(str(lora.path) for lora in loras)} cannot be active together "
                             f"({str(e).splitlines()[0][:160]}); bake only LoRAs that Merge can render") from None
     found: dict[tuple[str, str], list[Factors | None]] = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    base = archs.arch(arch_of(pipe))
+    for component in (base.denoiser, *base.text_encoders):
         model = getattr(pipe, component, None)
         if model is None:
             continue
@@ -186,6 +191,8 @@ def concatenate(factors: dict[tuple[str, str], list[Factors | None]], weights: l
     """
     import torch
 
+    if archs.arch(arch).denoiser == "transformer":
+        return _concatenate_transformer(factors, weights, arch)
     layers_per_block = getattr(unet_config, "layers_per_block", SDXL_LAYERS_PER_BLOCK)
     up_blocks = tuple(getattr(unet_config, "up_block_types", SDXL_UP_BLOCKS))
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -209,6 +216,31 @@ def concatenate(factors: dict[tuple[str, str], list[Factors | None]], weights: l
     return tensors, ranks
 
 
+def _concatenate_transformer(factors: dict[tuple[str, str], list[Factors | None]], weights: list[float],
+                             arch: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """As concatenate, for a transformer base: kohya's names (Flux: BFL's fused qkv / linear1, whose
+    slots diffusers' converter splits again), an alpha per module equal to its rank (scale 1):
+    diffusers' Flux and Z-Image converters read each module's alpha, so no common alpha is needed."""
+    import torch
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for (component, module), per_lora in sorted(factors.items()):
+        used = [(f, w) for f, w in zip(per_lora, weights) if f is not None]
+        down = torch.cat([f.down for f, _ in used], dim=0)
+        up = torch.cat([f.up * (w * f.scale) for f, w in used], dim=1)
+        if component == "transformer":
+            layers[module] = (down, up)
+        else:
+            key = kohya_name(component, module, arch)
+            tensors.update({f"{key}.lora_down.weight": down.contiguous(), f"{key}.lora_up.weight": up.contiguous(),
+                            f"{key}.alpha": torch.tensor(float(down.shape[0]))})
+    tensors.update(kohya_transformer_tensors(layers, arch, scale=1.0))
+    ranks = {k.removesuffix(".lora_down.weight"): int(t.shape[0]) for k, t in tensors.items()
+             if k.endswith(".lora_down.weight")}
+    return tensors, ranks
+
+
 def describe(renderer: Renderer, loras: list[Lora], weights: list[float], arch: str, title: str, out: Path,
              max_rank: int) -> dict[str, str]:
     """The header: kohya's ss_* keys, SAI modelspec keys and where the file came from."""
@@ -219,12 +251,13 @@ def describe(renderer: Renderer, loras: list[Lora], weights: list[float], arch: 
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max_rank),
-        "ss_network_alpha": str(max_rank),  # every module's alpha (see concatenate)
-        "ss_base_model_version": BASE_VERSIONS[arch],
+        # every module's alpha (see concatenate); a transformer base's: its own rank
+        "ss_network_alpha": str(max_rank) if archs.arch(arch).denoiser == "unet" else "rank",
+        "ss_base_model_version": archs.arch(arch).kohya_base,
         "ss_output_name": out.stem,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES[arch],
-        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.architecture": archs.arch(arch).modelspec,
+        "modelspec.implementation": IMPLEMENTATIONS[arch],
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "modelspec.trigger_phrase": triggers,

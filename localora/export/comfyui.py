@@ -30,16 +30,6 @@ SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_unifo
 # Which inputs each core node takes (nodes.py), to check a graph before it leaves localora.
 NODE_INPUTS = {
     "CheckpointLoaderSimple": ("ckpt_name",),
-    # Flux (nodes.py UNETLoader / DualCLIPLoader / VAELoader / LoraLoaderModelOnly, comfy_extras/
-    # nodes_flux.py FluxGuidance, nodes_sd3.py EmptySD3LatentImage, nodes_model_advanced.py
-    # ModelSamplingFlux; read in Comfy-Org/ComfyUI at a125cd84)
-    "UNETLoader": ("unet_name", "weight_dtype"),
-    "DualCLIPLoader": ("clip_name1", "clip_name2", "type"),
-    "VAELoader": ("vae_name",),
-    "LoraLoaderModelOnly": ("model", "lora_name", "strength_model"),
-    "FluxGuidance": ("conditioning", "guidance"),
-    "ModelSamplingFlux": ("model", "max_shift", "base_shift", "width", "height"),
-    "EmptySD3LatentImage": ("width", "height", "batch_size"),
     "LoraLoader": ("model", "clip", "lora_name", "strength_model", "strength_clip"),
     "CLIPTextEncode": ("text", "clip"),
     "EmptyLatentImage": ("width", "height", "batch_size"),
@@ -47,6 +37,18 @@ NODE_INPUTS = {
                  "latent_image", "denoise"),
     "VAEDecode": ("samples", "vae"),
     "SaveImage": ("images", "filename_prefix"),
+}
+# Flux.1's nodes (nodes.py UNETLoader / DualCLIPLoader / VAELoader / LoraLoaderModelOnly, comfy_extras/
+# nodes_flux.py FluxGuidance, nodes_sd3.py EmptySD3LatentImage, nodes_model_advanced.py
+# ModelSamplingFlux; read in Comfy-Org/ComfyUI at a125cd84)
+FLUX_NODE_INPUTS = {
+    "UNETLoader": ("unet_name", "weight_dtype"),
+    "DualCLIPLoader": ("clip_name1", "clip_name2", "type"),
+    "VAELoader": ("vae_name",),
+    "LoraLoaderModelOnly": ("model", "lora_name", "strength_model"),
+    "FluxGuidance": ("conditioning", "guidance"),
+    "ModelSamplingFlux": ("model", "max_shift", "base_shift", "width", "height"),
+    "EmptySD3LatentImage": ("width", "height", "batch_size"),
 }
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range (nodes.py)
 FLUX_GUIDANCE_RANGE = (0.0, 100.0)  # FluxGuidance's guidance range (comfy_extras/nodes_flux.py)
@@ -149,7 +151,7 @@ def check(graph: dict[str, dict[str, Any]], where: str) -> None:
     """Every node a core node with exactly its inputs, wires to existing nodes, enums and ranges valid."""
     for node, spec in graph.items():
         inputs = spec["inputs"]
-        if tuple(sorted(inputs)) != tuple(sorted(NODE_INPUTS[spec["class_type"]])):
+        if tuple(sorted(inputs)) != tuple(sorted({**NODE_INPUTS, **FLUX_NODE_INPUTS}[spec["class_type"]])):
             raise AssertionError(f"node {node} {spec['class_type']}: inputs {sorted(inputs)}")
         for value in inputs.values():
             if isinstance(value, list) and value[0] not in graph:

@@ -63,6 +63,7 @@ class RenderInfo:
     dtype: str  # the dtype the render ran in
     device: str
     model_hash: str | None = None  # A1111's AutoV2 hash of the checkpoint, when the profile knows it
+    max_sequence_length: int | None = None  # text tokens of a T5 / Qwen3 encoder (transformer bases)
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,6 +71,8 @@ class RenderInfo:
                       for x in self.loras]
         if d["switch_every"] is None:
             del d["switch_every"]
+        if d["max_sequence_length"] is None:  # UNet bases: left out, so their entries read as before
+            del d["max_sequence_length"]
         return {"format": ENTRY_FORMAT, **d}
 
     def entry_json(self) -> str:
@@ -144,4 +147,4 @@ def render_info(prompt: str, lora_paths: list[Path], weights: list[float], metho
         height=int(sampling.height), switch_every=int(sampling.switch_every) if method == "switch" else None,
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
-        device=device, model_hash=model_hash(spec))
+        device=device, model_hash=model_hash(spec), max_sequence_length=sampling.max_sequence_length)

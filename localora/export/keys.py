@@ -27,6 +27,7 @@ SDXL_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 TEXT_ENCODER_PREFIXES = {
     "sd15": {"text_encoder": "lora_te_"},
     "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    "flux": {"text_encoder": "lora_te1_"},  # kohya trains Flux's CLIP-L only, never T5
 }
 
 # diffusers resnet layer -> SGM ResBlock layer (kohya's unet_conversion_map_resnet)

@@ -92,7 +92,8 @@ def replay(source: Source, profile: Profile, catalog: dict[str, Lora], folders: 
                                 f"give --profile {info.profile} (or leave --profile out)")
         sampling = Sampling(seed=info.seed, negative_prompt=info.negative_prompt, steps=info.steps,
                             guidance=info.guidance, width=info.width, height=info.height,
-                            switch_every=info.switch_every or Sampling().switch_every)
+                            switch_every=info.switch_every or Sampling().switch_every,
+                            max_sequence_length=info.max_sequence_length)
         return Replay(info.prompt, tuple(source_loras(source, catalog, folders)), info.weights, info.method, sampling)
     return _from_a1111(source, catalog, folders)
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 _TEXT = dict(
     vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -121,6 +120,22 @@ def random_lora(unet: torch.nn.Module, rank: int, seed: int, strength: float = 1
     return layers
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file, byte for byte the same on every build: safetensors writes the metadata map in its
+    Rust HashMap's order, which changes from process to process; the header is rewritten with the
+    metadata sorted (same length, so every offset stays)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata or None)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    Path(path).write_bytes(data[:8] + text.ljust(size) + data[8 + size:])
+
+
 def save_diffusers_lora(path: Path, layers: dict, metadata: dict[str, str] | None = None,
                         component: str = "unet") -> None:
     """The diffusers/peft layout that `save_lora_weights` writes (scale 1: alpha = rank)."""
@@ -128,7 +143,7 @@ def save_diffusers_lora(path: Path, layers: dict, metadata: dict[str, str] | Non
     for name, (a, b) in layers.items():
         tensors[f"{component}.{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{component}.{name}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, str(path), metadata=metadata or {})
+    save_safetensors(tensors, path, metadata)
 
 
 def save_kohya_lora(path: Path, layers: dict, alpha: float, metadata: dict[str, str] | None = None) -> None:
@@ -139,7 +154,7 @@ def save_kohya_lora(path: Path, layers: dict, alpha: float, metadata: dict[str, 
         tensors[f"{key}.lora_down.weight"] = a.contiguous()
         tensors[f"{key}.lora_up.weight"] = b.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, str(path), metadata=metadata or {})
+    save_safetensors(tensors, path, metadata)
 
 
 DEMO_LORAS = {

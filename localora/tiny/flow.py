@@ -152,11 +152,9 @@ def random_lora(transformer: torch.nn.Module, targets: tuple[str, ...], rank: in
 def _build_demo_loras(out: Path, seed: int, arch: str) -> None:
     import json
 
-    from safetensors.torch import save_file
-
     from localora import archs, tiny
     from localora.export.keys import kohya_transformer_tensors
-    from localora.tiny.diffusion import DEMO_LORAS, save_diffusers_lora
+    from localora.tiny.diffusion import DEMO_LORAS, save_diffusers_lora, save_safetensors
 
     base = archs.arch(arch)
     if arch == "flux":
@@ -179,7 +177,7 @@ def _build_demo_loras(out: Path, seed: int, arch: str) -> None:
             # kohya-ss names (Flux: BFL's fused qkv blocks), scale alpha / rank = 0.5.
             tensors = kohya_transformer_tensors(layers, arch, scale=0.5)
             freq = {f"10_{name}": {t.strip(): 10 for t in triggers.split(",")}}
-            save_file(tensors, str(path), metadata={
+            save_safetensors(tensors, path, {
                 "ss_output_name": name, "ss_base_model_version": base.kohya_base, "ss_network_dim": "4",
                 "ss_network_alpha": "2.0", "ss_tag_frequency": json.dumps(freq)})
         else:
