@@ -233,4 +233,38 @@ def report(bench_dir: Path, clipscore: bool) -> None:
         click.echo(str(path))
 
 
-COMMANDS = [score, judge, bench, report]
+@click.command("judge-agreement")
+@click.argument("bench_dir", type=click.Path(path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path), metavar="FILE.csv",
+              help="Human preferences: a header set_id,seed,method,baseline,composition,quality (any of the criteria), "
+                   "then one row per pair, each criterion's winner a (the method), b (the baseline) or tie.")
+@json_option
+def judge_agreement(bench_dir: Path, labels_csv: Path, as_json: bool) -> None:
+    """How each judge of a bench agrees with people: raw agreement and Cohen's kappa per criterion.
+
+    Every answer the judge gave about a labelled pair (both orders, every repeat) is compared with
+    that pair's label; intervals are a 95% bootstrap over pairs.
+    """
+    from localora.bench import labels
+    from localora.bench.store import Store
+
+    store = Store.open(bench_dir)
+    given = labels.read(labels_csv, store.pairs())
+    outcomes = store.outcomes()
+    if not outcomes:
+        raise LocaloraError(f"{bench_dir}: the bench stored no judge answers (outcomes) to compare; judge its pairs "
+                            f"with `localora bench --out {bench_dir}` first")
+    found = labels.compare(outcomes, given)
+    data = {"bench": str(bench_dir), "labels": str(labels_csv), "pairs": len(given), "judges": {
+        name: {d: {"answers": g.n, "pairs": g.pairs, "agreement": g.agreement, "kappa": g.kappa,
+                   "agreement_interval": g.agreement_interval, "kappa_interval": g.kappa_interval}
+               for d, g in dims.items()} for name, dims in found.items()}}
+    lines = [f"{len(given)} labelled pair(s) of {bench_dir}; agreement [95% CI] | Cohen's kappa [95% CI] | answers (pairs)"]
+    from localora.bench.report import agreement_cells
+
+    lines += [f"{name:<20} {d:<12} {agreement_cells(g).replace(' | ', '  |  ')}"
+              for name, dims in found.items() for d, g in dims.items()]
+    emit(as_json, data, lines)
+
+
+COMMANDS = [score, judge, bench, report, judge_agreement]

@@ -60,6 +60,7 @@ class Answer:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    tokens: tuple[int, ...] = ()  # the answer's token ids as decoded
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -365,4 +366,5 @@ class VLM:
                 value = schema.parse(answer)
             except ValueError as e:  # the grammar should make this impossible
                 raise RuntimeError(f"constrained answer does not match its schema: {answer!r} ({e})") from e
-        return Answer(text=answer, value=value, prompt_tokens=n_prompt, new_tokens=len(new), seconds=seconds)
+        return Answer(text=answer, value=value, prompt_tokens=n_prompt, new_tokens=len(new), seconds=seconds,
+                      tokens=tuple(new.tolist()))
