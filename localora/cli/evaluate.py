@@ -85,13 +85,13 @@ def judge(image_a: Path, image_b: Path, profile_name: str | None, vlm: str | Non
             "outcomes": {d: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "n": r.n, "win_rate": r.win_rate,
                              "interval": list(r.interval)} for d, r in rates.items()}}
     width = max(len(str(image_a)), len(str(image_b)))
-    lines = [f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS)]
+    who = data["judge"]
+    lines = [f"judge {who['name']} ({who['family']}): {who['source']}" + (f" @ {who['revision']}" if who["revision"] else ""),
+             f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS)]
     for tag, path, scores in (("A", image_a, result.scores.a), ("B", image_b, result.scores.b)):
         lines.append(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
     verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
-    who = data["judge"]
-    lines.append(f"A vs B ({2 * repeats} answers, both orders, judged by {who['name']}: {who['source']}"
-                 + (f" @ {who['revision']}" if who["revision"] else "") + f"): {verdicts}")
+    lines.append(f"A vs B ({2 * repeats} answers, both orders): {verdicts}")
     for d, r in rates.items():
         lo, hi = r.interval
         lines.append(f"A vs B outcomes, {d}: {r.wins} win / {r.ties} tie / {r.losses} loss of {r.n}; "
