@@ -90,45 +90,30 @@ def tokenizer(specials: tuple[str, ...] = SPECIAL_TOKENS, template: str = CHAT_T
 
 
 def build(out_dir: Path, seed: int) -> None:
-    from transformers import (
-        GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-        Qwen2VLProcessor, Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, \
+        Qwen2VLVideoProcessor
 
     tok = tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = _qwen_ids(tok)
     # Padded to a multiple of 64 as real checkpoints are (152064 > 151657 tokens), so code that
-    # confuses len(tokenizer) with the model's vocabulary size fails here too.
-    vocab_size = -(-len(tok) // 64) * 64
+    # confuses len(tokenizer) with the model's vocabulary size fails here too (_text_config).
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
+        text_config=_text_config(tok, ids, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                            "rope_theta": 10000.0}),
         vision_config=dict(
             # embed_dim 64, not the notes' 32: bitsandbytes' CPU 4-bit kernels need input
             # widths of at least one 64-wide quantization block (real models are far wider).
             depth=2, embed_dim=64, mlp_ratio=2, hidden_size=64, num_heads=4, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2,
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        **_token_ids(ids),
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"], do_sample=False,
-    )
-    model.save_pretrained(out_dir, safe_serialization=True)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=_MIN_PIXELS, max_pixels=_MAX_PIXELS),
         video_processor=Qwen2VLVideoProcessor(),
         tokenizer=tok, chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out_dir)
+    _save_qwen(Qwen2VLForConditionalGeneration, config, tok, ids, processor, out_dir, seed)
 
 
 # ------------------------------------------------------------------ Qwen2.5-VL and Qwen3-VL
