@@ -93,8 +93,13 @@ def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
 
     cfg.check()
     # "vlm": which VLM answers (name, source, revision, family); a resume uses it again (--vlm).
+    # Weights that are not here yet fail at their load, after the folder exists, as every model's do.
+    try:
+        vlm = identity(profile.vlm)
+    except LocaloraError:
+        vlm = {"name": profile.vlm.name, "source": profile.vlm.source, "revision": None, "family": None}
     return RunFolder.create(out, {"config": cfg.settings(), "profile": profile.name, "profile_spec": asdict(profile),
-                                  "vlm": identity(profile.vlm),
+                                  "vlm": vlm,
                                   "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
