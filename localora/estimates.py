@@ -25,6 +25,10 @@ PARAMS = {
     "Qwen/Qwen2-VL-7B-Instruct": 8.29e9,
     "Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9,
     "Qwen/Qwen2.5-VL-7B-Instruct": 8.29e9,
+    "Qwen/Qwen3-VL-4B-Instruct": 4.44e9,
+    "Qwen/Qwen3-VL-8B-Instruct": 8.77e9,
+    "google/gemma-3-4b-it": 4.30e9,  # language model 3.9B + SigLIP 0.4B
+    "google/gemma-3-12b-it": 12.2e9,
     "timm/vit_large_patch14_clip_224.openai": 0.43e9,
 }
 # Bytes per parameter on the GPU. nf4/int8 include quantization constants and the layers

@@ -83,13 +83,21 @@ class Catalog:
     path: Path
     default_profile: str
     profiles: dict[str, Profile] = field(default_factory=dict)
+    vlms: dict[str, VLMSpec] = field(default_factory=dict)  # every [vlm.NAME] table, for --vlm
 
-    def get(self, name: str | None) -> Profile:
+    def get(self, name: str | None, vlm: str | None = None) -> Profile:
+        """Profile `name` (None: the default); with `vlm`, its VLM replaced by [vlm.VLM] (--vlm)."""
         name = name or self.default_profile
         if name not in self.profiles:
             known = ", ".join(sorted(self.profiles))
             raise LocaloraError(f"unknown profile '{name}' (in {self.path}); known profiles: {known}")
-        return self.profiles[name]
+        profile = self.profiles[name]
+        return profile if vlm is None else dataclasses.replace(profile, vlm=self.vlm(vlm))
+
+    def vlm(self, name: str) -> VLMSpec:
+        if name not in self.vlms:
+            raise LocaloraError(f"--vlm {name}: no [vlm.{name}] in {self.path}; known VLMs: {', '.join(sorted(self.vlms))}")
+        return self.vlms[name]
 
 
 def _build(cls: type, name: str, table: Any, where: str) -> Any:
@@ -206,11 +214,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
             raise LocaloraError(f"{user.path}: default_profile '{user.default_profile}' is not a profile of {path}; "
                                 f"known profiles: {', '.join(sorted(profiles))}")
         default = user.default_profile
-    return Catalog(path=path, default_profile=default, profiles=profiles)
+    return Catalog(path=path, default_profile=default, profiles=profiles, vlms=comps["vlm"])
 
 
-def load_profile(name: str | None = None, path: Path | None = None) -> Profile:
-    return load_catalog(path).get(name)
+def load_profile(name: str | None = None, path: Path | None = None, vlm: str | None = None) -> Profile:
+    """Profile `name` of models.toml; `vlm` names a [vlm.NAME] table to use instead of its VLM."""
+    return load_catalog(path).get(name, vlm)
 
 
 def run_dtype(spec_dtype: str, device_type: str, cpu: str = "float32") -> str:

@@ -24,7 +24,7 @@ from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.errors import LocaloraError
 from localora.files import file_hash
-from localora.profiles import Profile, load_profile
+from localora.profiles import Catalog, Profile, VLMSpec, load_catalog
 from localora.scoring.judge import REPEAT_TEMPERATURE
 
 BASELINES = tuple(methods.METHODS)  # merge, switch, composite: every LoRA at the testbed's scale
@@ -59,6 +59,8 @@ class BenchConfig:
     drop_triggers: str | None = None  # ablation: each method without this category's trigger words
     no_fewshot: bool = False  # ablation: reflect without few-shot examples, beside reflect
     reference_seeds: tuple[int, ...] = DEFAULT_REFERENCE_SEEDS  # CLIP-I references, never a search seed
+    vlm: str | None = None  # --vlm: a [vlm.NAME] instead of the profile's VLM (the searches' and the judge's)
+    judges: tuple[str, ...] = ()  # --judges: VLMs that each judge every pair (the first one's scores fill `pairs`)
 
     def temperature(self) -> float | None:
         """The judge's sampling temperature; None is greedy (one repeat, or 0 asked for)."""
@@ -93,6 +95,8 @@ class BenchConfig:
             raise LocaloraError(f"--judge-temperature {self.judge_temperature:g}: give 0 (greedy) or more")
         if min(self.iterations, self.candidates) < 1:
             raise LocaloraError("--iterations and --candidates must be at least 1")
+        if len(set(self.judges)) != len(self.judges):
+            raise LocaloraError(f"--judges {','.join(self.judges)} names a VLM twice")
         if not self.reference_seeds or len(set(self.reference_seeds)) != len(self.reference_seeds):
             raise LocaloraError("--reference-seeds: give one or more distinct seeds")
         shared = sorted(set(self.seeds or ()) & set(self.reference_seeds))
@@ -131,6 +135,10 @@ class Plan:
     loras: dict[str, Lora]  # testbed id -> Lora (its name is the id)
     cases: tuple[Case, ...]
     variants: dict[str, Variant]  # every method to run, by name, with its ablations
+    judges: tuple[VLMSpec, ...] = ()  # the VLMs that judge every pair; () is the profile's VLM alone
+
+    def judge_specs(self) -> tuple[VLMSpec, ...]:
+        return self.judges or (self.profile.vlm,)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -161,6 +169,8 @@ class Plan:
             "baseline": c.baseline, "repeats": c.repeats, "judge_temperature": c.temperature(), "iterations": c.iterations, "candidates": c.candidates,
             "fewshot_threshold": self.profile.clip.fewshot_threshold,
             "reference_seeds": list(c.reference_seeds),
+            # Only with --judges, so folders made before it keep their settings.
+            **({"judges": [asdict(j) for j in self.judges]} if self.judges else {}),
         }
 
 
@@ -174,7 +184,9 @@ def plan(cfg: BenchConfig) -> Plan:
     if shared:
         raise LocaloraError(f"testbed {bed.name}: seed(s) {','.join(map(str, shared))} also render the CLIP-I "
                             f"references; pass other --seeds or --reference-seeds")
-    profile = load_profile(cfg.profile or bed.profile)
+    catalog = load_catalog()
+    profile = catalog.get(cfg.profile or bed.profile, cfg.vlm)
+    judges = tuple(_judge(catalog, n) for n in cfg.judges)
     if cfg.drop_triggers is not None and cfg.drop_triggers not in bed.categories():
         raise LocaloraError(variants.unknown_category(cfg.drop_triggers, bed.categories()))
     found = {n: variants.parse(n, METHODS, tuple(SEARCH_STRATEGY), bed.categories()) for n in cfg.variants()}
@@ -184,4 +196,11 @@ def plan(cfg: BenchConfig) -> Plan:
             raise LocaloraError(f"--switch-every {v.switch_every} is larger than the {steps} denoising steps of profile "
                                 f"{profile.name}: Switch would never rotate; give intervals up to {steps}")
     loras = bed.resolve(cfg.lora_dir)
-    return Plan(cfg, bed, profile, loras, tuple(Case(combo, s) for combo in sets for s in seeds), found)
+    return Plan(cfg, bed, profile, loras, tuple(Case(combo, s) for combo in sets for s in seeds), found, judges)
+
+
+def _judge(catalog: Catalog, name: str) -> VLMSpec:
+    if name not in catalog.vlms:
+        raise LocaloraError(f"--judges {name}: no [vlm.{name}] in {catalog.path}; known VLMs: "
+                            f"{', '.join(sorted(catalog.vlms))}")
+    return catalog.vlms[name]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localora.scoring import agreement as agreements
 from localora.scoring import clipscore as scales
 from localora.scoring import judge
 from localora.bench.testbeds import CATEGORIES
@@ -307,7 +308,11 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
             lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for _, v in points) + " |")
         if OBJECTIVE_PNG in plots:
             lines += ["", f"![best objective over renders]({OBJECTIVE_PNG})"]
-    every_outcome = outcomes or []  # position bias is the judge's, whichever pair it judged
+    all_judges = outcomes or []
+    # With --judges, the tables of methods count the first judge's answers; every judge has its
+    # own section below.
+    first = primary_judge(settings)
+    every_outcome = [o for o in all_judges if first is None or o["judge"] == first]
     outcomes = [o for o in every_outcome if o["baseline"] == baseline]
     if every_pair:
         lines += ["", "## Method × method", "", *_matrix_lines(every_outcome or every_pair, results), "",
@@ -342,10 +347,12 @@ def markdown(results: Rows, pairs: Rows, settings: dict[str, Any], plots: list[s
                 lines += _judge_lines(subset, baseline) if subset else ["No judged pairs."]
             if BY_ELEMENTS_PNG in plots:
                 lines += ["", f"![win / tie / loss vs {baseline} by number of elements]({BY_ELEMENTS_PNG})"]
-    if every_outcome:
-        lines += ["", "## Position bias", "", *_bias_lines(every_outcome), "",
+    if all_judges:
+        lines += ["", "## Position bias", "", *_bias_lines(all_judges), "",
                   "First-shown wins: outcomes in which the image shown first scored higher; an unbiased judge has "
                   "as many second-shown wins. Order agreement: repeats whose two orders gave the same verdict."]
+    if len(judges_in(all_judges)) > 1:
+        lines += ["", *_judges_lines(all_judges, baseline)]
     lines += ["", "## Images", "", *_grid_lines(results, plots)]
     return "\n".join(lines) + "\n"
 
@@ -430,6 +437,70 @@ def _outcome_lines(outcomes: Rows, baseline: str) -> list[str]:
         for d, r in dims.items():
             lo, hi = r.interval
             lines.append(f"| {m} | {d} | {_shares(r)} | {r.n} | {r.win_rate:.1%} [{lo:.1%}, {hi:.1%}] |")
+    return lines
+
+
+def primary_judge(settings: dict[str, Any]) -> str | None:
+    """The judge whose answers the method tables count: the first of --judges (None: the one judge)."""
+    judges = settings.get("judges")
+    return judges[0]["name"] if judges else None
+
+
+def judges_in(outcomes: Rows) -> list[str]:
+    return list(dict.fromkeys(o["judge"] for o in outcomes))
+
+
+def outcome_key(o: dict[str, Any]) -> tuple:
+    """One question asked: the pair, the repeat and the order; every judge of a bench answers each."""
+    return (o["set_id"], o["seed"], o["method"], o["baseline"], o["repeat"], o["first"])
+
+
+def pair_key(o: dict[str, Any]) -> tuple:
+    return (o["set_id"], o["seed"], o["method"], o["baseline"])
+
+
+def judge_agreement(outcomes: Rows) -> dict[tuple[str, str], dict[str, agreements.Agreement]]:
+    """(judge A, judge B) -> dimension -> their agreement over the questions both answered."""
+    names = judges_in(outcomes)
+    by = {n: [o for o in outcomes if o["judge"] == n] for n in names}
+    return {(a, b): agreements.compare(by[a], by[b], outcome_key, pair_key, judge.DIMENSIONS)
+            for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def _interval(x: tuple[float, float] | None, percent: bool) -> str:
+    if x is None:
+        return "–"
+    return f"[{x[0]:.1%}, {x[1]:.1%}]" if percent else f"[{x[0]:.2f}, {x[1]:.2f}]"
+
+
+def agreement_cells(g: agreements.Agreement) -> str:
+    """| agreement [interval] | kappa [interval] | outcomes (pairs) |"""
+    raw = "–" if g.agreement is None else f"{g.agreement:.1%}"
+    k = "n/a" if g.kappa is None else f"{g.kappa:.2f}"
+    return (f"{raw} {_interval(g.agreement_interval, True)} | {k} {_interval(g.kappa_interval, False)} | "
+            f"{g.n} ({g.pairs})")
+
+
+def _judges_lines(outcomes: Rows, baseline: str) -> list[str]:
+    lines = ["## Judges", "", "### Each judge's verdicts", "",
+             f"| Judge | Method vs {baseline} | Dimension | Win | Tie | Loss | Outcomes | Win rate (95% Wilson) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in judges_in(outcomes):
+        for row in _outcome_lines([o for o in outcomes if o["judge"] == name and o["baseline"] == baseline],
+                                  baseline)[2:]:
+            lines.append(f"| {name} {row}")
+    lines += ["", "### Agreement between judges", "",
+              "| Judge A | Judge B | Dimension | Raw agreement [95% CI] | Cohen's kappa [95% CI] | Outcomes (pairs) |",
+              "|---|---|---|---|---|---|"]
+    for (a, b), dims in judge_agreement(outcomes).items():
+        for d, g in dims.items():
+            lines.append(f"| {a} | {b} | {d} | {agreement_cells(g)} |")
+    lines += ["", "Both judges answered the same questions (pair, order, repeat, with the same seeds); raw "
+              "agreement is the share of those answers with the same verdict (win, tie or loss), Cohen's kappa the "
+              "agreement beyond what two judges with those verdict frequencies reach by chance (1 perfect, 0 "
+              "chance, below 0 worse than chance; n/a where both always gave one verdict). Intervals: 95% "
+              f"percentile bootstrap over whole pairs ({agreements.RESAMPLES} resamples), since the answers "
+              "about one pair are not independent."]
     return lines
 
 

@@ -8,7 +8,8 @@ prompt (the baselines merge / switch / composite with every LoRA at the testbed'
 `reflect` runs the GPT4LoRA loop), scores CLIP-T against the prompt and CLIP-I against a
 reference image per LoRA, then judges every method against the baseline method (or, with
 --judge-baseline all, every pair of methods) with the position-debiased pairwise judge, storing
-each answer as one outcome. CLIP-I references are each LoRA alone at the reference seeds,
+each answer as one outcome; with --judges A,B every judge answers the same questions and each
+answer is stored under its judge. CLIP-I references are each LoRA alone at the reference seeds,
 which no search renders at, so no method is scored against an image it looked at.
 
     DIR/bench.sqlite          settings; one row per (set, seed, method); one per judged pair,
@@ -170,6 +171,21 @@ class _Runner:
     session: int
     have: dict[tuple[str, int, str], dict[str, Any]]
     _refs: dict[tuple[str, int], tuple[Image.Image, str]] = field(default_factory=dict)  # (LoRA, seed) -> image, path
+    _judges: list[tuple[dict[str, Any], _CountingVLM]] | None = None  # (identity, model) per judge, made on first use
+
+    def judges(self) -> list[tuple[dict[str, Any], _CountingVLM]]:
+        """Each judge of the plan with who it is (name, source, revision, family) and its model:
+        the profile's VLM is the one already loaded, another is loaded beside it, on the same
+        device manager, so placement moves it like any other model."""
+        if self._judges is None:
+            from localora.vlm.model import VLM, identity
+
+            self._judges = []
+            for spec in self.plan.judge_specs():
+                model = self.vlm if spec == self.plan.profile.vlm else _CountingVLM(
+                    VLM(spec, devices=self.vlm.model.devices, name=f"judge {spec.name}"))
+                self._judges.append((identity(spec), model))
+        return self._judges
 
     @property
     def out(self) -> Path:
@@ -201,6 +217,11 @@ class _Runner:
         category = {x.id: x.category for x in case.combo}
         rel = self._save(source, case, method)
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
+        vlm = None
+        if calls:  # which VLM answered this row's search
+            from localora.vlm.model import identity
+
+            vlm = json.dumps(identity(self.plan.profile.vlm))
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method,
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
@@ -211,7 +232,7 @@ class _Runner:
             "clip_i_elements": json.dumps({category[i]: v for i, v in each.items()}),
             "clip_i_references": json.dumps({i: [{"seed": seed, "image": rel} for seed, _, rel in images]
                                              for i, images in refs.items()}),
-            "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget,
+            "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget, "vlm": vlm,
             "seconds": round(time.perf_counter() - start, 3), "session": self.session, "finished": time.time(),
         }
         line = (f"{case.set_id} seed {case.seed} {method:<9} CLIP-T {row['clip_t']:.4f} CLIP-I {row['clip_i']:.4f}  "
@@ -220,26 +241,33 @@ class _Runner:
 
     def pair(self, case: Case, method: str, base: str, image: Image.Image, base_image: Image.Image) -> Row:
         self.progress.working(f"{case.set_id} seed {case.seed} judge {method} vs {base}")
-        start, calls = time.perf_counter(), self.vlm.calls
+        judges = self.judges()
+        models = list({id(m): m for _, m in judges}.values())
+        start, calls = time.perf_counter(), sum(m.calls for m in models)
         temperature = self.plan.cfg.temperature()
-        j = judge.judge_pair(self.vlm, image, base_image, [x.element() for x in case.combo],
-                             repeats=self.plan.cfg.repeats, seed=case.seed, temperature=temperature or 0.0)
+        # Every judge is asked the same (repeat, order) questions with the same seeds, so their
+        # outcomes can be compared one for one (report.md: agreement and Cohen's kappa).
+        verdicts = [(who, judge.judge_pair(model, image, base_image, [x.element() for x in case.combo],
+                                           repeats=self.plan.cfg.repeats, seed=case.seed,
+                                           temperature=temperature or 0.0)) for who, model in judges]
         finished = time.time()
         key = {"set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base}
         outcomes = tuple(("outcomes", {
-            **key, "repeat": o.repeat, "first": o.first, "judge": self.plan.profile.vlm.name, "temperature": temperature,
+            **key, "repeat": o.repeat, "first": o.first, "judge": who["name"], "temperature": temperature,
+            "judge_source": who["source"], "judge_revision": who["revision"],
             **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", o.a), ("b", o.b))},
             **o.verdict, "explanation_a": o.explanation_a, "explanation_b": o.explanation_b,
-            "session": self.session, "finished": finished}) for o in j.outcomes)
+            "session": self.session, "finished": finished}) for who, j in verdicts for o in j.outcomes)
+        first, j = verdicts[0]  # the pair row holds the first judge's averaged scores
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method, "baseline": base,
             **{f"{d}_{side}": scores[d] for d in judge.DIMENSIONS for side, scores in (("a", j.scores.a), ("b", j.scores.b))},
-            **j.verdict, "answers": json.dumps([asdict(a) for a in j.answers]),
-            "vlm_calls": self.vlm.calls - calls, "seconds": round(time.perf_counter() - start, 3),
+            **j.verdict, "answers": json.dumps([asdict(a) for a in j.answers]), "judge": first["name"],
+            "vlm_calls": sum(m.calls for m in models) - calls, "seconds": round(time.perf_counter() - start, 3),
             "session": self.session, "finished": finished,
         }
-        verdicts = ", ".join(f"{d} {j.verdict[d]}" for d in judge.DIMENSIONS)
-        return Row("pairs", row, f"{case.set_id} seed {case.seed} {method} vs {base}: {verdicts}  "
+        shown = ", ".join(f"{d} {j.verdict[d]}" for d in judge.DIMENSIONS)
+        return Row("pairs", row, f"{case.set_id} seed {case.seed} {method} vs {base}: {shown}  "
                                  f"({row['vlm_calls']} VLM calls, {row['seconds']:.1f}s)", outcomes)
 
     # ------------------------------------------------------------ images

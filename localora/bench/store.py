@@ -4,7 +4,8 @@
     sessions   one per bench command that wrote rows (its argv)
     results    one per (set, seed, method): image, CLIP-T, CLIP-I, work counts
     pairs      one per (set, seed, method, baseline): averaged judge scores and verdicts, every answer
-    outcomes   one per (pair, repeat, order): that answer's scores and verdicts, its explanations
+    outcomes   one per (pair, judge, repeat, order): that answer's scores and verdicts, its explanations,
+               the judge's name, source and revision
 
 The schema evolves by MIGRATIONS, an append-only list applied in order and counted in SQLite's
 `user_version`, so a folder made by any earlier version opens (and is brought up to date) and a
@@ -72,6 +73,32 @@ CREATE TABLE outcomes (
     """
 ALTER TABLE results ADD COLUMN clip_i_elements TEXT;
 ALTER TABLE results ADD COLUMN clip_i_references TEXT;
+""",
+    # 5: several judges (--judges A,B) answer the same (pair, repeat, order): the judge joins the
+    # outcomes' key, with the source and revision of its weights; `pairs.judge` names the judge
+    # whose averaged scores the pair row holds; `results.vlm` which VLM (JSON: name, source,
+    # revision, family) answered a search's calls. NULL in older rows.
+    """
+CREATE TABLE outcomes_v5 (
+    set_id TEXT NOT NULL, elements INTEGER NOT NULL, seed INTEGER NOT NULL, method TEXT NOT NULL,
+    baseline TEXT NOT NULL, repeat INTEGER NOT NULL, first TEXT NOT NULL, judge TEXT NOT NULL,
+    temperature REAL,
+    composition_a REAL NOT NULL, composition_b REAL NOT NULL, composition TEXT NOT NULL,
+    quality_a REAL NOT NULL, quality_b REAL NOT NULL, quality TEXT NOT NULL,
+    explanation_a TEXT NOT NULL, explanation_b TEXT NOT NULL,
+    session INTEGER NOT NULL, finished REAL NOT NULL,
+    judge_source TEXT, judge_revision TEXT,
+    PRIMARY KEY (set_id, seed, method, baseline, judge, repeat, first));
+INSERT INTO outcomes_v5 (set_id, elements, seed, method, baseline, repeat, first, judge, temperature,
+    composition_a, composition_b, composition, quality_a, quality_b, quality, explanation_a, explanation_b,
+    session, finished)
+  SELECT set_id, elements, seed, method, baseline, repeat, first, judge, temperature,
+    composition_a, composition_b, composition, quality_a, quality_b, quality, explanation_a, explanation_b,
+    session, finished FROM outcomes;
+DROP TABLE outcomes;
+ALTER TABLE outcomes_v5 RENAME TO outcomes;
+ALTER TABLE pairs ADD COLUMN judge TEXT;
+ALTER TABLE results ADD COLUMN vlm TEXT;
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,7 +7,7 @@ components below them.
     cli/compose.py    compose, demo, open
     cli/models.py     models, loras inspect, loras list
     cli/vlm.py        ask, doctor
-    cli/evaluate.py   score, judge, bench, report
+    cli/evaluate.py   score, judge, bench, report, judge-agreement
     cli/export.py     export (to A1111, ComfyUI, diffusers)
 """
 

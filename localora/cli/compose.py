@@ -18,6 +18,7 @@ import click
 from localora import verbosity
 from localora.cli.options import (batch_option, catalog_option, check_ray_options, complete_profiles, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
+                                  vlm_option,
                                   ray_options, sampling_options, weight_bounds)
 from localora.diffusion.methods import METHODS
 from localora.errors import INTERRUPTED, LocaloraError, RuntimeFailure
@@ -140,11 +141,13 @@ def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: boo
 
 # Options that a resumed run takes from its run.json, so giving them with --resume is an error.
 _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs", "profile", "as_json")
+# (a resumed run keeps its VLM too: run.json names it, so --vlm is refused with --resume)
 
 
 @click.command()
 @click.argument("prompt", required=False)
 @profile_option
+@vlm_option
 @lora_option("A LoRA to combine (at least two, with the prompt's <lora:NAME:START> tags); an optional start "
              "weight. Repeatable.", metavar="NAME_OR_PATH[:START]")
 @catalog_option
@@ -189,7 +192,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @plain_option
 @batch_option
 @json_option
-def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
+def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
             method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
             prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
@@ -243,7 +246,7 @@ def compose(prompt, profile, lora_specs, catalog, lora_dirs, iterations, candida
     if not prompt and not jsonl:
         raise LocaloraError("compose needs a PROMPT (or --prompts FILE.jsonl, or --resume DIR)")
     prompts_dir = check_dir(prompts_dir, option)
-    prof = load_profile(profile)
+    prof = load_profile(profile, vlm=vlm)
     options = dict(iterations=iterations, candidates=candidates, bounds=bounds, search=search, budget=budget,
                    final_judge=final_judge, method=method, sampling=sampling, temperature=temperature,
                    no_fewshot=no_fewshot, fewshot_levels=fewshot_levels, fewshot_budget=fewshot_budget,
@@ -323,7 +326,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
                 from localora.runs import distributed
 
                 execute = distributed.executor(ray[0], prof, folder, ui, ray[1], ray[2], batch)
-            records = batches.run(items, folder, ui, execute, source=path, batch=batch)
+            records = batches.run(items, folder, ui, execute, source=path, batch=batch, profile=prof)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the finished lines stay in {folder} and the interrupted line's run folder "
                    f"is resumable. Continue with {again}", err=True)

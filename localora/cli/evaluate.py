@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
-from localora.cli.options import complete_profiles, complete_testbeds, check_ray_options, emit, json_option, ray_options
+from localora.cli.options import (complete_profiles, complete_testbeds, complete_vlms, check_ray_options, emit,
+                                  json_option, ray_options, vlm_option)
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
 from localora import profiles, verbosity
@@ -58,6 +59,7 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.argument("image_a", type=_image)
 @click.argument("image_b", type=_image)
 @_profile_option("VLM judges")
+@vlm_option
 @click.option("--element", "elements", multiple=True, required=True, help="'category (Name): trigger, words'; one per element, repeatable.")
 @click.option("--repeats", default=1, show_default=True, type=int, help="Times to ask each order, with seeds seed, seed+1, ...; each answer is one outcome.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -65,25 +67,27 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
               help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
 @click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
 @json_option
-def judge(image_a: Path, image_b: Path, profile_name: str | None, elements: tuple[str, ...], repeats: int, seed: int,
+def judge(image_a: Path, image_b: Path, profile_name: str | None, vlm: str | None, elements: tuple[str, ...], repeats: int, seed: int,
           temperature: float | None, prompts_dir: Path | None, as_json: bool) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
     scores and verdict, and win / tie / loss over the answers."""
     check_judging(repeats, temperature)
     prompts_dir = check_dir(prompts_dir)
     parsed = [judging.parse_element(e) for e in elements]
-    profile = profiles.load_profile(profile_name)
+    profile = profiles.load_profile(profile_name, vlm=vlm)
     model = _load_vlm(profile)
     result = judging.judge_pair(
         model, image_a, image_b, parsed, repeats=repeats, seed=seed, temperature=temperature, prompts_dir=prompts_dir
     )
     rates = result.rates()
-    data = {"a": str(image_a), "b": str(image_b), "answers": 2 * repeats,
+    data = {"a": str(image_a), "b": str(image_b), "answers": 2 * repeats, "judge": model.identity(),
             "scores": {"a": dict(result.scores.a), "b": dict(result.scores.b)}, "verdict": dict(result.verdict),
             "outcomes": {d: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "n": r.n, "win_rate": r.win_rate,
                              "interval": list(r.interval)} for d, r in rates.items()}}
     width = max(len(str(image_a)), len(str(image_b)))
-    lines = [f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS)]
+    who = data["judge"]
+    lines = [f"judge {who['name']} ({who['family']}): {who['source']}" + (f" @ {who['revision']}" if who["revision"] else ""),
+             f"{'':{width + 3}}  " + "  ".join(f"{d:>11}" for d in judging.DIMENSIONS)]
     for tag, path, scores in (("A", image_a, result.scores.a), ("B", image_b, result.scores.b)):
         lines.append(f"{tag}  {str(path):{width}}  " + "  ".join(f"{scores[d]:>11.2f}" for d in judging.DIMENSIONS))
     verdicts = ", ".join(f"{d} {result.verdict[d]}" for d in judging.DIMENSIONS)
@@ -103,7 +107,7 @@ def check_judging(repeats: int, temperature: float | None) -> None:
         raise LocaloraError(f"--judge-temperature {temperature:g}: give 0 (greedy) or more")
 
 
-def _load_vlm(profile: profiles.Profile) -> judging.ChatModel:
+def _load_vlm(profile: profiles.Profile):
     # The one place that knows the VLM backend's entry point; weights load on the first chat.
     from localora.devices import DeviceManager
     from localora.vlm.model import VLM
@@ -149,6 +153,11 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
                    "has seen them.")
 @click.option("--profile", "profile_name", default=None, shell_complete=complete_profiles,
               help="Profile from models.toml (default: the testbed's).")
+@vlm_option
+@click.option("--judges", default=None, metavar="A,B", shell_complete=complete_vlms,
+              help="[vlm.NAME]s of models.toml that each judge every pair (same questions, orders, repeats and "
+                   "seeds); report.md gives each one's win rates and position bias, and their agreement and "
+                   "Cohen's kappa. The first one's scores fill the pair rows (default: the profile's VLM alone).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bench folder; rerun to resume.")
 @click.option("--resume", is_flag=True, help="Go on with an existing bench folder only (a plain rerun also goes on; "
               "this refuses to start a new one).")
@@ -157,7 +166,8 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @json_option
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
-          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None, out: Path,
+          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None,
+          vlm: str | None, judges: str | None, out: Path,
           resume: bool, ray: str | None, workers: int | None, worker_cpus: int, plain: bool, as_json: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
@@ -179,7 +189,8 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, profile=profile_name,
         no_fewshot=no_fewshot, drop_triggers=drop_triggers,
         switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
-        reference_seeds=_csv(reference_seeds, "--reference-seeds", int),
+        reference_seeds=_csv(reference_seeds, "--reference-seeds", int), vlm=vlm,
+        judges=_csv(judges, "--judges") if judges is not None else (),
     )
     if as_json or verbosity.quiet():  # stdout is the summary alone: progress, if any, goes to stderr
         ui = PlainProgress(lambda line: None if verbosity.quiet() else click.echo(line, err=True))
@@ -222,4 +233,38 @@ def report(bench_dir: Path, clipscore: bool) -> None:
         click.echo(str(path))
 
 
-COMMANDS = [score, judge, bench, report]
+@click.command("judge-agreement")
+@click.argument("bench_dir", type=click.Path(path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path), metavar="FILE.csv",
+              help="Human preferences: a header set_id,seed,method,baseline,composition,quality (any of the criteria), "
+                   "then one row per pair, each criterion's winner a (the method), b (the baseline) or tie.")
+@json_option
+def judge_agreement(bench_dir: Path, labels_csv: Path, as_json: bool) -> None:
+    """How each judge of a bench agrees with people: raw agreement and Cohen's kappa per criterion.
+
+    Every answer the judge gave about a labelled pair (both orders, every repeat) is compared with
+    that pair's label; intervals are a 95% bootstrap over pairs.
+    """
+    from localora.bench import labels
+    from localora.bench.store import Store
+
+    store = Store.open(bench_dir)
+    given = labels.read(labels_csv, store.pairs())
+    outcomes = store.outcomes()
+    if not outcomes:
+        raise LocaloraError(f"{bench_dir}: the bench stored no judge answers (outcomes) to compare; judge its pairs "
+                            f"with `localora bench --out {bench_dir}` first")
+    found = labels.compare(outcomes, given)
+    data = {"bench": str(bench_dir), "labels": str(labels_csv), "pairs": len(given), "judges": {
+        name: {d: {"answers": g.n, "pairs": g.pairs, "agreement": g.agreement, "kappa": g.kappa,
+                   "agreement_interval": g.agreement_interval, "kappa_interval": g.kappa_interval}
+               for d, g in dims.items()} for name, dims in found.items()}}
+    lines = [f"{len(given)} labelled pair(s) of {bench_dir}; agreement [95% CI] | Cohen's kappa [95% CI] | answers (pairs)"]
+    from localora.bench.report import agreement_cells
+
+    lines += [f"{name:<20} {d:<12} {agreement_cells(g).replace(' | ', '  |  ')}"
+              for name, dims in found.items() for d, g in dims.items()]
+    emit(as_json, data, lines)
+
+
+COMMANDS = [score, judge, bench, report, judge_agreement]

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from localora import verbosity
-from localora.cli.options import emit, json_option, lora_dir_option
+from localora.cli.options import emit, json_option, lora_dir_option, vlm_option
 
 
 @click.command()
@@ -42,16 +42,18 @@ def models(as_json):
 
 @click.command()
 @click.argument("profile")
-def pull(profile):
+@vlm_option
+def pull(profile, vlm):
     """Download PROFILE's models into the Hugging Face cache (resumable), for offline use later.
 
     Run it on a connected machine, then copy the cache (~/.cache/huggingface/hub) to the offline
-    one. Tiny models are built instead; local folders are left alone.
+    one. Tiny models are built instead; local folders are left alone. --vlm NAME fetches that VLM
+    in place of the profile's.
     """
     from localora import hub, profiles
 
     progress = (lambda line: None) if verbosity.quiet() else click.echo
-    for path in hub.pull(profiles.load_profile(profile), progress):
+    for path in hub.pull(profiles.load_profile(profile, vlm=vlm), progress):
         click.echo(str(path))
 
 

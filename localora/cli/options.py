@@ -1,6 +1,7 @@
 """Options shared by several commands, each defined once (as simonw/llm does).
 
     @profile_option          --profile/-p
+    @vlm_option              --vlm NAME (a [vlm.NAME] of models.toml instead of the profile's VLM)
     @catalog_option          --catalog (repeatable)
     @lora_option(help)       --lora/-l NAME_OR_PATH[:WEIGHT] (repeatable)
     @lora_dir_option         --lora-dir DIR (repeatable)  ->  lora_dirs
@@ -83,6 +84,20 @@ def lora_names(profile_name: str | None = None, catalogs: Iterable[str] = (), lo
     return list(dict.fromkeys(names))
 
 
+def vlm_names() -> list[str]:
+    """The [vlm.NAME] tables of models.toml; none when it cannot be read."""
+    from localora import profiles
+
+    try:
+        return list(profiles.load_catalog().vlms)
+    except LocaloraError:
+        return []
+
+
+def complete_vlms(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(n) for n in vlm_names() if n.startswith(incomplete)]
+
+
 def complete_loras(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """--lora NAME: the names for the --profile, --catalog and --lora-dir given so far; a path is
     left to the shell's file completion, and nothing is offered once a :WEIGHT is being typed."""
@@ -111,6 +126,9 @@ profile_option = click.option("--profile", "-p", default=None, shell_complete=co
                               help="Profile from models.toml (default: default_profile in config.toml, else models.toml's, `tiny`).")
 catalog_option = click.option("--catalog", multiple=True, type=click.Path(dir_okay=False),
                               help="LoRA catalog TOML ([loras.NAME] file/category/triggers); repeatable.")
+vlm_option = click.option("--vlm", "vlm", default=None, metavar="NAME", shell_complete=complete_vlms,
+                          help="A [vlm.NAME] of models.toml instead of the profile's VLM: any family (Qwen2-VL, "
+                               "Qwen2.5-VL, Qwen3-VL, Gemma 3) with any profile; `localora models` lists them.")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout instead of the lines (same numbers).")
 lora_dir_option = click.option(

@@ -10,7 +10,7 @@ import click
 from localora import package_version, profiles, verbosity
 from localora.estimates import ACTIVATIONS, BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
-from localora.cli.options import complete_profiles, emit, json_option
+from localora.cli.options import complete_profiles, emit, json_option, vlm_option
 from localora.errors import LocaloraError, MissingError
 
 JSON_KINDS = ("weights", "candidates", "choice", "judge", "feedback", "refine")
@@ -42,6 +42,7 @@ def _schema(kind: str, loras: str | None, lo: float, hi: float, m: int, options:
 @click.command()
 @click.argument("question")
 @click.option("--profile", "-p", "profile_name", default=None, shell_complete=complete_profiles, help="Profile from models.toml.")
+@vlm_option
 @click.option("--image", "images", multiple=True, help="An image to show, in order (repeatable).")
 @click.option("--system", default=None, help="System message (default: the model's own).")
 @click.option("--json", "kind", type=click.Choice(JSON_KINDS), default=None, help="Constrained JSON answer.")
@@ -55,9 +56,9 @@ def _schema(kind: str, loras: str | None, lo: float, hi: float, m: int, options:
 @click.option("--seed", type=int, default=None, help="Seed for sampling (default 0).")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on the answer's length in tokens.")
 @click.option("--stats", is_flag=True, help="Also print token counts and time to stderr.")
-def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options, max_chars, temperature, seed,
+def ask(question, profile_name, vlm, images, system, kind, loras, lo, hi, m, options, max_chars, temperature, seed,
         max_new_tokens, stats) -> None:
-    """Ask the profile's VLM QUESTION about the --image files; Picture 1 is the first --image."""
+    """Ask the profile's VLM (or --vlm NAME) QUESTION about the --image files; Picture 1 is the first --image."""
     from localora.devices import DeviceManager
     from localora.vlm.model import VLM, load_image
 
@@ -66,10 +67,10 @@ def ask(question, profile_name, images, system, kind, loras, lo, hi, m, options,
         schema = _schema(kind, loras, lo, hi, m, options if options is not None else len(images), max_chars)
         question = f"{question}\n{schema.describe()}"
     pictures = [load_image(p) for p in images]  # bad files fail before any model loads
-    profile = profiles.load_profile(profile_name)
+    profile = profiles.load_profile(profile_name, vlm=vlm)
     verbosity.quiet_libraries(diffusers=False)  # loading bars would bury a one-line answer
-    vlm = VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
-    answer = vlm.chat(system, pictures, question, schema=schema, temperature=temperature, seed=seed,
+    model = VLM(profile.vlm, devices=DeviceManager.for_profile(profile))
+    answer = model.chat(system, pictures, question, schema=schema, temperature=temperature, seed=seed,
                       max_new_tokens=max_new_tokens)
     click.echo(answer.text)
     if stats:
@@ -147,14 +148,16 @@ def _doctor_lines(d: dict[str, Any]) -> list[str]:
 @click.command()
 @click.option("--profile", "-p", "profile_name", default=None, shell_complete=complete_profiles,
               help="Profile to check (default: the default one).")
+@vlm_option
 @json_option
-def doctor(profile_name, as_json) -> None:
+def doctor(profile_name, vlm, as_json) -> None:
     """Versions, GPU, which weights of a profile are here, and its estimated peak GPU memory."""
-    profile = profiles.load_profile(profile_name)
+    profile = profiles.load_profile(profile_name, vlm=vlm)
     data = _doctor_data(profile)
     emit(as_json, data, _doctor_lines(data))
     if data["missing"]:
-        raise MissingError(f"{', '.join(data['missing'])} not here; fetch with `localora pull {profile.name}` "
+        pull = f"localora pull {profile.name}" + (f" --vlm {vlm}" if vlm else "")
+        raise MissingError(f"{', '.join(data['missing'])} not here; fetch with `{pull}` "
                            f"(on a connected machine, then copy the Hugging Face cache)")
 
 

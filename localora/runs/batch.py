@@ -220,14 +220,15 @@ Execute = Callable[[list[tuple[Item, Path]]], Iterable[tuple[Item, Any]]]
 
 
 def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *,
-        source: Path | None = None, batch: int = 0) -> list[dict[str, Any]]:
+        source: Path | None = None, batch: int = 0, profile: Any = None) -> list[dict[str, Any]]:
     """The batch: skip the finished lines, run the rest in order, rewrite DIR/batch.json after
     each; returns its per-line records. Every folder already there is checked first, so a changed
     line is one error before anything renders.
 
     `execute(todo)` takes the (item, folder) pairs to do and yields (item, summary dict) as each
     finishes, or (item, RuntimeFailure) for a line whose work failed; the default runs them one by
-    one in this process, sharing one set of models. A line's failure does not stop the others."""
+    one in this process, sharing one set of models, with `profile` (the command's: --vlm) when
+    given. A line's failure does not stop the others."""
     out = Path(out)
     states = {item.line: state(item, out) for item in items}
     for item in items:
@@ -238,7 +239,7 @@ def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *
     _write(out, source, records)
     todo = [(item, out / item.name) for item in items if states[item.line] != "done"]
     try:
-        for item, result in (execute or (lambda pairs: _here(pairs, ui, batch)))(todo):
+        for item, result in (execute or (lambda pairs: _here(pairs, ui, batch, profile)))(todo):
             records[item.line] = _record(item, out, result)
             _write(out, source, records)
     finally:
@@ -247,12 +248,12 @@ def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *
     return list(records.values())
 
 
-def _here(todo: list[tuple[Item, Path]], ui: Any, batch: int) -> Iterator[tuple[Item, Any]]:
+def _here(todo: list[tuple[Item, Path]], ui: Any, batch: int, profile: Any = None) -> Iterator[tuple[Item, Any]]:
     for number, (item, folder) in enumerate(todo, 1):
         if hasattr(ui, "status"):
             ui.status(f"batch: line {item.line} ({number} of {len(todo)} to do) in {folder}")
         try:
-            yield item, run_item(item, folder, ui, batch=batch)
+            yield item, run_item(item, folder, ui, batch=batch, profile=profile)
         except RuntimeFailure as e:  # this line's work failed (NaN latents, ...): the others may not
             yield item, e
 

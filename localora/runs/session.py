@@ -89,8 +89,17 @@ def _versions() -> dict[str, str]:
 
 
 def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
+    from localora.vlm.model import identity
+
     cfg.check()
+    # "vlm": which VLM answers (name, source, revision, family); a resume uses it again (--vlm).
+    # Weights that are not here yet fail at their load, after the folder exists, as every model's do.
+    try:
+        vlm = identity(profile.vlm)
+    except LocaloraError:
+        vlm = {"name": profile.vlm.name, "source": profile.vlm.source, "revision": None, "family": None}
     return RunFolder.create(out, {"config": cfg.settings(), "profile": profile.name, "profile_spec": asdict(profile),
+                                  "vlm": vlm,
                                   "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
@@ -117,7 +126,7 @@ def _resume_settings(run: RunFolder, path: Path, loras: list | None) -> tuple[Co
     for stored, lo in zip(run.settings["config"]["loras"], cfg.loras):
         if not lo.path.is_file() or file_hash(lo.path) != stored["sha256"]:
             raise LocaloraError(f"{lo.path}: this LoRA file changed or is gone since the run started; cannot resume")
-    profile = load_profile(run.settings["profile"])
+    profile = load_profile(run.settings["profile"], vlm=(run.settings.get("vlm") or {}).get("name"))
     if json.loads(json.dumps(asdict(profile))) != run.settings.get("profile_spec"):
         raise LocaloraError(f"{path}: profile '{profile.name}' in models.toml changed since this run started; "
                             f"resuming would mix two settings (start a new run instead)")

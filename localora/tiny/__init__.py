@@ -32,13 +32,16 @@ BUILDERS = {
     "loras-flux": "localora.tiny.flow:build_demo_loras_flux",
     "loras-zimage": "localora.tiny.flow:build_demo_loras_zimage",
     "qwen2-vl": "localora.tiny.vlm:build",
+    "qwen2.5-vl": "localora.tiny.vlm:build_qwen2_5_vl",
+    "qwen3-vl": "localora.tiny.vlm:build_qwen3_vl",
+    "gemma-3": "localora.tiny.gemma:build",
     "clip": "localora.tiny.clip:build",
 }
 
 
 # Which tiny parts can stand in for which kind of model (checked when models.toml is read).
-KINDS = {"diffusion": ("sdxl", "sd15", "flux", "zimage"), "vlm": ("qwen2-vl",), "clip": ("clip",),
-         "loras": ("loras-sdxl", "loras-sd15", "loras-flux", "loras-zimage")}
+KINDS = {"diffusion": ("sdxl", "sd15", "flux", "zimage"), "vlm": ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma-3"),
+         "clip": ("clip",), "loras": ("loras-sdxl", "loras-sd15", "loras-flux", "loras-zimage")}
 
 
 def root() -> Path:

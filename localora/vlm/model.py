@@ -1,5 +1,9 @@
 """The local VLM: images and a question in, an answer out, optionally under a grammar.
 
+One backend for every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): transformers' auto
+classes and each model's own chat template; what differs between families is declared once in
+vlm/families.py and read here.
+
     vlm = VLM(profile.vlm, devices=manager)        # nothing heavy happens yet
     a = vlm.chat(system, [img1, "b.png"], "Picture 1 is ... Which is better?", schema=schemas.choice(2))
     a.value                                        # 1 or 2, always
@@ -11,6 +15,10 @@ answer can be reproduced. With a schema, xgrammar masks the logits at every step
 always parses; the grammar is compiled once per VLM and grammar string.
 
     vlm.on_tokens = ui.generating                  # (tokens so far, at most, done), once per token
+    vlm.identity()                                 # {"name", "source", "revision", "family"}: who answered
+
+Each image is encoded by the vision tower once while the model is loaded (vlm/vision.py);
+`VLM(..., vision_cache=0)` encodes every image of every call, as plain generate() does.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from localora.errors import LocaloraError
 from localora.estimates import estimate_bytes
 from localora.files import open_image
 from localora.profiles import VLMSpec
+from localora.vlm.families import Family, family_of
 from localora.vlm.schemas import Schema
+from localora.vlm.vision import DEFAULT_CAPACITY, VisionCache, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,7 @@ class Answer:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    tokens: tuple[int, ...] = ()  # the answer's token ids as decoded
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -110,14 +121,35 @@ def _quantization_config(quantization: str, compute: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-class VLM:
-    """A Qwen2-VL-family model described by a VLMSpec, loaded on first use."""
+def identity(spec: VLMSpec) -> dict[str, str | None]:
+    """Which model answers: the spec's name and source, the weights' revision (the Hugging Face
+    snapshot's commit, the tiny build's version; None for a plain folder) and the family."""
+    path = profiles.locate(spec.source, f"VLM '{spec.name}'")
+    revision = None
+    if profiles.is_tiny(spec.source):
+        from localora import tiny
 
-    def __init__(self, spec: VLMSpec, devices: DeviceManager | None = None, name: str = "vlm"):
+        revision = f"tiny-v{tiny.VERSION}"
+    elif path.parent.name == "snapshots":  # a Hugging Face cache snapshot is named by its commit
+        revision = path.name
+    return {"name": spec.name, "source": spec.source, "revision": revision,
+            "family": family_of(path, f"VLM '{spec.name}'").name}
+
+
+class VLM:
+    """A VLM of a family in vlm/families.py, described by a VLMSpec, loaded on first use.
+
+    `vision_cache`: how many images' vision features to keep for reuse (0: none)."""
+
+    def __init__(self, spec: VLMSpec, devices: DeviceManager | None = None, name: str = "vlm",
+                 vision_cache: int = DEFAULT_CAPACITY):
         _require_xgrammar()
         self.spec = spec
         self.path = profiles.locate(spec.source, f"VLM '{spec.name}'")
+        self.family: Family = family_of(self.path, f"VLM '{spec.name}'")
         self.name = name
+        self.vision_capacity = vision_cache
+        self._vision: VisionCache | None = None
         self.devices = devices or DeviceManager(placement="resident")
         # What was actually loaded: "none" after a fallback from a quantization the device lacks.
         self.quantization: str | None = None
@@ -138,7 +170,13 @@ class VLM:
         # Real profiles' VLMs are bf16 already, and the tiny one fp32: keep the spec's on a CPU too.
         return profiles.run_dtype(self.spec.dtype, self.devices.device.type, cpu=self.spec.dtype)
 
+    def identity(self) -> dict[str, str | None]:
+        """Which model answers (see `identity`)."""
+        return identity(self.spec)
+
     def _load(self, device: torch.device) -> torch.nn.Module:
+        if self._vision is not None:  # features of other weights (a reload) are not reused
+            self._vision.clear()
         try:
             return self._load_weights(device)
         except OSError as e:
@@ -182,9 +220,18 @@ class VLM:
         if self._processor is None:
             from transformers import AutoProcessor
 
-            size = {"shortest_edge": self.spec.min_pixels, "longest_edge": self.spec.max_pixels}
-            self._processor = AutoProcessor.from_pretrained(self.path, size=size, local_files_only=True)
+            caps = {}
+            if self.family.caps_pixels():  # Gemma 3 sees every image at one size: nothing to cap
+                caps["size"] = {"shortest_edge": self.spec.min_pixels, "longest_edge": self.spec.max_pixels}
+            self._processor = AutoProcessor.from_pretrained(self.path, local_files_only=True, **caps)
         return self._processor
+
+    @property
+    def vision(self) -> VisionCache | None:
+        """The vision-feature cache of the loaded model, None when reuse is off."""
+        if self._vision is None and self.vision_capacity > 0:
+            self._vision = VisionCache(self.family, settings_key(self.processor.image_processor), self.vision_capacity)
+        return self._vision
 
     def compiled(self, schema: Schema) -> Any:
         """The xgrammar grammar of `schema` for this model's tokenizer, compiled once."""
@@ -199,9 +246,22 @@ class VLM:
 
             # The model's vocabulary is padded beyond the tokenizer's; the mask must cover it all.
             vocab_size = AutoConfig.from_pretrained(self.path, local_files_only=True).get_text_config().vocab_size
-            info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab_size)
+            tok = self.processor.tokenizer
+            # A grammar's answer may end with any token the model ends a turn with (Gemma 3:
+            # <end_of_turn> as well as the tokenizer's <eos>).
+            stops = sorted({tok.eos_token_id, *self._generation_eos()} - {None})
+            info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size, stop_token_ids=stops)
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
+
+    def _generation_eos(self) -> list[int]:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.path, local_files_only=True).eos_token_id
+        except OSError:  # no generation_config.json: the tokenizer's eos alone
+            return []
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     # ------------------------------------------------------------------ asking
 
@@ -211,7 +271,7 @@ class VLM:
         if self._specials is None:
             tok = self.processor.tokenizer
             self._specials = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special}
-                                    | set(tok.all_special_tokens))
+                                    | set(tok.all_special_tokens) | set(self.family.structure_tokens))
         return self._specials
 
     def prompt(self, system: str | None, n_images: int, text: str) -> str:
@@ -220,11 +280,15 @@ class VLM:
         system = escape_special(system, self.specials) if system else system
         text = escape_special(text, self.specials)
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        content: list[dict[str, str]] = []
+        for i in range(n_images):
+            if self.family.labels == "text":  # the template cannot number images: say it in text
+                content.append({"type": "text", "text": f"Picture {i + 1}:"})
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": text})
         messages.append({"role": "user", "content": content})
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, add_vision_id=n_images > 0
-        )
+        labels = {"add_vision_id": n_images > 0} if self.family.labels == "template" else {}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **labels)
 
     def chat(
         self,
@@ -250,7 +314,9 @@ class VLM:
 
         prompt = self.prompt(system, len(pictures), text)
         model = self.model
-        inputs = self.processor(text=[prompt], images=pictures or None, return_tensors="pt").to(model.device)
+        # The template wrote every special token the prompt needs (Gemma's <bos> included).
+        inputs = self.processor(text=[prompt], images=pictures or None, return_tensors="pt",
+                                add_special_tokens=False).to(model.device)
         tokenizer = self.processor.tokenizer
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0
@@ -283,6 +349,10 @@ class VLM:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(0 if seed is None else seed)
+            if pictures and self.vision is not None:
+                # Cached images skip the vision tower; the rest are encoded here, as generate() would.
+                kwargs["mm_encoder_outputs"] = self.vision.encoder_outputs(model, pictures, inputs)
+                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
             out = model.generate(**inputs, **kwargs)
         seconds = time.perf_counter() - start
 
@@ -296,4 +366,5 @@ class VLM:
                 value = schema.parse(answer)
             except ValueError as e:  # the grammar should make this impossible
                 raise RuntimeError(f"constrained answer does not match its schema: {answer!r} ({e})") from e
-        return Answer(text=answer, value=value, prompt_tokens=n_prompt, new_tokens=len(new), seconds=seconds)
+        return Answer(text=answer, value=value, prompt_tokens=n_prompt, new_tokens=len(new), seconds=seconds,
+                      tokens=tuple(new.tolist()))
