@@ -63,6 +63,9 @@ class RenderInfo:
     dtype: str  # the dtype the render ran in
     device: str
     model_hash: str | None = None  # A1111's AutoV2 hash of the checkpoint, when the profile knows it
+    # Per LoRA its LoRA Block Weight vector or None (diffusion/blocks.py); () when none has one,
+    # and then absent from the entry, so entries without block weights are what they were.
+    blocks: tuple[tuple[float, ...] | None, ...] = ()
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,6 +73,10 @@ class RenderInfo:
                       for x in self.loras]
         if d["switch_every"] is None:
             del d["switch_every"]
+        if not self.blocks:
+            del d["blocks"]
+        else:
+            d["blocks"] = [None if b is None else list(b) for b in self.blocks]
         return {"format": ENTRY_FORMAT, **d}
 
     def entry_json(self) -> str:
@@ -84,6 +91,8 @@ class RenderInfo:
             fields["loras"] = tuple(LoraFile(**x) for x in entry["loras"])
             fields["weights"] = tuple(float(w) for w in entry["weights"])
             fields.setdefault("switch_every", None)
+            fields["blocks"] = tuple(None if b is None else tuple(float(v) for v in b)
+                                     for b in entry.get("blocks") or ())
             return cls(**fields)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LocaloraError(f"{where}: the localora entry of its infotext is damaged or from another "
@@ -134,7 +143,7 @@ def model_hash(spec: DiffusionSpec) -> str | None:
 
 
 def render_info(prompt: str, lora_paths: list[Path], weights: list[float], method: str, sampling: Sampling,
-                profile: Profile, device: str) -> RenderInfo:
+                profile: Profile, device: str, blocks: tuple = ()) -> RenderInfo:
     """The RenderInfo of a render, from its resolved Sampling."""
     spec = profile.diffusion
     return RenderInfo(
@@ -144,4 +153,4 @@ def render_info(prompt: str, lora_paths: list[Path], weights: list[float], metho
         height=int(sampling.height), switch_every=int(sampling.switch_every) if method == "switch" else None,
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
-        device=device, model_hash=model_hash(spec))
+        device=device, model_hash=model_hash(spec), blocks=tuple(blocks))
