@@ -331,3 +331,10 @@ def arrange(method: str, loras: Sequence[Lora], weights: Sequence[float]) -> tup
     """The LoRAs and their weights in the order `method` runs them."""
     idx = get(method).order(loras)
     return tuple(loras[i] for i in idx), tuple(weights[i] for i in idx)
+
+
+def arrange_blocks(method: str, loras: Sequence[Lora], blocks: Sequence) -> tuple:
+    """Per-LoRA block vectors in the order arrange() puts their LoRAs; () when none has one."""
+    from localora.diffusion import blocks as blocklib
+
+    return tuple(blocks[i] for i in get(method).order(loras)) if blocklib.any_blocks(blocks) else ()

@@ -70,7 +70,11 @@ def sampler(info: RenderInfo) -> tuple[str, str]:
 
 
 def prompt_line(info: RenderInfo) -> str:
-    tags = " ".join(f"<lora:{x.name}:{weight_text(w)}>" for x, w in zip(info.loras, info.weights))
+    """One <lora:NAME:WEIGHT> tag per LoRA; a LoRA with block weights gets the LoRA Block Weight
+    extension's item, <lora:NAME:WEIGHT:lbw=V1,V2,...>."""
+    blocks = info.blocks or (None,) * len(info.loras)
+    tags = " ".join(f"<lora:{x.name}:{weight_text(w)}" + ("" if b is None else f":lbw={','.join(map(weight_text, b))}")
+                    + ">" for x, w, b in zip(info.loras, info.weights, blocks))
     return f"{info.prompt} {tags}" if info.prompt else tags
 
 
