@@ -175,9 +175,10 @@ def sampling_options(command):
     """Add the sampling options; the command receives them as one `sampling` argument."""
 
     @functools.wraps(command)
-    def wrapper(*args, seed, steps, guidance, width, height, negative, switch_every=5, **kwargs):
+    def wrapper(*args, seed, steps, guidance, width, height, negative, switch_every=5, cache_interval=None, **kwargs):
         sampling = Sampling(seed=seed, negative_prompt=negative, steps=steps, guidance=guidance, width=width,
-                            height=height, switch_every=switch_every)
+                            height=height, switch_every=switch_every,
+                            cache_interval=Sampling().cache_interval if cache_interval is None else cache_interval)
         return command(*args, sampling=sampling, **kwargs)
 
     for option in reversed(_SAMPLING):

@@ -17,7 +17,7 @@ from localora.files import atomic_write
 
 # What --from takes from the image, so giving one of these beside it is an error, not ignored.
 _FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "width", "height", "negative",
-               "switch_every", "no_triggers")
+               "switch_every", "cache_interval", "no_triggers")
 
 
 @click.command()
@@ -31,7 +31,11 @@ _FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "w
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="merge", show_default=True,
               help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
 @sampling_options
-@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True, help="LoRA Switch: steps per turn.")
+@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True,
+              help="LoRA Switch: steps per turn; CMLoRA: steps per dominant LoRA.")
+@click.option("--cache-interval", type=click.IntRange(min=0), default=2, show_default=True,
+              help="CMLoRA: steps between passes of every LoRA (between them only the dominant one runs); "
+                   "0 is Composite.")
 @click.option("--no-triggers", is_flag=True, help="Do not append the LoRAs' trigger words to the prompt.")
 @click.option("--from", "from_image", type=click.Path(dir_okay=False), default=None,
               help="Render again what a PNG describes: a localora PNG exactly (its LoRAs found by sha256 in its "

@@ -290,6 +290,15 @@ def _composite_pass(fam: denoisers.Family, pipe, run, rows, latents, t, cond, we
     return out.view(n, cond.branches, *out.shape[1:]).sum(0)
 
 
+def cmlora(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+           on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
+    """Cached Multi-LoRA Composition (diffusion/cmlora.py): Composite whose non-dominant passes are
+    reused between refreshes every `s.cache_interval` steps; 0 is Composite itself."""
+    from localora.diffusion import cmlora as cm
+
+    return cm.cmlora(pipe, adapters, weights, prompt, s, on_step, blocks)
+
+
 sdxl_time_ids = denoisers.sdxl_time_ids
 
 
@@ -318,6 +327,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("switch", switch, "one LoRA at a time, rotating every --switch-every steps, character first",
            order=switch_order),
     Method("composite", composite, "one UNet pass per LoRA per step; the guided mean of their noise"),
+    Method("cmlora", cmlora, "cached Composite (CMLoRA): LoRAs by high-frequency amplitude, the dominant one "
+                             "every step, the others' passes reused for --cache-interval steps (0: Composite)"),
 )}
 
 

@@ -66,6 +66,7 @@ class RenderInfo:
     # Per LoRA its LoRA Block Weight vector or None (diffusion/blocks.py); () when none has one,
     # and then absent from the entry, so entries without block weights are what they were.
     blocks: tuple[tuple[float, ...] | None, ...] = ()
+    cache_interval: int | None = None  # CMLoRA only
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,6 +74,8 @@ class RenderInfo:
                       for x in self.loras]
         if d["switch_every"] is None:
             del d["switch_every"]
+        if d["cache_interval"] is None:
+            del d["cache_interval"]
         if not self.blocks:
             del d["blocks"]
         else:
@@ -150,7 +153,9 @@ def render_info(prompt: str, lora_paths: list[Path], weights: list[float], metho
         prompt=prompt, loras=tuple(LoraFile.of(p) for p in lora_paths), weights=tuple(float(w) for w in weights),
         method=method, seed=int(sampling.seed), negative_prompt=sampling.negative_prompt or "",
         steps=int(sampling.steps), guidance=float(sampling.guidance), width=int(sampling.width),
-        height=int(sampling.height), switch_every=int(sampling.switch_every) if method == "switch" else None,
+        height=int(sampling.height),
+        switch_every=int(sampling.switch_every) if method in ("switch", "cmlora") else None,
+        cache_interval=int(sampling.cache_interval) if method == "cmlora" else None,
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
         device=device, model_hash=model_hash(spec), blocks=tuple(blocks))

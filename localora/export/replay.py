@@ -93,7 +93,8 @@ def replay(source: Source, profile: Profile, catalog: dict[str, Lora], folders: 
                                 f"give --profile {info.profile} (or leave --profile out)")
         sampling = Sampling(seed=info.seed, negative_prompt=info.negative_prompt, steps=info.steps,
                             guidance=info.guidance, width=info.width, height=info.height,
-                            switch_every=info.switch_every or Sampling().switch_every)
+                            switch_every=info.switch_every or Sampling().switch_every,
+                            cache_interval=Sampling().cache_interval if info.cache_interval is None else info.cache_interval)
         return Replay(info.prompt, tuple(source_loras(source, catalog, folders)), info.weights, info.method, sampling,
                       blocks=info.blocks)
     return _from_a1111(source, catalog, folders, profile.diffusion.arch)
