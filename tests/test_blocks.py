@@ -91,6 +91,10 @@ def test_bad_block_input_on_the_command_line_exits_2(tmp_path):
     result = run("generate", "a cat", "-l", "demo-style:1:lbw=ALL", "-p", "tiny-flux", *SMALL, "-o", out)
     one_error_line(result, "no block layout")
     assert result.exit_code == 2 and not out.exists()
+    # compose searches the weights itself: a fixed lbw= there is refused, not dropped.
+    result = run("compose", "a cat", "-l", "demo-style", "-l", "demo-character:1:lbw=INS", "--out", tmp_path / "run")
+    one_error_line(result, "demo-character", "lbw=")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ renders
