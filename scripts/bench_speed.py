@@ -6,7 +6,9 @@
    the paper's loop (one UNet pass per LoRA, set_adapters before each), interleaved, median time.
 2. Merge candidates: M weight vectors in one batch (merge_many) against M single renders.
 3. set_adapters calls per render of each.
-4. One compose run (2 rounds x 3 candidates, few-shot on): renders denoised, renders recalled
+4. Cached Composite (CMLoRA, --cache-interval 2 and 3) against Composite, interleaved, median time,
+   with the single-LoRA passes each schedule runs.
+5. One compose run (2 rounds x 3 candidates, few-shot on): renders denoised, renders recalled
    from the cache, and loads / moves per model, counted from its events.jsonl.
 
 Prints ratios (batched time / one-at-a-time time: below 1 is faster) and writes JSON.
@@ -105,13 +107,23 @@ def main() -> None:
     with torch.no_grad():
         methods.composite(pipe, names, weights, prompt, s)  # warm-up of both paths
         methods.composite_per_lora(pipe, names, weights, prompt, s)
+        from dataclasses import replace
+
+        from localora.diffusion import cmlora
+
+        cached = {c: replace(s, cache_interval=c) for c in (2, 3)}
+        for c in cached.values():
+            cmlora.cmlora(pipe, names, weights, prompt, c)  # warm-up, and the frequency order drawn once
         comp = {"batched": [], "per_lora": []}
+        cm = {f"cache_{c}": [] for c in cached}
         merge = {"batched": [], "single": []}
         for _ in range(args.repeats):  # interleaved, so both sides see the same machine noise
             comp["batched"].append(timed(lambda: methods.composite(pipe, names, weights, prompt, s)))
             comp["per_lora"].append(timed(lambda: methods.composite_per_lora(pipe, names, weights, prompt, s)))
             merge["batched"].append(timed(lambda: methods.merge_many(pipe, names, vectors, prompt, s)))
             merge["single"].append(timed(lambda: [methods.merge(pipe, names, v, prompt, s) for v in vectors]))
+            for c, sc in cached.items():
+                cm[f"cache_{c}"].append(timed(lambda: cmlora.cmlora(pipe, names, weights, prompt, sc)))
         calls = {
             "composite_batched": count_set_adapters(pipe, lambda: methods.composite(pipe, names, weights, prompt, s)),
             "composite_per_lora": count_set_adapters(pipe, lambda: methods.composite_per_lora(pipe, names, weights, prompt, s)),
@@ -119,13 +131,18 @@ def main() -> None:
                 pipe, lambda: methods.merge_many(pipe, names, vectors, prompt, s)) / len(vectors),
             "merge_single_per_image": count_set_adapters(pipe, lambda: methods.merge(pipe, names, vectors[0], prompt, s)),
         }
-    med = {k: {side: statistics.median(v) for side, v in d.items()} for k, d in (("composite", comp), ("merge", merge))}
+    med = {k: {side: statistics.median(v) for side, v in d.items()}
+           for k, d in (("composite", comp), ("merge", merge), ("cmlora", cm))}
     report = {
         "profile": args.profile, "device": str(renderer.devices.device), "loras": len(names), "steps": s.steps,
         "size": f"{s.width}x{s.height}", "repeats": args.repeats, "candidates": len(vectors),
         "seconds_median": med,
         "ratio_composite_batched_over_per_lora": med["composite"]["batched"] / med["composite"]["per_lora"],
         "ratio_merge_batched_over_single": med["merge"]["batched"] / med["merge"]["single"],
+        "ratio_cmlora_over_composite": {f"cache_{c}": med["cmlora"][f"cache_{c}"] / med["composite"]["batched"]
+                                        for c in cached},
+        "cmlora_passes_over_composite": {f"cache_{c}": cmlora.passes(s.steps, len(names), c) / (s.steps * len(names))
+                                         for c in cached},
         "set_adapters_calls_per_render": calls,
         "torch_threads": torch.get_num_threads(),
     }
@@ -133,7 +150,9 @@ def main() -> None:
         report["compose_run"] = compose_run(args.profile)
     print(json.dumps(report, indent=1))
     print(f"composite batched / per-LoRA: {report['ratio_composite_batched_over_per_lora']:.2f}x time; "
-          f"merge of {len(vectors)} batched / single: {report['ratio_merge_batched_over_single']:.2f}x time",
+          f"merge of {len(vectors)} batched / single: {report['ratio_merge_batched_over_single']:.2f}x time; "
+          + "; ".join(f"cached composite (interval {c}) / composite: {report['ratio_cmlora_over_composite'][f'cache_{c}']:.2f}x "
+                      f"time, {report['cmlora_passes_over_composite'][f'cache_{c}']:.2f}x passes" for c in cached),
           file=sys.stderr)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -289,6 +289,10 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
     if not request.prompt:
         raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
     choices = request.choices
+    fixed = [c.lora.name for c in choices if c.lbw is not None]
+    if fixed:  # the search sets every weight itself: a fixed lbw= would be dropped without a word
+        raise LocaloraError(f"compose searches one weight per LoRA; {', '.join(fixed)} has lbw= block weights, which "
+                            f"only generate renders: leave lbw= out here")
     # In the order the method runs them (Switch: character first), so the run's LoRAs, start
     # weights and every render agree.
     loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])

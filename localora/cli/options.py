@@ -164,7 +164,7 @@ batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, sh
                                  "out-of-memory batch is split and retried). Results are the same.")
 
 
-def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT]"):
+def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT][:lbw=BLOCKS]"):
     return click.option("--lora", "-l", "lora_specs", multiple=True, required=required, metavar=metavar, help=help,
                         shell_complete=complete_loras)
 
@@ -193,9 +193,10 @@ def sampling_options(command):
     """Add the sampling options; the command receives them as one `sampling` argument."""
 
     @functools.wraps(command)
-    def wrapper(*args, seed, steps, guidance, width, height, negative, switch_every=5, **kwargs):
+    def wrapper(*args, seed, steps, guidance, width, height, negative, switch_every=5, cache_interval=None, **kwargs):
         sampling = Sampling(seed=seed, negative_prompt=negative, steps=steps, guidance=guidance, width=width,
-                            height=height, switch_every=switch_every)
+                            height=height, switch_every=switch_every,
+                            cache_interval=Sampling().cache_interval if cache_interval is None else cache_interval)
         return command(*args, sampling=sampling, **kwargs)
 
     for option in reversed(_SAMPLING):
@@ -210,6 +211,7 @@ class LoraRequest:
 
     prompt: str
     choices: list[LoraChoice]
+    blocks: tuple[tuple[float, ...] | None, ...] = ()  # per choice: its lbw= vector for the base, or None
 
 
 def lora_sources(profile, catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = ()):
@@ -229,18 +231,27 @@ def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], 
     from localora.diffusion import loras
 
     known, folders = lora_sources(profile, catalogs, lora_dirs)
-    text, tags = loras.split_lora_tags(prompt)
+    text, tags = loras.lora_tags(prompt)
     labelled = [(f"--lora {s}", loras.parse_choice(s, known, folders)) for s in specs]
-    for name, weight in tags:
+    for name, weight, lbw in tags:
         tag = f"<lora:{name}>" if weight is None else f"<lora:{name}:{weight:g}>"
-        labelled.append((f"prompt tag {tag}", loras.choose(name, weight, known, folders, f"prompt tag {tag}")))
+        tag = tag if lbw is None else f"{tag[:-1]}:lbw={lbw}>"
+        labelled.append((f"prompt tag {tag}", loras.choose(name, weight, known, folders, f"prompt tag {tag}", lbw)))
     seen: dict[Path, str] = {}
     for label, choice in labelled:
         path = choice.lora.path.resolve()
         if path in seen:
             raise LocaloraError(f"{seen[path]} and {label} are the same LoRA file ({path}); give each LoRA once")
         seen[path] = label
-    return LoraRequest(text, [choice for _, choice in labelled])
+    return LoraRequest(text, [choice for _, choice in labelled],
+                       tuple(_blocks_of(profile, label, choice) for label, choice in labelled))
+
+
+def _blocks_of(profile, label: str, choice: LoraChoice) -> tuple[float, ...] | None:
+    """A choice's lbw= as the base's block vector (one error line naming where it was written)."""
+    from localora.diffusion import blocks
+
+    return None if choice.lbw is None else blocks.parse(choice.lbw, profile.diffusion.arch, label)
 
 
 def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...],

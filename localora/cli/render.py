@@ -17,20 +17,25 @@ from localora.files import atomic_write
 
 # What --from takes from the image, so giving one of these beside it is an error, not ignored.
 _FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "width", "height", "negative",
-               "switch_every", "no_triggers")
+               "switch_every", "cache_interval", "no_triggers")
 
 
 @click.command()
 @click.argument("prompt", required=False)
 @profile_option
-@lora_option("A LoRA by catalog name, .safetensors path or file stem in a --lora-dir, with an optional weight; "
-             "repeatable. <lora:NAME:WEIGHT> tags in PROMPT add LoRAs too.")
+@lora_option("A LoRA by catalog name, .safetensors path or file stem in a --lora-dir, with an optional weight "
+             "and LoRA Block Weight's :lbw=PRESET or :lbw=V1,V2,... (17 values SD1.5, 12 SDXL); repeatable. "
+             "<lora:NAME:WEIGHT[:lbw=...]> tags in PROMPT add LoRAs too.")
 @catalog_option
 @lora_dir_option
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="merge", show_default=True,
               help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
 @sampling_options
-@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True, help="LoRA Switch: steps per turn.")
+@click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True,
+              help="LoRA Switch: steps per turn; CMLoRA: steps per dominant LoRA.")
+@click.option("--cache-interval", type=click.IntRange(min=0), default=2, show_default=True,
+              help="CMLoRA: steps between passes of every LoRA (between them only the dominant one runs); "
+                   "0 is Composite.")
 @click.option("--no-triggers", is_flag=True, help="Do not append the LoRAs' trigger words to the prompt.")
 @click.option("--from", "from_image", type=click.Path(dir_okay=False), default=None,
               help="Render again what a PNG describes: a localora PNG exactly (its LoRAs found by sha256 in its "
@@ -82,8 +87,10 @@ def _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampl
         raise LocaloraError("generate needs a LoRA: give --lora NAME, or a <lora:NAME> tag in the prompt")
     chosen, weights = methods.arrange(method, [c.lora for c in choices],
                                       [1.0 if c.weight is None else c.weight for c in choices])
+    blocks = methods.arrange_blocks(method, [c.lora for c in choices], request.blocks)
     text = prompt if no_triggers else loras.with_triggers(prompt, list(chosen))
-    return prof, RenderJob(prompt=text, loras=chosen, weights=weights, method=method, sampling=sampling), ()
+    return prof, RenderJob(prompt=text, loras=chosen, weights=weights, method=method, sampling=sampling,
+                           blocks=blocks), ()
 
 
 def _from_image(path: Path, profile, catalog, lora_dirs):
@@ -105,7 +112,7 @@ def _from_image(path: Path, profile, catalog, lora_dirs):
     prof = profiles.load_profile(profile)
     again = replay(source, prof, *lora_sources(prof, catalog, lora_dirs))
     job = RenderJob(prompt=again.prompt, loras=again.loras, weights=again.weights, method=again.method,
-                    sampling=again.sampling)
+                    sampling=again.sampling, blocks=again.blocks)
     return prof, job, again.notes
 
 

@@ -49,6 +49,7 @@ class LoraChoice:
 
     lora: Lora
     weight: float | None = None
+    lbw: str | None = None  # LoRA Block Weight's lbw= item as written (a preset or a vector): blocks.parse
 
 
 @dataclass(frozen=True)
@@ -546,18 +547,27 @@ def _weight(text: str, where: str) -> float:
     return weight
 
 
+def split_lbw(text: str) -> tuple[str, str | None]:
+    """'NAME[:WEIGHT]:lbw=SPEC' -> ('NAME[:WEIGHT]', 'SPEC'); the lbw= item is always the last."""
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.strip().lower().startswith("lbw="):
+        return head, tail.strip()[4:]
+    return text, None
+
+
 def parse_choice(text: str, catalog: dict[str, Lora], folders: LoraFolders | None = None) -> LoraChoice:
-    """'NAME_OR_PATH[:WEIGHT]' -> LoraChoice; see choose for how the name resolves."""
-    target, weight = split_weight(text, f"--lora {text}")
-    return choose(target, weight, catalog, folders, f"--lora {target}")
+    """'NAME_OR_PATH[:WEIGHT][:lbw=SPEC]' -> LoraChoice; see choose for how the name resolves."""
+    rest, lbw = split_lbw(text)
+    target, weight = split_weight(rest, f"--lora {text}")
+    return choose(target, weight, catalog, folders, f"--lora {target}", lbw)
 
 
 def choose(target: str, weight: float | None, catalog: dict[str, Lora], folders: LoraFolders | None,
-           where: str) -> LoraChoice:
+           where: str, lbw: str | None = None) -> LoraChoice:
     """A LoraChoice for a name: a catalog entry, else a path, else a file stem in the LoRA folders.
     Without a weight, the A1111 sidecar's preferred weight (else None: the method's default)."""
     lora = find_lora(target, catalog, folders, where)
-    return LoraChoice(lora, weight if weight is not None else preferred_weight(lora.path))
+    return LoraChoice(lora, weight if weight is not None else preferred_weight(lora.path), lbw)
 
 
 def find_lora(target: str, catalog: dict[str, Lora], folders: LoraFolders | None, where: str) -> Lora:
@@ -676,12 +686,20 @@ _TAG = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
 
 
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
+    """The prompt without its <lora:...> tags, and (name, weight or None) for each tag in order
+    (lora_tags gives their lbw= items too)."""
+    text, tags = lora_tags(prompt)
+    return text, [(name, weight) for name, weight, _ in tags]
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None, str | None]]]:
     """The prompt without its <lora:...> tags (spaces and commas around them tidied), and
-    (name, weight or None) for each tag in order.
+    (name, weight or None, lbw= text or None) for each tag in order.
 
     localora gives a LoRA one weight for all of its layers, so A1111's <lora:NAME:TE:UNET> is
     accepted only when the two are equal (a different mix would render something A1111 does not);
-    otherwise, and for dyn= and unknown KEY=VALUE items, it is an error naming the tag.
+    otherwise, and for dyn= and unknown KEY=VALUE items, it is an error naming the tag. The LoRA
+    Block Weight extension's lbw= item (a preset or one value per block) is kept for blocks.parse.
     """
     tags = []
     for m in _TAG.finditer(prompt):
@@ -695,14 +713,14 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
     return text.strip().strip(",").strip(), tags  # a tag at either end leaves a dangling comma
 
 
-def _parse_tag(tag: str, args: str) -> tuple[str, float | None]:
+def _parse_tag(tag: str, args: str) -> tuple[str, float | None, str | None]:
     items = args.split(":")
     name = items[0].strip()
     if not name:
         raise LocaloraError(f"prompt tag {tag}: no LoRA name (write <lora:NAME> or <lora:NAME:0.8>)")
     positional = [i.strip() for i in items[1:] if "=" not in i]
     named = dict(tuple(x.strip() for x in i.split("=", 1)) for i in items[1:] if "=" in i)
-    unknown = sorted(set(named) - {"te", "unet"})
+    unknown = sorted(set(named) - {"te", "unet", "lbw"})
     if unknown or len(positional) > 2:
         extra = ", ".join(f"{k}=" for k in unknown) or f"a fourth item ({positional[2]})"
         raise LocaloraError(f"prompt tag {tag}: localora does not support {extra}; write <lora:{name}:WEIGHT>")
@@ -714,7 +732,7 @@ def _parse_tag(tag: str, args: str) -> tuple[str, float | None]:
     if len(weights) > 1:
         raise LocaloraError(f"prompt tag {tag}: separate text-encoder and UNet weights are not supported "
                             f"(localora gives a LoRA one weight); write <lora:{name}:WEIGHT>")
-    return name, weights.pop() if weights else None
+    return name, weights.pop() if weights else None, named.get("lbw")
 
 
 def _join(left: str, right: str) -> str:

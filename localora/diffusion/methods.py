@@ -36,9 +36,12 @@ if TYPE_CHECKING:  # torch loads on first render, so that commands without a mod
 StepCallback = Callable[[int, int], None]  # (step index, total steps)
 
 
+Blocks = Sequence[Sequence[float] | None] | None  # per LoRA: its lbw vector (diffusion/blocks.py) or None
+
+
 class MethodFn(Protocol):
     def __call__(self, pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-                 on_step: StepCallback | None = None) -> torch.Tensor: ...
+                 on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor: ...
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -78,18 +81,38 @@ def _run_pipeline(pipe, prompt: str, s: Sampling, on_step: StepCallback | None,
 
 
 def merge(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-          on_step: StepCallback | None = None) -> torch.Tensor:
-    """LoRA Merge: all adapters active together, W' = W + sum_k w_k B_k A_k (unfused, exact)."""
-    set_weights(pipe, adapters, weights)
+          on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
+    """LoRA Merge: all adapters active together, W' = W + sum_k w_k B_k A_k (unfused, exact); with
+    block vectors, each block's layers at w_k x its multiplier (diffusers' per-block scales)."""
+    set_weights(pipe, adapters, weights, blocks)
     return _run_pipeline(pipe, prompt, s, on_step)
 
 
+def block_multipliers(arch: str, blocks: Blocks, k: int, always: bool = False) -> torch.Tensor | None:
+    """(k, slots) per-slot multipliers of the LoRAs (rows.py's M for one image), or None without
+    blocks (unless `always`: then all ones)."""
+    import torch
+
+    from localora.diffusion import blocks as blocklib
+
+    if not blocklib.any_blocks(blocks) and not always:
+        return None
+    return torch.tensor([blocklib.multipliers(b, arch) for b in blocks], dtype=torch.float64).view(k, -1)
+
+
+def _block_map(net, arch: str, *block_lists: Blocks):
+    from localora.diffusion import blocks as blocklib
+
+    return blocklib.BlockMap.of(net, arch) if any(blocklib.any_blocks(b) for b in block_lists) else None
+
+
 def merge_many(pipe, adapters: list[str], rows: list[list[float]], prompt: str, s: Sampling,
-               on_step: StepCallback | None = None) -> torch.Tensor:
+               on_step: StepCallback | None = None, blocks: list[Blocks] | None = None) -> torch.Tensor:
     """LoRA Merge of several weight vectors at once: one denoiser batch whose image m uses `rows[m]`
     (rows.py), on the denoiser seam. Every image starts from the seed's noise, as merge() draws
     it, so image m equals merge() at `rows[m]` up to float rounding. Only for deterministic
     schedulers: an ancestral step draws different noise for a batch.
+    `blocks[m]`, when given, is image m's per-LoRA block vectors (each hook scales by its block).
     Returns latents with one image per weight vector."""
     import torch
 
@@ -99,26 +122,31 @@ def merge_many(pipe, adapters: list[str], rows: list[list[float]], prompt: str, 
     fam = denoisers.family_of(arch)
     net = denoisers.denoiser(pipe, arch)
     m = len(rows)
+    blocks = blocks or [None] * m
+    bmap = _block_map(net, arch, *blocks)
     with torch.no_grad():
         # 1. Prompt embeddings: text-encoder LoRA layers make them differ per weight vector.
         uncond = fam.uses_uncond(s, always=False)
         encoders = [getattr(pipe, e, None) for e in archs.arch(arch).text_encoders]
         if any(lora_layers(e) for e in encoders if e is not None):
             conds = []
-            for w in rows:
-                set_weights(pipe, adapters, w)
+            for w, b in zip(rows, blocks):
+                set_weights(pipe, adapters, w, b)
                 conds.append(fam.encode(pipe, prompt, s, uncond))
             cond = denoisers.concat(conds)
         else:
-            set_weights(pipe, adapters, rows[0])
+            set_weights(pipe, adapters, rows[0], blocks[0])
             cond = fam.encode(pipe, prompt, s, uncond)
         # 2. One image's schedule and starting noise, drawn exactly as the pipeline draws it, for every image.
         run = fam.start(pipe, s, cond, s.seed)
         latents = run.latents.repeat(m, *([1] * (run.latents.dim() - 1)))
         weights = torch.tensor(rows, dtype=torch.float64).repeat_interleave(cond.branches, 0)
+        mult = None if bmap is None else torch.stack(
+            [block_multipliers(arch, b or [None] * len(adapters), len(adapters), always=True)
+             for b in blocks]).repeat_interleave(cond.branches, 0)
         # 3. The denoising loop: image-major rows, each with its weight vector.
-        with row_weights(net, adapters) as lora_rows:
-            lora_rows.weights = weights
+        with row_weights(net, adapters, bmap) as lora_rows:
+            lora_rows.set(weights, mult)
             for i, t in enumerate(run.timesteps):
                 out = fam.predict(pipe, run, latents, t, cond, 1)
                 eps = fam.guide(out.view(m, cond.branches, *out.shape[1:]), s)
@@ -138,26 +166,33 @@ def switch_active(step: int, n: int, every: int) -> int:
 
 
 def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-           on_step: StepCallback | None = None) -> torch.Tensor:
+           on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
     """LoRA Switch: one adapter at a time, in the given order, rotating every `s.switch_every` steps.
 
     The prompt is encoded with only the first adapter active, as in the reference.
     """
-    set_weights(pipe, [adapters[0]], [weights[0]])
-    net = denoisers.denoiser(pipe, arch_of(pipe))
+    from localora.diffusion import blocks as blocklib
+
+    blocks = list(blocks) if blocklib.any_blocks(blocks) else None
+    set_weights(pipe, [adapters[0]], [weights[0]], [blocks[0]] if blocks else None)
+    arch = arch_of(pipe)
+    net = denoisers.denoiser(pipe, arch)
     current = [0]
 
     def after_step(i: int) -> None:
         nxt = switch_active(i + 1, len(adapters), s.switch_every)
         if nxt != current[0]:
-            net.set_adapters([adapters[nxt]], weights=[weights[nxt]])
+            if blocks and blocks[nxt] is not None:
+                blocklib.set_block_weights(net, arch, [adapters[nxt]], [weights[nxt]], [blocks[nxt]])
+            else:
+                net.set_adapters([adapters[nxt]], weights=[weights[nxt]])
             current[0] = nxt
 
     return _run_pipeline(pipe, prompt, s, on_step, switch=after_step)
 
 
 def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-              on_step: StepCallback | None = None) -> torch.Tensor:
+              on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
     """LoRA Composite: at every step, one denoiser pass per adapter alone; the mean of their
     predictions, guided (UNets: eps = u + g (c - u) with u, c the means over adapters, for any g;
     Flux.1: no unconditional pass, the guidance is embedded; Z-Image: its own guidance formula).
@@ -168,11 +203,11 @@ def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: S
     import torch
 
     with torch.no_grad():
-        return _composite(pipe, adapters, weights, prompt, s, on_step)
+        return _composite(pipe, adapters, weights, prompt, s, on_step, blocks)
 
 
 def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-               on_step: StepCallback | None) -> torch.Tensor:
+               on_step: StepCallback | None, blocks: Blocks = None) -> torch.Tensor:
     import torch
 
     from localora.diffusion.rows import is_out_of_memory, row_weights
@@ -180,20 +215,22 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
     arch = arch_of(pipe)
     fam = denoisers.family_of(arch)
     # 1. Encode the prompt with every LoRA active (their text-encoder layers, if any, as in Merge).
-    set_weights(pipe, adapters, weights)
+    set_weights(pipe, adapters, weights, blocks)
     cond = fam.encode(pipe, prompt, s, fam.uses_uncond(s, always=True))
     # 2. Timesteps, then the starting noise.
     run = fam.start(pipe, s, cond, s.seed)
     latents = run.latents
     k = len(adapters)
     per_pass = k  # LoRAs in one denoiser batch; halved if the card runs out of memory
+    net = denoisers.denoiser(pipe, arch)
+    mult = block_multipliers(arch, blocks, k)
     # 3. The denoising loop: per step, the guided mean of the k single-LoRA predictions.
-    with row_weights(denoisers.denoiser(pipe, arch), adapters) as rows:
+    with row_weights(net, adapters, _block_map(net, arch, blocks)) as rows:
         for i, t in enumerate(run.timesteps):
             while True:
                 try:
                     total = sum(_composite_pass(fam, pipe, run, rows, latents, t, cond, weights,
-                                                range(j, min(j + per_pass, k)))
+                                                range(j, min(j + per_pass, k)), mult)
                                 for j in range(0, k, per_pass))
                     break
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
@@ -210,7 +247,7 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
 
 
 def composite_per_lora(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-                       on_step: StepCallback | None = None) -> torch.Tensor:
+                       on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
     """Composite as the paper writes it: per step, one denoiser pass per LoRA, each switched on
     with set_adapters. Kept as the reference that `composite` is tested and benchmarked against."""
     import torch
@@ -218,15 +255,21 @@ def composite_per_lora(pipe, adapters: list[str], weights: list[float], prompt: 
     arch = arch_of(pipe)
     fam = denoisers.family_of(arch)
     net = denoisers.denoiser(pipe, arch)
+    from localora.diffusion import blocks as blocklib
+
+    blocks = list(blocks) if blocklib.any_blocks(blocks) else [None] * len(adapters)
     with torch.no_grad():
-        set_weights(pipe, adapters, weights)
+        set_weights(pipe, adapters, weights, blocks)
         cond = fam.encode(pipe, prompt, s, fam.uses_uncond(s, always=True))
         run = fam.start(pipe, s, cond, s.seed)
         latents = run.latents
         for i, t in enumerate(run.timesteps):
             total = 0
-            for name, w in zip(adapters, weights):
-                net.set_adapters([name], weights=[w])
+            for name, w, b in zip(adapters, weights, blocks):
+                if b is None:
+                    net.set_adapters([name], weights=[w])
+                else:
+                    blocklib.set_block_weights(net, arch, [name], [w], [b])
                 total = total + fam.predict(pipe, run, latents, t, cond, 1)
             eps = fam.guide((total / len(adapters)).view(1, cond.branches, *total.shape[1:]), s)
             latents = fam.step(run, eps, t, latents)
@@ -235,14 +278,25 @@ def composite_per_lora(pipe, adapters: list[str], weights: list[float], prompt: 
         return fam.unpacked(pipe, latents, s)
 
 
-def _composite_pass(fam: denoisers.Family, pipe, run, rows, latents, t, cond, weights: list[float], which: range):
+def _composite_pass(fam: denoisers.Family, pipe, run, rows, latents, t, cond, weights: list[float], which: range,
+                    mult: torch.Tensor | None = None):
     """The sum over the LoRAs in `which` of their predictions (every branch), in one denoiser batch."""
     from localora.diffusion.rows import one_hot_rows
 
     n = len(which)
-    rows.weights = one_hot_rows(weights, which, per_row=cond.branches)
+    rows.set(one_hot_rows(weights, which, per_row=cond.branches),
+             None if mult is None else mult.unsqueeze(0).expand(n * cond.branches, *mult.shape))
     out = fam.predict(pipe, run, latents, t, cond, n)
     return out.view(n, cond.branches, *out.shape[1:]).sum(0)
+
+
+def cmlora(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
+           on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
+    """Cached Multi-LoRA Composition (diffusion/cmlora.py): Composite whose non-dominant passes are
+    reused between refreshes every `s.cache_interval` steps; 0 is Composite itself."""
+    from localora.diffusion import cmlora as cm
+
+    return cm.cmlora(pipe, adapters, weights, prompt, s, on_step, blocks)
 
 
 sdxl_time_ids = denoisers.sdxl_time_ids
@@ -273,6 +327,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("switch", switch, "one LoRA at a time, rotating every --switch-every steps, character first",
            order=switch_order),
     Method("composite", composite, "one UNet pass per LoRA per step; the guided mean of their noise"),
+    Method("cmlora", cmlora, "cached Composite (CMLoRA): LoRAs by high-frequency amplitude, the dominant one "
+                             "every step, the others' passes reused for --cache-interval steps (0: Composite)"),
 )}
 
 
@@ -286,3 +342,10 @@ def arrange(method: str, loras: Sequence[Lora], weights: Sequence[float]) -> tup
     """The LoRAs and their weights in the order `method` runs them."""
     idx = get(method).order(loras)
     return tuple(loras[i] for i in idx), tuple(weights[i] for i in idx)
+
+
+def arrange_blocks(method: str, loras: Sequence[Lora], blocks: Sequence) -> tuple:
+    """Per-LoRA block vectors in the order arrange() puts their LoRAs; () when none has one."""
+    from localora.diffusion import blocks as blocklib
+
+    return tuple(blocks[i] for i in get(method).order(loras)) if blocklib.any_blocks(blocks) else ()

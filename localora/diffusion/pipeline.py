@@ -157,8 +157,15 @@ def _unload(pipe, name: str) -> None:
         pass
 
 
-def set_weights(pipe, names: list[str], weights: list[float]) -> None:
-    """Activate exactly these adapters at these weights, unfused (W x + sum w_k B_k A_k x)."""
+def set_weights(pipe, names: list[str], weights: list[float], blocks=None) -> None:
+    """Activate exactly these adapters at these weights, unfused (W x + sum w_k B_k A_k x); with
+    per-block vectors (diffusion/blocks.py), each block's layers at weight x its multiplier."""
+    from localora.diffusion import blocks as blocklib
+
+    if blocklib.any_blocks(blocks):
+        arch = next(a.name for a in archs.ARCHS.values() if type(pipe).__name__ == a.pipeline)
+        blocklib.set_block_weights(getattr(pipe, archs.arch(arch).denoiser), arch, names, weights, blocks, pipe=pipe)
+        return
     pipe.set_adapters(names, adapter_weights=weights)
 
 

@@ -57,6 +57,9 @@ class RenderJob:
     weights: tuple[float, ...]
     method: str = "merge"
     sampling: Sampling = Sampling()
+    # Per LoRA, its LoRA Block Weight vector (multipliers of its weight per block, diffusion/blocks.py)
+    # or None; () when no LoRA has one, so the job and its cache key are what they were before.
+    blocks: tuple[tuple[float, ...] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class Renderer:
             raise LocaloraError("no LoRAs given: pass at least one --lora")
         if len(job.weights) != len(job.loras):
             raise LocaloraError(f"{len(job.loras)} LoRAs but {len(job.weights)} weights")
-        return replace(job, sampling=job.sampling.resolved(self.profile.diffusion))
+        return replace(job, sampling=job.sampling.resolved(self.profile.diffusion),
+                       blocks=check_blocks(job, self.profile.diffusion.arch))
 
     def key(self, job: RenderJob) -> str:
         job = self.resolve(job)
@@ -114,6 +118,8 @@ class Renderer:
         described = {"prompt": job.prompt, "loras": [file_hash(lora.path) for lora in job.loras],
                      "weights": [round(float(w), 6) for w in job.weights], "method": job.method,
                      **job.sampling.describe(job.method)}
+        if job.blocks:  # only then: keys of renders without block weights stay what they were
+            described["blocks"] = [None if b is None else [round(float(v), 6) for v in b] for b in job.blocks]
         return stable_hash({"format": CACHE_FORMAT, "model": self._identity, "job": described})
 
     def cache_path(self, key: str) -> Path:
@@ -124,8 +130,10 @@ class Renderer:
     def render(self, job: RenderJob) -> Rendered:
         return self.render_many(job, [job.weights])[0]
 
-    def render_many(self, job: RenderJob, weight_vectors: Sequence[Sequence[float]]) -> list[Rendered]:
-        """The same prompt and seed under several weight vectors (one image each, in order).
+    def render_many(self, job: RenderJob, weight_vectors: Sequence[Sequence[float]],
+                    blocks: Sequence[tuple] | None = None) -> list[Rendered]:
+        """The same prompt and seed under several weight vectors (one image each, in order);
+        `blocks[i]`, when given, is image i's per-LoRA block vectors (RenderJob.blocks).
 
         Cache misses of a Merge job are denoised together, up to `batch` images per UNet batch
         (methods.merge_many), when the scheduler is deterministic; each image is cached exactly as
@@ -133,7 +141,9 @@ class Renderer:
         """
         job = self.resolve(job)
         start = time.perf_counter()
-        jobs = [replace(job, weights=tuple(float(w) for w in ws)) for ws in weight_vectors]
+        jobs = [self.resolve(replace(job, weights=tuple(float(w) for w in ws),
+                                     blocks=tuple(blocks[i]) if blocks is not None else job.blocks))
+                for i, ws in enumerate(weight_vectors)]
         out: dict[int, Rendered] = {}
         misses: dict[str, list[int]] = {}  # key -> positions (a vector may be asked for twice)
         for i, one in enumerate(jobs):
@@ -175,7 +185,7 @@ class Renderer:
     def info(self, job: RenderJob) -> RenderInfo:
         """What the exports say of this render (job resolved)."""
         return render_info(job.prompt, [lora.path for lora in job.loras], list(job.weights), job.method,
-                           job.sampling, self.profile, self.devices.device.type)
+                           job.sampling, self.profile, self.devices.device.type, job.blocks)
 
     def _png(self, image: Image.Image, job: RenderJob) -> bytes:
         buf = io.BytesIO()
@@ -219,7 +229,8 @@ class Renderer:
         pipe = self.devices.acquire("diffusion")
         names = [self._adapter(pipe, lora) for lora in job.loras]
         method = methods.get(job.method)
-        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step)
+        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step,
+                             blocks=job.blocks or None)
         _check_finite(latents, job)
         return methods.decode(pipe, latents)
 
@@ -229,7 +240,8 @@ class Renderer:
         if len(jobs) == 1:
             return [self._denoise(jobs[0])]
         latents = methods.merge_many(pipe, names, [list(j.weights) for j in jobs], jobs[0].prompt,
-                                     jobs[0].sampling, self._step)
+                                     jobs[0].sampling, self._step,
+                                     blocks=[j.blocks or None for j in jobs] if any(j.blocks for j in jobs) else None)
         _check_finite(latents, jobs[0])
         return [methods.decode(pipe, latents[i:i + 1]) for i in range(len(jobs))]
 
@@ -259,6 +271,22 @@ class Renderer:
         d["loras"] = [{"name": lora.name, "path": str(lora.path), "sha256": file_hash(lora.path)} for lora in job.loras]
         d["profile"] = self.profile.name
         return d
+
+
+def check_blocks(job: RenderJob, arch: str) -> tuple[tuple[float, ...] | None, ...]:
+    """The job's block vectors, checked against the base's layout; () when no LoRA has one."""
+    from localora.diffusion import blocks as blocklib
+
+    if not blocklib.any_blocks(job.blocks):
+        return ()
+    names = blocklib.layout(arch, f"block weights on {job.loras[0].path if len(job.loras) == 1 else 'these LoRAs'}")
+    if len(job.blocks) != len(job.loras):
+        raise LocaloraError(f"{len(job.loras)} LoRAs but {len(job.blocks)} block vectors")
+    for lora, b in zip(job.loras, job.blocks):
+        if b is not None and len(b) != len(names):
+            raise LocaloraError(f"{lora.path}: lbw= has {len(b)} values but the layout of this base has {len(names)} "
+                                f"({' '.join(names)}); give {len(names)} values or a preset")
+    return tuple(None if b is None else tuple(float(v) for v in b) for b in job.blocks)
 
 
 def _check_finite(latents: torch.Tensor, job: RenderJob) -> None:

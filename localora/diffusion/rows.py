@@ -3,6 +3,8 @@
     with row_weights(pipe.unet, adapters) as rows:
         rows.weights = W                          # (rows, k): one weight per adapter for each batch row
         out = pipe.unet(x, ...)                   # row r computes W x + sum_k W[r, k] s_k B_k A_k x
+    with row_weights(pipe.unet, adapters, BlockMap.of(pipe.unet, "sdxl")) as rows:
+        rows.set(W, M)                            # M (rows, k, slots): block multipliers (blocks.py)
 
 Batched Composite uses one-hot rows (each LoRA alone at its weight, for uncond and cond); batched
 Merge candidates use one full weight vector per image. Inside the block the adapters' own
@@ -24,6 +26,7 @@ from functools import partial
 
 import torch
 
+from localora.diffusion import blocks
 from localora.errors import LocaloraError
 
 
@@ -34,11 +37,24 @@ def lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class Rows:
-    """The weight matrix the hooks read; set it before each UNet call (any number of rows)."""
+    """The weight matrix the hooks read; set it before each UNet call (any number of rows).
 
-    def __init__(self, device: torch.device):
+    rows.weights = W (rows, k), or rows.set(W, M) with M (rows, k, slots): per-block multipliers, the
+    layer in slot s then using W * M[..., s] (diffusion/blocks.py). Which rows use which adapter is
+    decided here, once per distinct setting, on the host: the hooks inside the denoiser never ask
+    the accelerator anything (a `.nonzero()` there would wait for it at every layer), and a
+    setting seen before (Composite's one-hot rows, every step) costs a dictionary look-up.
+    """
+
+    CACHED = 64  # distinct settings kept; a search sets a few per batch
+
+    def __init__(self, device: torch.device, slots: int = 1):
         self.device = device
+        self.slots = slots
+        self.plan: list[list[tuple[torch.Tensor, torch.Tensor | None] | None]] = []  # [slot][adapter]
+        self.count = 0  # rows of the current setting
         self._weights: torch.Tensor | None = None
+        self._plans: dict[tuple, tuple[int, list]] = {}
 
     @property
     def weights(self) -> torch.Tensor:
@@ -46,24 +62,62 @@ class Rows:
 
     @weights.setter
     def weights(self, value: torch.Tensor) -> None:
-        self._weights = value.to(self.device)
+        self.set(value)
+
+    def set(self, weights: torch.Tensor, multipliers: torch.Tensor | None = None) -> None:
+        weights = weights.detach().to("cpu", torch.float64)
+        key = (tuple(weights.shape), weights.numpy().tobytes(),
+               None if multipliers is None else multipliers.detach().to("cpu", torch.float64).numpy().tobytes())
+        if key not in self._plans:
+            if len(self._plans) >= self.CACHED:
+                self._plans.clear()
+            self._plans[key] = (weights.shape[0], self._plan(weights, multipliers))
+        self.count, self.plan = self._plans[key]
+        self._weights = weights
+
+    def _plan(self, weights: torch.Tensor, multipliers: torch.Tensor | None) -> list:
+        import numpy as np
+
+        w = weights.numpy()
+        m = None if multipliers is None else multipliers.detach().to("cpu", torch.float64).numpy()
+        plan = []
+        for s in range(self.slots):
+            eff = w if m is None else w * m[:, :, s]
+            per = []
+            for j in range(eff.shape[1]):
+                used = np.flatnonzero(eff[:, j])
+                if used.size == 0:
+                    per.append(None)
+                    continue
+                column = torch.from_numpy(eff[:, j].copy()).to(self.device)
+                index = None if used.size == eff.shape[0] else torch.from_numpy(used).to(self.device)
+                per.append((column, index))
+            plan.append(per)
+            if m is None:  # no block multipliers: every slot is the same
+                plan = plan * self.slots
+                break
+        return plan
 
 
 @contextmanager
-def row_weights(unet: torch.nn.Module, adapters: Sequence[str]) -> Iterator[Rows]:
-    """Within the block, batch row r of every UNet call uses `rows.weights[r]` (one per adapter).
+def row_weights(unet: torch.nn.Module, adapters: Sequence[str], block_map=None) -> Iterator[Rows]:
+    """Within the block, batch row r of every UNet call uses `rows.weights[r]` (one per adapter);
+    with a blocks.BlockMap, each layer's hook also knows its block's slot (rows.set(W, M)).
 
     Costs one `set_adapters` call in all, however many steps and rows run inside."""
-    layers = lora_layers(unet)
-    rows = Rows(unet.device)
+    from peft.tuners.lora import LoraLayer
+
+    named = [(n, m) for n, m in unet.named_modules() if isinstance(m, LoraLayer)]
+    rows = Rows(unet.device, blocks.slots(block_map.arch) if block_map else 1)
     unet.set_adapters(list(adapters), weights=[1.0] * len(adapters))  # scaling = the unit scale, read below
-    for layer in layers:
+    for _, layer in named:
         if any(a in getattr(layer, "lora_variant", {}) for a in adapters):
             raise LocaloraError("per-row LoRA weights do not support DoRA or other LoRA variants; "
                                 "render with --batch 1")
     hooks = [layer.register_forward_hook(partial(_add_rows, adapters=list(adapters), rows=rows,
+                                                 slot=block_map.slot(name) if block_map else 0,
                                                  unit={a: layer.scaling[a] for a in adapters if a in layer.lora_A}))
-             for layer in layers]
+             for name, layer in named]
     unet.disable_lora()
     try:
         yield rows
@@ -73,24 +127,20 @@ def row_weights(unet: torch.nn.Module, adapters: Sequence[str]) -> Iterator[Rows
         unet.enable_lora()
 
 
-def _add_rows(layer, args, output, *, adapters: list[str], rows: Rows, unit: dict[str, float]):
-    x, weights = args[0], rows.weights
-    if x.shape[0] != weights.shape[0]:
-        raise RuntimeError(f"a batch of {x.shape[0]} rows under per-row weights for {weights.shape[0]}")
+def _add_rows(layer, args, output, *, adapters: list[str], rows: Rows, unit: dict[str, float], slot: int):
+    x, plan = args[0], rows.plan[slot]
+    if x.shape[0] != rows.count:
+        raise RuntimeError(f"a batch of {x.shape[0]} rows under per-row weights for {rows.count}")
     for j, name in enumerate(adapters):
-        if name not in unit:
+        if name not in unit or plan[j] is None:
             continue
-        column = weights[:, j]
-        used = column.nonzero().squeeze(1)
-        if used.numel() == 0:
-            continue
+        column, used = plan[j]
         lora_a = layer.lora_A[name]
-        every = used.numel() == x.shape[0]  # Merge rows use every adapter: no gather, no scatter
-        xs = (x if every else x.index_select(0, used)).to(lora_a.weight.dtype)
+        xs = (x if used is None else x.index_select(0, used)).to(lora_a.weight.dtype)
         term = layer.lora_B[name](lora_a(layer.lora_dropout[name](xs))) * unit[name]
-        scale = (column if every else column.index_select(0, used)).to(term.dtype).view(-1, *([1] * (term.dim() - 1)))
-        term = (term * scale).to(output.dtype)
-        output = output + term if every else output.index_add(0, used, term)
+        scale = (column if used is None else column.index_select(0, used)).to(term.dtype)
+        term = (term * scale.view(-1, *([1] * (term.dim() - 1)))).to(output.dtype)
+        output = output + term if used is None else output.index_add(0, used, term)
     return output
 
 

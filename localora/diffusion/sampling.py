@@ -28,6 +28,7 @@ class Sampling:
     height: int | None = None
     switch_every: int = 5  # LoRA Switch: denoising steps per LoRA turn (other methods ignore it)
     max_sequence_length: int | None = None  # text tokens (T5 / Qwen3 encoders); the profile's
+    cache_interval: int = 2  # CMLoRA: steps between refreshes of the non-dominant LoRAs' passes (0: Composite)
 
     def resolved(self, spec: DiffusionSpec) -> Sampling:
         """Every unset field from the profile's diffusion spec, then checked."""
@@ -50,15 +51,20 @@ class Sampling:
                                 f"change nothing; leave it out")
         if s.steps < 1 or s.switch_every < 1:
             raise LocaloraError("--steps and --switch-every must be at least 1")
+        if s.cache_interval < 0:
+            raise LocaloraError(f"--cache-interval {s.cache_interval}: must be 0 (plain Composite) or more")
         if not math.isfinite(s.guidance):
             raise LocaloraError(f"--guidance {s.guidance}: must be a finite number")
         return s
 
     def describe(self, method: str) -> dict[str, Any]:
-        """The fields that decide the pixels of a render by `method` (switch_every only for Switch)."""
+        """The fields that decide the pixels of a render by `method` (switch_every only for Switch
+        and CMLoRA, whose dominant LoRA rotates at that rate; cache_interval only for CMLoRA)."""
         d = asdict(self)
-        if method != "switch":
+        if method not in ("switch", "cmlora"):
             d.pop("switch_every")
+        if method != "cmlora":
+            d.pop("cache_interval")
         if d["max_sequence_length"] is None:  # UNet bases: absent, so their cache keys are unchanged
             d.pop("max_sequence_length")
         return d

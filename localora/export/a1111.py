@@ -39,7 +39,7 @@ SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddi
 SCHEDULE_TYPES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
                   # flow matching: Forge writes its Flux renders as Euler / Simple
                   "simple": "Simple", "dynamic": "Simple"}
-METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite"}
+METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite", "cmlora": "CMLoRA"}
 
 # A1111's own pattern of one "Key: value" setting (a value is a JSON string or runs to the next ",").
 _SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -70,7 +70,11 @@ def sampler(info: RenderInfo) -> tuple[str, str]:
 
 
 def prompt_line(info: RenderInfo) -> str:
-    tags = " ".join(f"<lora:{x.name}:{weight_text(w)}>" for x, w in zip(info.loras, info.weights))
+    """One <lora:NAME:WEIGHT> tag per LoRA; a LoRA with block weights gets the LoRA Block Weight
+    extension's item, <lora:NAME:WEIGHT:lbw=V1,V2,...>."""
+    blocks = info.blocks or (None,) * len(info.loras)
+    tags = " ".join(f"<lora:{x.name}:{weight_text(w)}" + ("" if b is None else f":lbw={','.join(map(weight_text, b))}")
+                    + ">" for x, w, b in zip(info.loras, info.weights, blocks))
     return f"{info.prompt} {tags}" if info.prompt else tags
 
 
@@ -79,6 +83,9 @@ def note(info: RenderInfo) -> str | None:
     if info.method == "switch":
         return (f"a localora LoRA Switch render (one LoRA active at a time, rotating every {info.switch_every} "
                 f"steps); stock A1111 runs the tags merged, so it gives another image")
+    if info.method == "cmlora":
+        return (f"a localora CMLoRA render (cached LoRA Composite, cache interval {info.cache_interval}); stock "
+                f"A1111 runs the tags merged, so it gives another image")
     if info.method == "composite":
         return ("a localora LoRA Composite render (one UNet pass per LoRA per step); stock A1111 runs the tags "
                 "merged, so it gives another image")

@@ -65,9 +65,10 @@ class Factors:
 
 
 def bake_lora(renderer: Renderer, loras: Sequence[Lora], weights: Sequence[float], out: Path, *,
-              title: str | None = None) -> BakeResult:
+              title: str | None = None, blocks: Sequence = ()) -> BakeResult:
     """Write `out`: one kohya LoRA that at weight 1.0 renders what Merge renders of `loras` at
-    `weights`. Refuses, in one line, what cannot be baked exactly."""
+    `weights` (and per-LoRA block vectors `blocks`: each layer's factors scaled by its block's
+    multiplier, diffusion/blocks.py). Refuses, in one line, what cannot be baked exactly."""
     loras, weights, out = list(loras), [float(w) for w in weights], Path(out)
     arch = renderer.profile.diffusion.arch
     check_bakeable(loras, weights, arch, out)
@@ -75,9 +76,10 @@ def bake_lora(renderer: Renderer, loras: Sequence[Lora], weights: Sequence[float
     names = renderer.adapters_for(loras)
     factors = read_factors(pipe, names, loras)
     add_out_projections(pipe, factors)
-    tensors, ranks = concatenate(factors, weights, arch, getattr(pipe, archs.arch(arch).denoiser).config)
+    tensors, ranks = concatenate(factors, weights, arch, getattr(pipe, archs.arch(arch).denoiser).config,
+                                 layer_multipliers(pipe, arch, blocks, factors))
     title = title or "+".join(lora.name for lora in loras)
-    metadata = describe(renderer, loras, weights, arch, title, out, max(ranks.values()))
+    metadata = describe(renderer, loras, weights, arch, title, out, max(ranks.values()), blocks)
     _write(out, tensors, metadata)
     return BakeResult(out, arch, len(ranks), ranks, max(ranks.values()), metadata)
 
@@ -178,8 +180,21 @@ def _check_plain(layer, name: str, lora: Lora, where: str) -> None:
                             f"into a kohya LoRA, bake without this file")
 
 
+def layer_multipliers(pipe, arch: str, blocks: Sequence, factors: dict) -> dict[tuple[str, str], list[float]] | None:
+    """(component, module) -> each LoRA's block multiplier there (BlockMap.slot's rule), or None
+    without block vectors: the same rule Merge renders with."""
+    from localora.diffusion import blocks as blocklib
+
+    if not blocklib.any_blocks(blocks):
+        return None
+    bmap = blocklib.BlockMap.of(pipe.unet, arch)
+    mult = [blocklib.multipliers(b, arch) for b in blocks]
+    return {(c, m): [x[0 if c != "unet" else bmap.slot(m)] for x in mult] for c, m in factors}
+
+
 def concatenate(factors: dict[tuple[str, str], list[Factors | None]], weights: list[float], arch: str,
-                unet_config) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                unet_config, multipliers: dict[tuple[str, str], list[float]] | None = None,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """kohya tensors (lora_down, lora_up, alpha per module) and each module's rank.
 
     Every module gets the same alpha, the largest rank R, and a module of rank r has its B
@@ -197,7 +212,8 @@ def concatenate(factors: dict[tuple[str, str], list[Factors | None]], weights: l
     up_blocks = tuple(getattr(unet_config, "up_block_types", SDXL_UP_BLOCKS))
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for (component, module), per_lora in sorted(factors.items()):
-        used = [(f, w) for f, w in zip(per_lora, weights) if f is not None]
+        scaled = [w * m for w, m in zip(weights, multipliers[(component, module)])] if multipliers else weights
+        used = [(f, w) for f, w in zip(per_lora, scaled) if f is not None]
         down = torch.cat([f.down for f, _ in used], dim=0)
         # The weight and the LoRA's own scale go into B: B A is what Merge adds to this layer.
         up = torch.cat([f.up * (w * f.scale) for f, w in used], dim=1)
@@ -242,11 +258,14 @@ def _concatenate_transformer(factors: dict[tuple[str, str], list[Factors | None]
 
 
 def describe(renderer: Renderer, loras: list[Lora], weights: list[float], arch: str, title: str, out: Path,
-             max_rank: int) -> dict[str, str]:
+             max_rank: int, blocks: Sequence = ()) -> dict[str, str]:
     """The header: kohya's ss_* keys, SAI modelspec keys and where the file came from."""
     triggers = ", ".join(lora.triggers.strip() for lora in loras if lora.triggers.strip())
     sources = [{"name": lora.name, "file": str(lora.path), "sha256": file_hash(lora.path), "weight": w,
                 "triggers": lora.triggers} for lora, w in zip(loras, weights)]
+    for source, b in zip(sources, blocks or ()):
+        if b is not None:
+            source["lbw"] = list(b)
     mix = ", ".join(f"{lora.name} {w:g}" for lora, w in zip(loras, weights))
     return {
         "ss_network_module": "networks.lora",

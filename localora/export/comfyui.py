@@ -81,6 +81,9 @@ def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str
     if not info.reproducible_elsewhere:
         raise LocaloraError(f"{where}: a {info.method} render has no ComfyUI graph (only Merge is a stock LoRA "
                             f"stack); export it --to a1111 or --to diffusers, or use a Merge render")
+    if info.blocks:
+        raise LocaloraError(f"{where}: a render with block weights (lbw=) has no ComfyUI graph (LoraLoader takes one "
+                            f"weight per LoRA); export it --to a1111 (LoRA Block Weight reads lbw=) or --to lora")
     if info.arch == "flux":
         return flux_workflow(info, where)
     if info.arch != "sdxl" and info.arch != "sd15":

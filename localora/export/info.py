@@ -64,6 +64,10 @@ class RenderInfo:
     device: str
     model_hash: str | None = None  # A1111's AutoV2 hash of the checkpoint, when the profile knows it
     max_sequence_length: int | None = None  # text tokens of a T5 / Qwen3 encoder (transformer bases)
+    # Per LoRA its LoRA Block Weight vector or None (diffusion/blocks.py); () when none has one,
+    # and then absent from the entry, so entries without block weights are what they were.
+    blocks: tuple[tuple[float, ...] | None, ...] = ()
+    cache_interval: int | None = None  # CMLoRA only
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,6 +77,12 @@ class RenderInfo:
             del d["switch_every"]
         if d["max_sequence_length"] is None:  # UNet bases: left out, so their entries read as before
             del d["max_sequence_length"]
+        if d["cache_interval"] is None:
+            del d["cache_interval"]
+        if not self.blocks:
+            del d["blocks"]
+        else:
+            d["blocks"] = [None if b is None else list(b) for b in self.blocks]
         return {"format": ENTRY_FORMAT, **d}
 
     def entry_json(self) -> str:
@@ -87,6 +97,8 @@ class RenderInfo:
             fields["loras"] = tuple(LoraFile(**x) for x in entry["loras"])
             fields["weights"] = tuple(float(w) for w in entry["weights"])
             fields.setdefault("switch_every", None)
+            fields["blocks"] = tuple(None if b is None else tuple(float(v) for v in b)
+                                     for b in entry.get("blocks") or ())
             return cls(**fields)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LocaloraError(f"{where}: the localora entry of its infotext is damaged or from another "
@@ -137,14 +149,17 @@ def model_hash(spec: DiffusionSpec) -> str | None:
 
 
 def render_info(prompt: str, lora_paths: list[Path], weights: list[float], method: str, sampling: Sampling,
-                profile: Profile, device: str) -> RenderInfo:
+                profile: Profile, device: str, blocks: tuple = ()) -> RenderInfo:
     """The RenderInfo of a render, from its resolved Sampling."""
     spec = profile.diffusion
     return RenderInfo(
         prompt=prompt, loras=tuple(LoraFile.of(p) for p in lora_paths), weights=tuple(float(w) for w in weights),
         method=method, seed=int(sampling.seed), negative_prompt=sampling.negative_prompt or "",
         steps=int(sampling.steps), guidance=float(sampling.guidance), width=int(sampling.width),
-        height=int(sampling.height), switch_every=int(sampling.switch_every) if method == "switch" else None,
+        height=int(sampling.height),
+        switch_every=int(sampling.switch_every) if method in ("switch", "cmlora") else None,
+        cache_interval=int(sampling.cache_interval) if method == "cmlora" else None,
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
-        device=device, model_hash=model_hash(spec), max_sequence_length=sampling.max_sequence_length)
+        device=device, model_hash=model_hash(spec), max_sequence_length=sampling.max_sequence_length,
+        blocks=tuple(blocks))

@@ -36,6 +36,7 @@ class Replay:
     method: str
     sampling: Sampling
     notes: tuple[str, ...] = ()  # what differs from the original, said to the user
+    blocks: tuple[tuple[float, ...] | None, ...] = ()  # per LoRA its lbw= vector (diffusion/blocks.py)
 
 
 def lora_paths(source: Source) -> list[Path] | None:
@@ -93,25 +94,31 @@ def replay(source: Source, profile: Profile, catalog: dict[str, Lora], folders: 
         sampling = Sampling(seed=info.seed, negative_prompt=info.negative_prompt, steps=info.steps,
                             guidance=info.guidance, width=info.width, height=info.height,
                             switch_every=info.switch_every or Sampling().switch_every,
-                            max_sequence_length=info.max_sequence_length)
-        return Replay(info.prompt, tuple(source_loras(source, catalog, folders)), info.weights, info.method, sampling)
-    return _from_a1111(source, catalog, folders)
+                            max_sequence_length=info.max_sequence_length,
+                            cache_interval=Sampling().cache_interval if info.cache_interval is None else info.cache_interval)
+        return Replay(info.prompt, tuple(source_loras(source, catalog, folders)), info.weights, info.method, sampling,
+                      blocks=info.blocks)
+    return _from_a1111(source, catalog, folders, profile.diffusion.arch)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
-def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders) -> Replay:
+def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders, arch: str) -> Replay:
     """A stock A1111/Forge infotext as a Merge render: its tags' LoRAs at their weights."""
     parsed = parse_infotext(source.infotext)
-    prompt, tags = loralib.split_lora_tags(parsed["prompt"])
+    prompt, tags = loralib.lora_tags(parsed["prompt"])
     if not tags:
         raise LocaloraError(f"{source.path}: its A1111 prompt has no <lora:...> tags; nothing to combine")
     fields, where = parsed["fields"], str(source.path)
-    chosen = [loralib.choose(name, weight, catalog, folders, f"{where}: <lora:{name}>") for name, weight in tags]
+    chosen = [loralib.choose(name, weight, catalog, folders, f"{where}: <lora:{name}>") for name, weight, _ in tags]
+    from localora.diffusion import blocks as blocklib
+
+    blocks = tuple(None if lbw is None else blocklib.parse(lbw, arch, f"{where}: <lora:{name}:...:lbw={lbw}>")
+                   for name, _, lbw in tags)
     notes = []
     hashes = dict(h.split(":", 1) for h in fields.get("Lora hashes", "").split(",") if ":" in h)
-    for (name, _), choice in zip(tags, chosen):
+    for (name, _, _), choice in zip(tags, chosen):
         want = hashes.get(name.replace(":", "").replace(",", ""), "").strip()
         if want and safetensors_data_hash(choice.lora.path)[:12] != want:
             notes.append(f"{choice.lora.path} is not the {name} the image was made with (Lora hash {want}); "
@@ -127,4 +134,5 @@ def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders) 
     if "Sampler" in fields:
         notes.append(f"A1111 sampler {fields['Sampler']} is not used: the profile's scheduler renders it")
     weights = tuple(1.0 if c.weight is None else c.weight for c in chosen)
-    return Replay(prompt, tuple(c.lora for c in chosen), weights, "merge", sampling, tuple(notes))
+    return Replay(prompt, tuple(c.lora for c in chosen), weights, "merge", sampling, tuple(notes),
+                  blocks if blocklib.any_blocks(blocks) else ())

@@ -31,6 +31,9 @@ def to_comfyui(source: Source) -> str:
 
 def to_diffusers(source: Source) -> str:
     info = source.localora()
+    if info.blocks:
+        raise LocaloraError(f"{source.path}: a render with block weights (lbw=); the script sets one weight per LoRA, "
+                            f"so export it --to a1111 (LoRA Block Weight reads lbw=) or bake it --to lora")
     model = info.source
     if profiles.is_tiny(model):  # built by localora into $LOCALORA_HOME: name the folder
         model = str(profiles.locate(model, info.model))
@@ -41,6 +44,7 @@ def to_lora(source: Source, out: Path, profile: Profile, catalog: dict[str, Lora
     """Bake the image's LoRAs at its weights into `out`; returns what to tell the user. The baked
     file at weight 1.0 renders the image's Merge (for Switch or Composite, their weights merged)."""
     from localora.diffusion.render import Renderer
+    from localora.diffusion import blocks as blocklib
     from localora.export.bake import bake_lora
 
     info = source.localora()
@@ -48,8 +52,9 @@ def to_lora(source: Source, out: Path, profile: Profile, catalog: dict[str, Lora
         raise LocaloraError(f"{source.path}: rendered with profile '{info.profile}', not '{profile.name}'; "
                             f"give --profile {info.profile} (or leave --profile out)")
     found = source_loras(source, catalog, folders)
-    result = bake_lora(Renderer(profile), found, info.weights, out, title=Path(out).stem)
-    weights = ", ".join(f"{lo.name}={w:g}" for lo, w in zip(found, info.weights))
+    result = bake_lora(Renderer(profile), found, info.weights, out, title=Path(out).stem, blocks=info.blocks)
+    weights = ", ".join(f"{lo.name}={w:g}" + ("" if b is None else f" (lbw={blocklib.text(b)})")
+                        for lo, w, b in zip(found, info.weights, info.blocks or (None,) * len(found)))
     line = f"{result.path}  (one kohya LoRA of rank {result.max_rank} from {weights}; use it at weight 1.0)"
     if not info.reproducible_elsewhere:
         line += f"; note: this is the Merge of a {info.method} render's weights, so it renders another image"
