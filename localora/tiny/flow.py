@@ -153,7 +153,7 @@ def _build_demo_loras(out: Path, seed: int, arch: str) -> None:
     import json
 
     from localora import archs, tiny
-    from localora.export.keys import kohya_transformer_tensors
+    from localora.kohya import kohya_transformer_tensors
     from localora.tiny.diffusion import DEMO_LORAS, save_diffusers_lora, save_safetensors
 
     base = archs.arch(arch)
