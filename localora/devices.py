@@ -135,6 +135,7 @@ class DeviceManager:
     releases: int = 0  # release() calls: only when memory was short
     uses: list[str] = field(default_factory=list)  # the components acquired, one entry per stretch
     _components: dict[str, _Component] = field(default_factory=dict)
+    _expected: dict[str, int] = field(default_factory=dict)
     _clock: int = 0
 
     def __post_init__(self) -> None:
@@ -169,10 +170,12 @@ class DeviceManager:
             self._drop(name, old)
         known = estimates.measured(key) if key and self.measure is None else None
         self._components[name] = _Component(load=load, source=source, describe=describe or (lambda: ""),
-                                            estimate=known or estimate or 0, key=key, cpu_ok=cpu_ok)
+                                            estimate=self._expected.get(name) or known or estimate or 0, key=key,
+                                            cpu_ok=cpu_ok)
 
     def expect(self, name: str, size: int) -> None:
-        """Plan with `size` bytes for `name` until it is loaded and measured."""
+        """Plan with `size` bytes for `name` (registered now or later) until it is loaded and measured."""
+        self._expected[name] = size
         if name in self._components:
             self._components[name].estimate = size
 
@@ -381,7 +384,7 @@ def to_cpu(model: Any, pinned: dict[str, torch.Tensor]) -> None:
     for part, module in _modules(model):
         named = list(module.named_parameters()) + list(module.named_buffers())  # a tied weight once
         for name, t in named:
-            key = f"{part}.{name}"
+            key = f"{part}.{name}" if part else name
             buf = pinned.get(key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = torch.empty(t.shape, dtype=t.dtype)

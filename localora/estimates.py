@@ -233,12 +233,23 @@ def vlm_bytes(source: str, quantization: str, compute: str) -> int | None:
 
 # ------------------------------------------------------------------ a profile's models
 
+def diffusion_key(spec: profiles.DiffusionSpec, dtype: str) -> str:
+    return footprint_key(spec.source + (f"+{spec.vae}" if spec.vae else ""), dtype)
+
+
+def vlm_key(spec: profiles.VLMSpec, dtype: str) -> str:
+    return footprint_key(spec.source, f"{spec.quantization}/{dtype}")
+
+
+def clip_key(spec: profiles.ClipSpec) -> str:
+    return footprint_key(spec.source, "float32")
+
+
 def profile_keys(profile: profiles.Profile) -> dict[str, str]:
-    """The footprint store's key of each model of `profile`, in the precision it runs in on a GPU."""
-    d, v = profile.diffusion, profile.vlm
-    return {"diffusion": footprint_key(d.source + (f"+{d.vae}" if d.vae else ""), d.dtype),
-            "vlm": footprint_key(v.source, f"{v.quantization}/{v.dtype}"),
-            "clip": footprint_key(profile.clip.source, "float32")}
+    """The footprint store's key of each model of `profile`, in the precision it runs in on a GPU
+    (the registrars use the same functions with the precision they load in)."""
+    return {"diffusion": diffusion_key(profile.diffusion, profile.diffusion.dtype),
+            "vlm": vlm_key(profile.vlm, profile.vlm.dtype), "clip": clip_key(profile.clip)}
 
 
 def weights(profile: profiles.Profile) -> dict[str, int | None]:

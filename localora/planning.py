@@ -100,10 +100,11 @@ class Plan:
 
 
 def plan(profile: Profile, card_bytes: int, iterations: int = 5, free_ram: int | None = None,
-         sizes: dict[str, int | None] | None = None) -> Plan:
+         sizes: dict[str, int | None] | None = None, uses: list[str] | None = None) -> Plan:
     """What the device manager does with `profile`'s models in an `iterations`-round compose run
-    on a card of `card_bytes` (its whole memory: the CUDA context is taken from it). `sizes`:
-    each model's weights in bytes (default: estimates.weights)."""
+    on a card of `card_bytes` (its whole memory: the CUDA context is taken from it), every render
+    new (a render-cache hit needs no model, so a real run may move less). `sizes`: each model's
+    weights in bytes (default: estimates.weights); `uses`: another order (default: run_uses)."""
     known = estimates.weights(profile) if sizes is None else sizes
     weights = {n: int(known.get(n) or 0) for n in COMPONENTS}
     card = SimulatedCard(card_bytes, weights)
@@ -113,7 +114,7 @@ def plan(profile: Profile, card_bytes: int, iterations: int = 5, free_ram: int |
         manager.register(name, lambda device: object(), source=name, estimate=weights[name], cpu_ok=name == "clip")
     card.attach(manager)
     peak = 0
-    uses = run_uses(iterations)
+    uses = run_uses(iterations) if uses is None else uses
     for name in uses:
         manager.acquire(name)
         working = reserve(weights[name]) if name in manager.resident() else 0

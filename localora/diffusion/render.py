@@ -21,7 +21,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,13 +29,14 @@ import torch
 from PIL import Image
 
 from localora import export, paths, profiles
+from localora import estimates
 from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
+from localora.memory import OutOfMemory
 from localora.files import atomic_write, clean_temporaries, file_hash, stable_hash
 from localora.diffusion.loras import Lora
-from localora.diffusion.rows import is_out_of_memory
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.export import png
@@ -83,6 +84,7 @@ class Renderer:
     on_step: methods.StepCallback | None = None
     batch: int = 0  # images per UNet batch for several Merge renders; 0: chosen from free memory
     stats: RenderStats = field(default_factory=RenderStats)
+    memory: OutOfMemory = field(default_factory=OutOfMemory)  # what fits, learned at the first OOM
     _identity: dict | None = None
 
     def __post_init__(self) -> None:
@@ -94,7 +96,8 @@ class Renderer:
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
         size = sum(estimate_bytes(src, dtype) or 0 for src in (spec.source, spec.vae) if src)
         self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
-                              describe=lambda: f"{spec.name} ({dtype})", estimate=size)
+                              describe=lambda: f"{spec.name} ({dtype})", estimate=size,
+                              key=estimates.diffusion_key(spec, dtype))
 
     # ------------------------------------------------------------ the cache
 
@@ -201,25 +204,45 @@ class Renderer:
     def _denoise_all(self, jobs: list[RenderJob]) -> list[Image.Image]:
         if len(jobs) < 2 or not self.batchable(jobs[0]):
             return [self._denoise(one) for one in jobs]
-        size = self.batch or auto_batch(self.devices.device, jobs[0].sampling)
+        size = self.memory.merge_batch(self.batch or auto_batch(self.devices.device, jobs[0].sampling))
         images: list[Image.Image] = []
         while len(images) < len(jobs):
             chunk = jobs[len(images):len(images) + size]
             try:
                 images += self._denoise_batch(chunk)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not is_out_of_memory(e) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                log.warning("render: out of accelerator memory with %d images per batch; going on with %d",
-                            len(chunk), size)
+                size = self.memory.shrink_merge(len(chunk), e)  # kept for the run; re-raises all but an OOM
         return images
 
     def _denoise(self, job: RenderJob) -> Image.Image:
+        """One render; out of memory, it falls back (memory.OutOfMemory.fall_back) and tries again."""
+        while True:
+            try:
+                return self._denoise_once(job)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                self.memory.fall_back(e, self._fallbacks())
+
+    def _fallbacks(self) -> list[tuple[str, Callable[[], bool]]]:
+        """What a render that ran out of memory tries, in order: each says whether it changed anything."""
+        def tiling() -> bool:
+            vae = self.devices.acquire("diffusion").vae
+            if getattr(vae, "use_tiling", True) and getattr(vae, "use_slicing", True):
+                return False
+            vae.enable_tiling()  # decode in tiles, and one image at a time
+            vae.enable_slicing()
+            return True
+
+        return [("VAE tiling and slicing", tiling),
+                ("the other models moved off the card", lambda: self.devices.offload_others("diffusion"))]
+
+    def _denoise_once(self, job: RenderJob) -> Image.Image:
         pipe = self.devices.acquire("diffusion")
         names = [self._adapter(pipe, lora) for lora in job.loras]
         method = methods.get(job.method)
-        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step)
+        # Composite keeps the LoRAs per UNet batch that fit for the rest of the run.
+        split = {"split": self.memory} if job.method == "composite" else {}
+        latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step,
+                             **split)
         _check_finite(latents, job)
         return methods.decode(pipe, latents)
 
