@@ -4,7 +4,8 @@ out-of-memory error and kept for the rest of the run (and recorded in run.json).
     policy = OutOfMemory()                      one per renderer, so one per run (or batch of runs)
     policy.composite_per_pass(k)                Composite: LoRAs per UNet batch, k until one OOMed
     policy.shrink_composite(per_pass, error)    at an OOM: half as many, kept from now on (or re-raise)
-    policy.merge_images(default)                Merge: images per UNet batch, likewise
+    policy.merge_batch(default)                 Merge: images per UNet batch, likewise
+    policy.activations[(w, h)]                  working memory per image, measured at the first render
     policy.shrink_merge(size, error)
     policy.fall_back(error, steps)              a single render: the first step that helps (VAE
                                                 tiling and slicing, then the other models off the
@@ -40,6 +41,9 @@ class OutOfMemory:
     merge_images: int | None = None  # images per Merge batch that fit (None: no limit learned)
     fallbacks: list[str] = field(default_factory=list)  # single-render fallbacks taken, in order
     retries: int = 0  # out-of-memory errors met (each one is retried once, smaller)
+    # Peak working memory per image in bytes, by (width, height), measured on the first render at
+    # that size: Merge batches are sized from it (diffusion/render.py).
+    activations: dict[tuple[int, int], int] = field(default_factory=dict)
     on_learn: Callable[[dict[str, Any]], None] | None = None  # told each time something is learned
 
     def composite_per_pass(self, k: int) -> int:

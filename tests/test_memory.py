@@ -304,3 +304,35 @@ def test_an_oom_with_nothing_left_to_try_is_one_error_line(tmp_path, localora_ho
     finally:
         hook.remove()
     assert not any(Path(tmp_path).rglob("*.png"))  # nothing half-made entered the cache
+
+
+def test_a_merge_batch_that_runs_out_of_memory_is_split_once_for_the_run(tmp_path, localora_home, demo_loras):
+    from localora.diffusion.render import Renderer, RenderJob
+    from localora.diffusion.sampling import Sampling
+
+    renderer = Renderer(load_profile("tiny"), DeviceManager(device=torch.device("cpu")), cache_dir=tmp_path, batch=4)
+    raised = []
+
+    def two_images_at_most(module, args):  # 2 rows per image: unconditional and conditional
+        if args[0].shape[0] > 4:
+            raised.append(args[0].shape[0])
+            raise oom()
+
+    hook = renderer.pipeline().unet.register_forward_pre_hook(two_images_at_most)
+    job = RenderJob("a lighthouse keeper, merged in batches", tuple(demo_loras["sdxl"][:2]), (1.0, 1.0),
+                    sampling=Sampling(steps=2))
+    try:
+        first = renderer.render_many(job, [(0.1 * i, 0.5) for i in range(1, 5)])
+        second = renderer.render_many(job, [(0.5, 0.1 * i) for i in range(1, 5)])
+    finally:
+        hook.remove()
+    assert raised == [8] and renderer.memory.merge_images == 2 and renderer.memory.retries == 1
+    assert not any(r.cached for r in first + second) and renderer.stats.renders == 8
+
+
+def test_the_batch_size_comes_from_the_measured_working_memory():
+    from localora.diffusion.render import batch_size
+
+    assert batch_size(free=10 * GIB, per_image=3 * GIB) == 3
+    assert batch_size(free=GIB, per_image=3 * GIB) == 1  # never none
+    assert batch_size(free=100 * GIB, per_image=GIB) == 8  # at most 8: beyond that a batch gains little
