@@ -51,25 +51,27 @@ class OutOfMemory:
 
     def shrink_composite(self, per_pass: int, error: BaseException) -> int:
         """LoRAs per pass after `error` at `per_pass`; re-raises anything else, or at one LoRA."""
-        if not is_out_of_memory(error) or per_pass == 1:
-            raise error
-        self.composite_loras = max(1, per_pass // 2)
-        log.warning("composite: out of accelerator memory with %d LoRAs per UNet batch; going on with %d for "
-                    "the rest of the run", per_pass, self.composite_loras)
-        self._learned()
+        self.composite_loras = self._halve(per_pass, error, "composite: out of accelerator memory with %d LoRAs "
+                                                           "per UNet batch; going on with %d for the rest of the run")
+        self._told()
         return self.composite_loras
 
     def merge_batch(self, default: int) -> int:
         return min(default, self.merge_images or default)
 
     def shrink_merge(self, size: int, error: BaseException) -> int:
+        """Images per Merge batch after `error` at `size`; re-raises anything else, or at one image."""
+        self.merge_images = self._halve(size, error, "render: out of accelerator memory with %d images per "
+                                                     "batch; going on with %d for the rest of the run")
+        self._told()
+        return self.merge_images
+
+    def _halve(self, size: int, error: BaseException, message: str) -> int:
         if not is_out_of_memory(error) or size == 1:
             raise error
-        self.merge_images = max(1, size // 2)
-        log.warning("render: out of accelerator memory with %d images per batch; going on with %d for the rest "
-                    "of the run", size, self.merge_images)
-        self._learned()
-        return self.merge_images
+        log.warning(message, size, size // 2)
+        self.retries += 1
+        return size // 2
 
     def fall_back(self, error: BaseException, steps: Sequence[tuple[str, Callable[[], bool]]]) -> None:
         """After `error` in a single render: take the first of `steps` (name, do-it -> whether it
@@ -81,7 +83,8 @@ class OutOfMemory:
             if step():
                 self.fallbacks.append(name)
                 log.warning("render: out of accelerator memory; retrying with %s", name)
-                self._learned()
+                self.retries += 1
+                self._told()
                 return
         tried = ", ".join(dict.fromkeys(self.fallbacks)) or "nothing left to try"
         raise RuntimeFailure(f"out of accelerator memory in a single render after {tried}; lower --width/--height "
@@ -98,7 +101,6 @@ class OutOfMemory:
             self.composite_loras = recorded.get("composite_loras") or self.composite_loras
             self.merge_images = recorded.get("merge_images") or self.merge_images
 
-    def _learned(self) -> None:
-        self.retries += 1
+    def _told(self) -> None:
         if self.on_learn is not None:
             self.on_learn(self.learned())
