@@ -370,7 +370,19 @@ def _move(model: Any, device: torch.device, pinned: dict[str, torch.Tensor] | No
         to_cpu(model, pinned)
         return model
     moved = model.to(device)
-    return moved if moved is not None else model
+    moved = moved if moved is not None else model
+    if device.type == "cpu" and torch.cuda.is_available():
+        _pin(moved)  # a quantized model's own .to() made new CPU tensors: pin those
+    return moved
+
+
+def _pin(model: Any) -> None:
+    for _, module in _modules(model):
+        for t in list(module.parameters()) + list(module.buffers()):
+            try:
+                t.data = t.data.pin_memory()
+            except RuntimeError:
+                return  # pinning is an optimisation; without enough page-locked memory, skip it
 
 
 def _quantized(model: Any) -> bool:

@@ -277,7 +277,7 @@ def test_completion_through_click(lora_dir):
     code, heavy, out = heavy_imports(env=env)
     assert (code, heavy) == (0, []) and out.split() == ["plain,ink"], out
     env.update(COMP_WORDS="localora doctor --profile sdxl-a", COMP_CWORD="3")
-    assert heavy_imports(env=env)[2].split() == ["plain,sdxl-anime"]
+    assert heavy_imports(env=env)[2].split() == ["plain,sdxl-anime", "plain,sdxl-anime-small"]
 
 
 def test_models_reads_the_hub_cache_as_snapshot_download_does(tmp_path, monkeypatch):
