@@ -336,3 +336,20 @@ def test_the_batch_size_comes_from_the_measured_working_memory():
     assert batch_size(free=10 * GIB, per_image=3 * GIB) == 3
     assert batch_size(free=GIB, per_image=3 * GIB) == 1  # never none
     assert batch_size(free=100 * GIB, per_image=GIB) == 8  # at most 8: beyond that a batch gains little
+
+
+def test_what_fit_is_kept_in_run_json_and_read_back_on_resume(tmp_path):
+    from localora.memory import OutOfMemory
+    from localora.runs.folder import RunFolder
+
+    run = RunFolder.create(tmp_path / "run", {"config": {}})
+    policy = OutOfMemory(on_learn=lambda learned: run.set_setting("memory", learned))
+    assert policy.shrink_composite(4, oom()) == 2
+    with pytest.raises(ValueError):
+        policy.shrink_composite(2, ValueError("not memory"))  # anything else is not swallowed
+    run.close()
+    again = RunFolder.open(tmp_path / "run")
+    resumed = OutOfMemory()
+    resumed.resume(again.settings["memory"])
+    again.close()
+    assert again.settings["memory"]["composite_loras"] == 2 and resumed.composite_per_pass(3) == 2
