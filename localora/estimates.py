@@ -233,8 +233,25 @@ def vlm_bytes(source: str, quantization: str, compute: str) -> int | None:
 
 # ------------------------------------------------------------------ a profile's models
 
+def _precision(spec: profiles.DiffusionSpec, dtype: str) -> str:
+    quantization = getattr(spec, "quantization", "none")
+    return dtype if quantization == "none" else quantization
+
+
 def diffusion_key(spec: profiles.DiffusionSpec, dtype: str) -> str:
-    return footprint_key(spec.source + (f"+{spec.vae}" if spec.vae else ""), dtype)
+    precision = _precision(spec, dtype)
+    return footprint_key(spec.source + (f"+{spec.vae}" if spec.vae else ""),
+                         precision if precision == dtype else f"{precision}/{dtype}")
+
+
+def diffusion_bytes(spec: profiles.DiffusionSpec, dtype: str) -> int | None:
+    """A diffusion pipeline's weights before it loads (None: unknown): its parameters (and a
+    separate VAE's) x bytes per parameter of its dtype, or of its quantization where the spec sets
+    one (which applies to the denoiser and the large text encoder: archs.py)."""
+    per = _precision(spec, dtype)
+    if estimate_bytes(spec.source, per) is None:
+        return None
+    return sum(estimate_bytes(s, per if s == spec.source else dtype) or 0 for s in (spec.source, spec.vae) if s)
 
 
 def vlm_key(spec: profiles.VLMSpec, dtype: str) -> str:
@@ -257,8 +274,7 @@ def weights(profile: profiles.Profile) -> dict[str, int | None]:
     d, v = profile.diffusion, profile.vlm
     keys = profile_keys(profile)
     counted = {
-        "diffusion": None if estimate_bytes(d.source, d.dtype) is None
-        else sum(estimate_bytes(s, d.dtype) or 0 for s in (d.source, d.vae) if s),
+        "diffusion": diffusion_bytes(d, d.dtype),
         "vlm": vlm_bytes(v.source, v.quantization, v.dtype),
         "clip": estimate_bytes(profile.clip.source, "float32"),
     }

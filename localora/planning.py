@@ -48,7 +48,7 @@ class Plan:
     placement: str
     card_gib: float
     iterations: int
-    verdict: str  # "resident", "moving", "reload" or "too large" (devices.plan_for)
+    verdict: str  # "resident", "moving", "reload", "too large" (devices.plan_for), or "unknown" (a size is)
     weights_gib: dict[str, float | None]  # None: size unknown (counted as 0)
     on_card: tuple[str, ...]  # models that never leave the card once loaded
     on_cpu: tuple[str, ...]  # models that run on the CPU (small ones, when the card is short)
@@ -77,11 +77,13 @@ class Plan:
             "resident": "every model it needs stays on the card",
             "moving": "not all models fit at once: some move between the card and CPU RAM",
             "reload": "one model at a time fits, but CPU RAM cannot hold the others: set placement = \"reload\"",
+            "unknown": "the size of " + ", ".join(n for n, g in self.weights_gib.items() if g is None)
+                       + " is not known (not here, and no published parameter count in localora/estimates.py)",
             "too large": f"even the largest model alone does not fit (it needs a {self.needs_gib:g} GiB card): "
                          f"use a smaller profile",
         }[self.verdict]
         title = f"{self.card_gib:g} GiB card ({self.placement}, a {self.iterations}-iteration run): {self.verdict}: {head}"
-        if self.verdict == "too large":
+        if self.verdict in ("too large", "unknown"):
             return [title]
         parts = []
         for name in COMPONENTS:
@@ -124,6 +126,8 @@ def plan(profile: Profile, card_bytes: int, iterations: int = 5, free_ram: int |
     on_cpu = tuple(n for n in COMPONENTS if any(p.component == n and "on the CPU" in p.detail for p in manager.history))
     on_card = tuple(n for n in COMPONENTS if n not in on_cpu and loads[n] == 1 and not moves[n])
     verdict = plan_for(weights, card_bytes - card.context, free_ram)
+    if any(known.get(n) is None for n in COMPONENTS):
+        verdict = "unknown"
     if verdict == "moving" and not moves and not any(loads[n] > 1 for n in COMPONENTS):
         verdict = "resident"  # everything that runs on the card fits; a small model runs beside it on the CPU
     return Plan(

@@ -353,3 +353,20 @@ def test_what_fit_is_kept_in_run_json_and_read_back_on_resume(tmp_path):
     resumed.resume(again.settings["memory"])
     again.close()
     assert again.settings["memory"]["composite_loras"] == 2 and resumed.composite_per_pass(3) == 2
+
+
+def test_any_profile_gets_a_plan_once_its_size_is_known(monkeypatch):
+    """A transformer base (Flux.1, 4-bit) is planned as soon as estimates.PARAMS has its count."""
+    from click.testing import CliRunner
+
+    from localora.cli import main
+
+    def plans():
+        result = CliRunner().invoke(main, ["doctor", "--profile", "flux1-dev", "--vram", "16", "--json"])
+        return json.loads(result.stdout)["plans"][0]
+
+    assert plans()["verdict"] == "unknown"
+    monkeypatch.setitem(estimates.PARAMS, "black-forest-labs/FLUX.1-dev", 16.9e9)  # transformer, T5, CLIP-L, VAE
+    plan = plans()
+    assert plan["verdict"] != "unknown"
+    assert plan["weights_gib"]["diffusion"] == round(16.9e9 * estimates.BYTES["nf4"] / GIB, 2)  # its nf4

@@ -159,6 +159,7 @@ def _placement_line(plan: dict[str, Any]) -> str:
         "reload": "one model at a time fits, but CPU RAM cannot hold the others: set placement = \"reload\" "
                   "(evicted models are loaded again from disk)",
         "too large": "even the largest model alone does not fit: use a smaller profile (e.g. sdxl-realistic-small)",
+        "unknown": "a model's size is not known here, so there is no plan",
     }[plan["verdict"]]
 
 

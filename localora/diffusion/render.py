@@ -31,7 +31,6 @@ from PIL import Image
 
 from localora import export, paths, profiles
 from localora import estimates
-from localora.estimates import estimate_bytes
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
@@ -95,7 +94,7 @@ class Renderer:
         clean_temporaries(self.cache_dir)  # left by renders killed mid-write; the cache is shared, so only old ones
         spec = self.profile.diffusion
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
-        size = sum(estimate_bytes(src, dtype) or 0 for src in (spec.source, spec.vae) if src)
+        size = estimates.diffusion_bytes(spec, dtype)
         self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
                               describe=lambda: f"{spec.name} ({dtype})", estimate=size,
                               key=estimates.diffusion_key(spec, dtype))
