@@ -205,19 +205,22 @@ class DeviceManager:
         self._announce(name, action)
         start = time.perf_counter()
         if comp.model is None:
+            before = _memory(self.device)
             comp.model = comp.load(self.device)
-            self._measured(name, comp)
+            self._measured(name, comp, _memory(self.device) - before)
         else:
             comp.model = _move(comp.model, self.device, comp.pinned)
         comp.on_device = True
         self._record(name, action, start, comp)
         return comp.model
 
-    def _measured(self, name: str, comp: _Component) -> None:
+    def _measured(self, name: str, comp: _Component, allocated: int = 0) -> None:
+        """The loaded model's size: its tensors as stored, or on a GPU what the load allocated if
+        that is more (the allocator's rounding, buffers made while loading)."""
         if self.measure is not None:
             comp.size = self.measure(name, comp.model)
             return
-        comp.size = footprint(comp.model)
+        comp.size = max(footprint(comp.model), allocated)
         if comp.key and comp.size:
             estimates.remember(comp.key, comp.size)
 
