@@ -370,3 +370,25 @@ def test_any_profile_gets_a_plan_once_its_size_is_known(monkeypatch):
     plan = plans()
     assert plan["verdict"] != "unknown"
     assert plan["weights_gib"]["diffusion"] == round(16.9e9 * estimates.BYTES["nf4"] / GIB, 2)  # its nf4
+
+
+def test_merge_batches_are_sized_from_the_first_render_measured_at_that_size(tmp_path, monkeypatch, localora_home):
+    """On a (simulated) GPU: the first batch of a size is one image, measured; the next batches are
+    what the free memory holds at that working memory per image."""
+    from localora.diffusion.render import Renderer
+    from localora.diffusion.sampling import Sampling
+
+    renderer = Renderer(load_profile("tiny"), DeviceManager(device=torch.device("cpu")), cache_dir=tmp_path)
+    renderer.devices.device = torch.device("cuda")  # only its memory counters are asked below
+    renderer.devices.free_memory = lambda: 10 * GIB
+    allocated = {"now": 5 * GIB, "peak": 5 * GIB}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    s = Sampling(width=1024, height=1024)
+    assert renderer._auto_batch(s) == 1  # nothing measured at 1024x1024 yet: one image, to measure it
+    with renderer._measuring(s, images=1):
+        allocated["peak"] = 8 * GIB  # the render's working memory: 3 GiB above the weights
+    assert renderer.memory.activations[(1024, 1024)] == 3 * GIB
+    assert renderer._auto_batch(s) == 3  # 10 GiB free / 3 GiB per image
+    assert renderer._auto_batch(Sampling(width=512, height=512)) == 1  # another size is measured anew
