@@ -26,6 +26,7 @@ from typing import Any
 from localora.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
+SPLITS = {"composite_loras": "LoRAs per Composite UNet batch", "merge_images": "images per Merge batch"}
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -51,26 +52,23 @@ class OutOfMemory:
 
     def shrink_composite(self, per_pass: int, error: BaseException) -> int:
         """LoRAs per pass after `error` at `per_pass`; re-raises anything else, or at one LoRA."""
-        self.composite_loras = self._halve(per_pass, error, "composite: out of accelerator memory with %d LoRAs "
-                                                           "per UNet batch; going on with %d for the rest of the run")
-        self._told()
-        return self.composite_loras
+        return self._halve("composite_loras", per_pass, error)
 
     def merge_batch(self, default: int) -> int:
         return min(default, self.merge_images or default)
 
     def shrink_merge(self, size: int, error: BaseException) -> int:
         """Images per Merge batch after `error` at `size`; re-raises anything else, or at one image."""
-        self.merge_images = self._halve(size, error, "render: out of accelerator memory with %d images per "
-                                                     "batch; going on with %d for the rest of the run")
-        self._told()
-        return self.merge_images
+        return self._halve("merge_images", size, error)
 
-    def _halve(self, size: int, error: BaseException, message: str) -> int:
+    def _halve(self, what: str, size: int, error: BaseException) -> int:
         if not is_out_of_memory(error) or size == 1:
             raise error
-        log.warning(message, size, size // 2)
+        setattr(self, what, size // 2)
+        log.warning("out of accelerator memory with %d %s; going on with %d for the rest of the run", size,
+                    SPLITS[what], size // 2)
         self.retries += 1
+        self._told()
         return size // 2
 
     def fall_back(self, error: BaseException, steps: Sequence[tuple[str, Callable[[], bool]]]) -> None:
