@@ -88,7 +88,7 @@ def randomize(model):
 # ------------------------------------------------------------------ 1. counts vs doctor
 
 def counts() -> dict:
-    from localora.estimates import BYTES, PARAMS
+    from localora.estimates import BYTES, PARAMS, vlm_bytes
 
     parts = {
         "sdxl": {"unet": build("unet", "sdxl_unet"), "text_encoder": build("te", "clip_vit_l_text"),
@@ -107,7 +107,7 @@ def counts() -> dict:
     vlm = qwen2_vl(device="meta")
     total = params(vlm)
     estimate = PARAMS["Qwen/Qwen2-VL-2B-Instruct"]
-    out["qwen2_vl_2b"] = {"total": total, "bytes_bf16": 2 * total, "bytes_nf4_doctor": int(total * BYTES["nf4"]),
+    out["qwen2_vl_2b"] = {"total": total, "bytes_bf16": 2 * total, "bytes_nf4_doctor": vlm_bytes("Qwen/Qwen2-VL-2B-Instruct", "nf4", "bfloat16"),
                           "doctor_parameters": estimate, "doctor_ratio": round(estimate / total, 4)}
     return out
 

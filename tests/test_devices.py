@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from localora import devices
+from localora import devices, estimates
 from localora.cli import main
 from localora.devices import DeviceManager, plan_for
 from support import one_error_line
@@ -27,8 +27,8 @@ def linear(device):
 
 @pytest.fixture
 def small_reserve(monkeypatch):
-    monkeypatch.setattr(devices, "RESERVE_FRACTION", 0.0)
-    monkeypatch.setattr(devices, "RESERVE_BYTES", 100)
+    monkeypatch.setattr(estimates, "RESERVE_FRACTION", 0.0)
+    monkeypatch.setattr(estimates, "RESERVE_BYTES", 100)
 
 
 def managed(capacity: int, placement: str = "auto") -> DeviceManager:

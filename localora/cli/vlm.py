@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from localora import package_version, profiles, verbosity
-from localora.estimates import ACTIVATIONS, BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
+from localora import estimates, package_version, profiles, verbosity
+from localora.estimates import BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
 from localora.cli.options import complete_profiles, emit, json_option, vlm_option
 from localora.errors import LocaloraError, MissingError
@@ -84,9 +84,10 @@ def _gpu() -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        return {"name": None, "free_gib": None, "total_gib": None}
+        return {"name": None, "free_gib": None, "total_gib": None, "free_bytes": None}
     free, total = torch.cuda.mem_get_info()
-    return {"name": torch.cuda.get_device_name(), "free_gib": round(free / GIB, 1), "total_gib": round(total / GIB, 1)}
+    return {"name": torch.cuda.get_device_name(), "free_gib": round(free / GIB, 1), "total_gib": round(total / GIB, 1),
+            "free_bytes": free}
 
 
 def _gpu_line(gpu: dict[str, Any]) -> str:
@@ -95,7 +96,7 @@ def _gpu_line(gpu: dict[str, Any]) -> str:
     return f"{gpu['name']}: {gpu['free_gib']:.1f} GiB free of {gpu['total_gib']:.1f} GiB"
 
 
-def _doctor_data(profile: profiles.Profile) -> dict[str, Any]:
+def _doctor_data(profile: profiles.Profile, vram: float | None = None) -> dict[str, Any]:
     """What doctor reports, as values: the human lines and --json are both made from it."""
     import torch
 
@@ -106,29 +107,70 @@ def _doctor_data(profile: profiles.Profile) -> dict[str, Any]:
     found = [{"role": role, "name": name, "availability": profiles.availability(source)} for role, name, source in sources]
     sizes = estimate_gib(profile)
     known = {n: s for n, s in sizes.items() if s is not None}
+    weights = [b for b in estimates.weights(profile).values() if b is not None]
+    gpu = _gpu()
+    plans = [p.as_dict() for p in _plans(profile, gpu, vram)]
     return {
         "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
         "packages": {p: package_version(p) for p in ("transformers", "diffusers", "bitsandbytes", "xgrammar",
                                                      "open_clip_torch")},
-        "gpu": _gpu(),
+        "gpu": gpu,
         "profile": profile.name, "placement": profile.placement, "device": profile.device,
         "models": found,
         "missing": [m["name"] for m in found if m["availability"].startswith("missing")],
         "estimate_gib": {
-            "resident": round(sum(known.values()) + CUDA_CONTEXT_GIB, 1),
+            # Resident: every model's weights, and the working memory of the one running.
+            "resident": round((sum(weights) + estimates.reserve(max(weights, default=0))) / GIB + CUDA_CONTEXT_GIB, 1),
             "one_at_a_time": round(max(known.values(), default=0.0) + CUDA_CONTEXT_GIB, 1),
             "per_model": {n: None if s is None else round(s, 1) for n, s in sizes.items()},
             "basis": BASIS,
         },
-        "plan": _placement_line(profile, known),
+        "plans": plans,
+        "plan": _placement_line(plans[0]) if len(plans) == 1 else f"see the plans for {_cards(plans)}",
     }
 
 
+def _plans(profile: profiles.Profile, gpu: dict[str, Any], vram: float | None) -> list:
+    """The plan for --vram's card, else for this GPU's free memory, else for 12, 16 and 24 GiB cards."""
+    import psutil
+
+    from localora import planning
+
+    ram = psutil.virtual_memory().available
+    if vram is not None:
+        cards = [vram]
+    elif gpu["name"] is not None:
+        cards = [gpu["free_bytes"] / GIB + CUDA_CONTEXT_GIB]  # free memory is what is left after the context
+    else:
+        cards = list(planning.CARDS_GIB)
+    return [planning.plan(profile, int(g * GIB), free_ram=ram) for g in cards]
+
+
+def _cards(plans: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{p['card_gib']:g}" for p in plans) + " GiB cards"
+
+
+def _placement_line(plan: dict[str, Any]) -> str:
+    """What the device manager's `auto` will do with these models on this card, in one line."""
+    return {
+        "resident": "every model it needs stays on the GPU" + (
+            f" ({', '.join(plan['on_cpu'])} on the CPU)" if plan["on_cpu"] else ""),
+        "moving": "not all models fit at once: the others wait in CPU RAM and are moved, never reloaded",
+        "reload": "one model at a time fits, but CPU RAM cannot hold the others: set placement = \"reload\" "
+                  "(evicted models are loaded again from disk)",
+        "too large": "even the largest model alone does not fit: use a smaller profile (e.g. sdxl-realistic-small)",
+        "unknown": "a model's size is not known here, so there is no plan",
+    }[plan["verdict"]]
+
+
 def _doctor_lines(d: dict[str, Any]) -> list[str]:
+    from localora.planning import Plan
+
     est = d["estimate_gib"]
     cuda = f"CUDA {d['cuda']}" if d["cuda"] else "CPU-only build"
     unknown = [n for n, s in est["per_model"].items() if s is None]
+    plans = [line for p in d["plans"] for line in Plan(**{k: v for k, v in p.items() if k != "needs_gib"}).lines()]
     return [
         f"python {d['python']}",
         f"torch {d['torch']} ({cuda}; CUDA available: {'yes' if d['cuda_available'] else 'no'})",
@@ -142,42 +184,28 @@ def _doctor_lines(d: dict[str, Any]) -> list[str]:
         "  " + ", ".join(f"{n} {'?' if s is None else f'{s:.1f}'} GiB" for n, s in est["per_model"].items()),
         f"  basis: {est['basis']}",
         f"placement {d['placement']}: {d['plan']}",
+        *plans,
     ]
 
 
 @click.command()
 @click.option("--profile", "-p", "profile_name", default=None, shell_complete=complete_profiles,
               help="Profile to check (default: the default one).")
+@click.option("--vram", type=click.FloatRange(min=1, max=4096), default=None, metavar="GB",
+              help="Plan for a card of this many GiB instead of this machine's (e.g. 12 for an RTX 3060).")
 @vlm_option
 @json_option
-def doctor(profile_name, vlm, as_json) -> None:
-    """Versions, GPU, which weights of a profile are here, and its estimated peak GPU memory."""
+def doctor(profile_name, vram, vlm, as_json) -> None:
+    """Versions, GPU, which weights of a profile are here, its estimated peak GPU memory, and what
+    placement does with its models in a 5-iteration run: on this GPU, on a --vram GB card, or
+    (no GPU here) on 12, 16 and 24 GiB cards."""
     profile = profiles.load_profile(profile_name, vlm=vlm)
-    data = _doctor_data(profile)
+    data = _doctor_data(profile, vram)
     emit(as_json, data, _doctor_lines(data))
     if data["missing"]:
         pull = f"localora pull {profile.name}" + (f" --vlm {vlm}" if vlm else "")
         raise MissingError(f"{', '.join(data['missing'])} not here; fetch with `{pull}` "
                            f"(on a connected machine, then copy the Hugging Face cache)")
-
-
-def _placement_line(profile: profiles.Profile, gib: dict[str, float]) -> str:
-    """What the device manager's `auto` will do on this machine with these models."""
-    import psutil
-    import torch
-
-    from localora.devices import plan_for
-
-    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-    # The estimates include working memory; plan_for adds its own reserve to the weights.
-    plan = plan_for({n: int(g * GIB / ACTIVATIONS) for n, g in gib.items()}, free, psutil.virtual_memory().available)
-    return {
-        "resident": "all models fit together: they stay on the GPU",
-        "moving": "one model at a time fits: the others wait in CPU RAM and are moved, never reloaded",
-        "reload": "one model at a time fits, but CPU RAM cannot hold the others: set placement = \"reload\" "
-                  "(evicted models are loaded again from disk)",
-        "too large": "even the largest model alone does not fit: use a smaller profile (e.g. sdxl-realistic-small)",
-    }.get(plan, plan)
 
 
 COMMANDS = [ask, doctor]

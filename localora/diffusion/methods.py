@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # torch loads on first render, so that commands without a mod
     import torch
     from PIL import Image
 
+    from localora.memory import OutOfMemory
+
 StepCallback = Callable[[int, int], None]  # (step index, total steps)
 
 
@@ -192,25 +194,29 @@ def switch(pipe, adapters: list[str], weights: list[float], prompt: str, s: Samp
 
 
 def composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-              on_step: StepCallback | None = None, blocks: Blocks = None) -> torch.Tensor:
+              on_step: StepCallback | None = None, blocks: Blocks = None,
+              split: OutOfMemory | None = None) -> torch.Tensor:
     """LoRA Composite: at every step, one denoiser pass per adapter alone; the mean of their
     predictions, guided (UNets: eps = u + g (c - u) with u, c the means over adapters, for any g;
     Flux.1: no unconditional pass, the guidance is embedded; Z-Image: its own guidance formula).
 
     The k passes run as one denoiser batch, each row with its own LoRA (rows.py), so no
-    set_adapters call happens between them; if the card runs out of memory the batch is split.
+    set_adapters call happens between them; if the card runs out of memory the batch is split,
+    and `split` (the run's memory.OutOfMemory) keeps the split that fit for later renders.
     """
     import torch
 
+    from localora.memory import OutOfMemory
+
     with torch.no_grad():
-        return _composite(pipe, adapters, weights, prompt, s, on_step, blocks)
+        return _composite(pipe, adapters, weights, prompt, s, on_step, blocks, split or OutOfMemory())
 
 
 def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: Sampling,
-               on_step: StepCallback | None, blocks: Blocks = None) -> torch.Tensor:
+               on_step: StepCallback | None, blocks: Blocks, split: OutOfMemory) -> torch.Tensor:
     import torch
 
-    from localora.diffusion.rows import is_out_of_memory, row_weights
+    from localora.diffusion.rows import row_weights
 
     arch = arch_of(pipe)
     fam = denoisers.family_of(arch)
@@ -221,7 +227,7 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
     run = fam.start(pipe, s, cond, s.seed)
     latents = run.latents
     k = len(adapters)
-    per_pass = k  # LoRAs in one denoiser batch; halved if the card runs out of memory
+    per_pass = split.composite_per_pass(k)  # LoRAs in one denoiser batch
     net = denoisers.denoiser(pipe, arch)
     mult = block_multipliers(arch, blocks, k)
     # 3. The denoising loop: per step, the guided mean of the k single-LoRA predictions.
@@ -234,11 +240,7 @@ def _composite(pipe, adapters: list[str], weights: list[float], prompt: str, s: 
                                 for j in range(0, k, per_pass))
                     break
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                    if not is_out_of_memory(e) or per_pass == 1:
-                        raise
-                    per_pass = max(1, per_pass // 2)
-                    log.warning("composite: out of accelerator memory with %d LoRAs per denoiser batch; "
-                                "going on with %d", 2 * per_pass, per_pass)
+                    per_pass = split.shrink_composite(per_pass, e)  # re-raises all but an OOM
             eps = fam.guide((total / k).unsqueeze(0), s)
             latents = fam.step(run, eps, t, latents)
             if on_step:

@@ -21,7 +21,8 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,13 +30,13 @@ import torch
 from PIL import Image
 
 from localora import export, paths, profiles
-from localora.estimates import estimate_bytes
+from localora import estimates
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
+from localora.memory import OutOfMemory
 from localora.files import atomic_write, clean_temporaries, file_hash, stable_hash
 from localora.diffusion.loras import Lora
-from localora.diffusion.rows import is_out_of_memory
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
 from localora.export import png
@@ -84,8 +85,9 @@ class Renderer:
     devices: DeviceManager | None = None  # default: the device and placement the profile asks for
     cache_dir: Path = field(default_factory=paths.render_cache_dir)
     on_step: methods.StepCallback | None = None
-    batch: int = 0  # images per UNet batch for several Merge renders; 0: chosen from free memory
+    batch: int = 0  # images per UNet batch for several Merge renders; 0: from free and measured working memory
     stats: RenderStats = field(default_factory=RenderStats)
+    memory: OutOfMemory = field(default_factory=OutOfMemory)  # what fits, learned at the first OOM
     _identity: dict | None = None
 
     def __post_init__(self) -> None:
@@ -95,9 +97,10 @@ class Renderer:
         clean_temporaries(self.cache_dir)  # left by renders killed mid-write; the cache is shared, so only old ones
         spec = self.profile.diffusion
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
-        size = sum(estimate_bytes(src, dtype) or 0 for src in (spec.source, spec.vae) if src)
+        size = estimates.diffusion_bytes(spec, dtype)
         self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
-                              describe=lambda: f"{spec.name} ({dtype})", estimate=size)
+                              describe=lambda: f"{spec.name} ({dtype})", estimate=size,
+                              key=estimates.diffusion_key(spec, dtype))
 
     # ------------------------------------------------------------ the cache
 
@@ -211,26 +214,68 @@ class Renderer:
     def _denoise_all(self, jobs: list[RenderJob]) -> list[Image.Image]:
         if len(jobs) < 2 or not self.batchable(jobs[0]):
             return [self._denoise(one) for one in jobs]
-        size = self.batch or auto_batch(self.devices.device, jobs[0].sampling)
         images: list[Image.Image] = []
         while len(images) < len(jobs):
+            size = self.memory.merge_batch(self.batch or self._auto_batch(jobs[0].sampling))
             chunk = jobs[len(images):len(images) + size]
             try:
-                images += self._denoise_batch(chunk)
+                with self._measuring(chunk[0].sampling, len(chunk)):
+                    images += self._denoise_batch(chunk)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not is_out_of_memory(e) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                log.warning("render: out of accelerator memory with %d images per batch; going on with %d",
-                            len(chunk), size)
+                self.memory.shrink_merge(len(chunk), e)  # kept for the run; re-raises all but an OOM
         return images
 
+    def _auto_batch(self, s: Sampling) -> int:
+        """Images per Merge batch: what the free memory holds at the working memory per image
+        measured on the first render at this size (that render runs alone); 4 on a CPU."""
+        if self.devices.device.type != "cuda":
+            return 4
+        per_image = self.memory.activations.get((s.width, s.height))
+        return 1 if per_image is None else batch_size(self.devices.free_memory() or 0, per_image)
+
+    @contextmanager
+    def _measuring(self, s: Sampling, images: int):
+        """Measure the accelerator's peak working memory per image of the renders inside."""
+        device = self.devices.device
+        if device.type != "cuda":
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield
+        per_image = (torch.cuda.max_memory_allocated(device) - before) // max(images, 1)
+        key = (s.width, s.height)
+        self.memory.activations[key] = max(self.memory.activations.get(key, 0), int(per_image))
+
     def _denoise(self, job: RenderJob) -> Image.Image:
+        """One render; out of memory, it falls back (memory.OutOfMemory.fall_back) and tries again."""
+        while True:
+            try:
+                return self._denoise_once(job)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                self.memory.fall_back(e, self._fallbacks())
+
+    def _fallbacks(self) -> list[tuple[str, Callable[[], bool]]]:
+        """What a render that ran out of memory tries, in order: each says whether it changed anything."""
+        def tiling() -> bool:
+            vae = self.devices.acquire("diffusion").vae
+            if getattr(vae, "use_tiling", True) and getattr(vae, "use_slicing", True):
+                return False
+            vae.enable_tiling()  # decode in tiles, and one image at a time
+            vae.enable_slicing()
+            return True
+
+        return [("VAE tiling and slicing", tiling),
+                ("the other models moved off the card", lambda: self.devices.offload_others("diffusion"))]
+
+    def _denoise_once(self, job: RenderJob) -> Image.Image:
         pipe = self.devices.acquire("diffusion")
         names = [self._adapter(pipe, lora) for lora in job.loras]
         method = methods.get(job.method)
+        # Composite keeps the LoRAs per denoiser batch that fit for the rest of the run.
+        split = {"split": self.memory} if job.method == "composite" else {}
         latents = method.run(pipe, names, [float(w) for w in job.weights], job.prompt, job.sampling, self._step,
-                             blocks=job.blocks or None)
+                             blocks=job.blocks or None, **split)
         _check_finite(latents, job)
         return methods.decode(pipe, latents)
 
@@ -302,13 +347,10 @@ def _check_finite(latents: torch.Tensor, job: RenderJob) -> None:
 STOCHASTIC_SCHEDULERS = ("euler_a",)
 
 
-def auto_batch(device: torch.device, sampling: Sampling) -> int:
-    """Images per batch: on a GPU what its free memory holds at about 0.75 GiB of working memory per
-    image at 1024x1024 (a heuristic; an out-of-memory batch is split and retried); 4 on a CPU."""
-    if device.type != "cuda":
-        return 4
-    per_image = 0.75 * 2**30 * (sampling.width * sampling.height) / 1024**2
-    return int(max(1, min(8, torch.cuda.mem_get_info(device)[0] // max(per_image, 1))))
+def batch_size(free: int, per_image: int, most: int = 8) -> int:
+    """Images per batch that `free` bytes hold at `per_image` bytes of working memory each (measured;
+    an out-of-memory batch is still split, and the split kept for the run)."""
+    return int(max(1, min(most, free // max(per_image, 1))))
 
 
 def retire_old_entries(cache_dir: Path) -> int:

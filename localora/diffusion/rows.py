@@ -28,6 +28,7 @@ import torch
 
 from localora.diffusion import blocks
 from localora.errors import LocaloraError
+from localora.memory import is_out_of_memory  # noqa: F401  (the renderer's import of it)
 
 
 def lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -151,7 +152,3 @@ def one_hot_rows(weights: Sequence[float], which: Sequence[int], per_row: int) -
         w[n * per_row:(n + 1) * per_row, i] = weights[i]
     return w
 
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())

@@ -1,6 +1,7 @@
 """A run folder: settings, an append-only event log, images, and the final pick.
 
-    DIR/run.json       every setting, the profile, LoRA files and hashes, versions
+    DIR/run.json       every setting, the profile, LoRA files and hashes, versions, and "memory":
+                       what fit on the card, learned at the first out-of-memory error (memory.py)
     DIR/events.jsonl   one JSON object per line: every render, every VLM call, progress
     DIR/images/        every image the run used, named by render key
     DIR/final.png, DIR/final.json
@@ -136,6 +137,11 @@ class RunFolder:
 
     def write_json(self, name: str, data: Any) -> None:
         write_json(self.path / name, data)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Add or change one top-level field of run.json (e.g. "memory": what fit on the card)."""
+        self.settings[key] = value
+        write_json(self.path / "run.json", {"format": FORMAT, **self.settings})
 
     def copy(self, rel: str, name: str) -> None:
         atomic_write(self.path / name, lambda p: shutil.copyfile(self.path / rel, p))

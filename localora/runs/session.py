@@ -41,6 +41,13 @@ class Components:
         self.run, self.ui = run, ui
         self.renderer.on_step = getattr(ui, "step", None)
         self.vlm.on_tokens = getattr(ui, "generating", None)
+        memory = self.renderer.memory
+        # What fit on the card is kept for the whole run (a resumed one starts from it) and in run.json.
+        memory.on_learn = None if run is None else (lambda learned: run.set_setting("memory", learned))
+        if run is not None:
+            memory.resume(run.settings.get("memory"))
+            if memory.retries:  # learned by an earlier run of a batch: this run starts from it too
+                run.set_setting("memory", memory.learned())
 
 
 def model_names(profile: Profile) -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from localora import profiles
+from localora import estimates, profiles
 from localora.devices import DeviceManager, pick_device
 from localora.errors import LocaloraError
 from localora.files import open_image
@@ -73,7 +73,8 @@ class ClipScorer:
     the manager may swap it off the accelerator between calls; without one it is loaded once.
     """
 
-    def __init__(self, path: Path, manager: DeviceManager | None = None, device: str | torch.device = "auto"):
+    def __init__(self, path: Path, manager: DeviceManager | None = None, device: str | torch.device = "auto",
+                 spec: ClipSpec | None = None):
         import open_clip
 
         self.path = Path(path)
@@ -86,13 +87,16 @@ class ClipScorer:
         except Exception as e:  # a hub-tokenizer config (SigLIP) fails here offline
             raise LocaloraError(f"{self.path}: cannot build the CLIP tokenizer offline ({e})") from None
         if manager is not None:
+            # Small: on a card that cannot hold every model it runs on the CPU (devices.py).
             manager.register(COMPONENT, lambda dev: load_model(self.path, dev), source=str(self.path),
-                             describe=lambda: self.path.name)
+                             describe=lambda: self.path.name, cpu_ok=True,
+                             estimate=estimates.estimate_bytes(spec.source, "float32") if spec else None,
+                             key=estimates.clip_key(spec) if spec else "")
 
     @classmethod
     def load(cls, spec: ClipSpec, manager: DeviceManager | None = None, device: str | torch.device = "auto") -> ClipScorer:
         """The scorer for a profile's CLIP spec (`profile.clip`); the model loads on first use."""
-        return cls(model_dir(spec), manager=manager, device=device)
+        return cls(model_dir(spec), manager=manager, device=device, spec=spec)
 
     # ------------------------------------------------------------------ embeddings
 

@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from localora import profiles
+from localora import estimates, profiles
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError
-from localora.estimates import estimate_bytes
 from localora.files import open_image
 from localora.profiles import VLMSpec
 from localora.vlm.families import Family, family_of
@@ -159,8 +158,8 @@ class VLM:
         self._compiled: dict[str, Any] = {}
         self.on_tokens: TokenCallback | None = None  # told each token of an answer as it is decoded
         # 4/8-bit weights move like any other (transformers >= 5), so the VLM is never reloaded.
-        weights = spec.quantization if spec.quantization != "none" else self._dtype_name
-        self.devices.register(name, self._load, source=repr(spec), estimate=estimate_bytes(spec.source, weights),
+        self.devices.register(name, self._load, source=repr(spec), key=estimates.vlm_key(spec, self._dtype_name),
+                              estimate=estimates.vlm_bytes(spec.source, spec.quantization, self._dtype_name),
                               describe=lambda: f"{spec.name} ({self.quantization}, {self._dtype_name})")
 
     # ------------------------------------------------------------------ loading
