@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from localora.errors import LocaloraError
-from localora.export.info import RenderInfo
+from localora.diffusion.metadata.info import RenderInfo
 
 # The sampler names localora maps to, a subset of comfy/samplers.py SAMPLER_NAMES.
 SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")

@@ -31,7 +31,7 @@ from typing import Any
 
 from localora import __version__
 from localora.errors import LocaloraError
-from localora.export.info import RenderInfo
+from localora.diffusion.metadata.info import RenderInfo
 
 # localora's scheduler -> A1111's sampler label. DDIM is A1111's timestep sampler of that name.
 SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
