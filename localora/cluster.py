@@ -41,7 +41,7 @@ from typing import Any
 
 from localora import paths
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
-from localora.files import file_hash, stable_hash
+from localora.files import file_hash, give_umask_mode, stable_hash
 
 INSTALL = 'pip install "localora[ray]"'
 DEFAULT_PORT = 6379  # `ray start --head` listens here unless told otherwise
@@ -371,6 +371,7 @@ def unpack(data: bytes, folder: Path) -> None:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             tar.extractall(tmp, filter="data")  # "data": no absolute paths, links or devices from a worker
+        give_umask_mode(tmp)  # mkdtemp makes it 0700: the driver's run folder gets the umask's modes
         old = folder.with_name(f".old-{folder.name}")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,7 @@
 
     atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file;
                                   the file gets the umask's mode, as open() would give it
+    give_umask_mode(folder)       the same for every file and folder under a folder a library wrote
     file_hash(path)               sha256 of a file (and safetensors_data_hash: of its tensor data)
     clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
     hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
@@ -94,6 +95,18 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def give_umask_mode(folder: Path) -> None:
+    """Give every file under `folder` the mode open() would (0666 & ~umask) and every folder
+    mkdir's (0777 & ~umask): safetensors writes its files 0600, which hides a shared model folder
+    from teammates."""
+    mask = current_umask()
+    folder = Path(folder)
+    for path in (folder, *folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 TMP_PREFIX = ".tmp-"

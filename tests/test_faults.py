@@ -1,0 +1,69 @@
+"""Issue 27, "unsafe corners found by a fault run" (items 15-21): file modes of every file localora
+writes, a full disk while tiny models are built, a resumed run whose images/ were deleted, the
+same LoRA under two names, `generate -o` over an existing file, read-only and full run folders,
+and options checked before anything is written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from localora.cli import main
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------ 15: every file gets the umask's mode
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_tiny_models_and_demo_loras_get_the_umasks_mode(tmp_path, monkeypatch, umask):
+    """safetensors' save_file writes 0600; a tiny build (here the CLIP and the SD1.5 demo LoRAs,
+    which build tiny SD1.5 too) must leave every file 0666 & ~umask and every folder 0777 & ~umask."""
+    from localora import tiny
+
+    monkeypatch.setenv("LOCALORA_HOME", str(tmp_path))
+    old = os.umask(umask)
+    try:
+        tiny.ensure("loras-sd15")
+    finally:
+        os.umask(old)
+    found = modes(tmp_path / "tiny" / f"v{tiny.VERSION}")
+    assert any(name.endswith(".safetensors") for name in found)
+    wrong = {name: oct(mode) for name, mode in found.items()
+             if mode != (0o777 if (tmp_path / "tiny" / f"v{tiny.VERSION}" / name).is_dir() else 0o666) & ~umask
+             and not name.endswith(".lock")}
+    assert wrong == {}
+
+
+# ------------------------------------------------------------------ 16: a full home while tiny models are built
+
+def _fills_the_disk(out: Path, seed: int) -> None:
+    (out / "part.safetensors").write_bytes(b"x" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")  # no filename, as safetensors' writer raises it
+
+
+@pytest.mark.parametrize("part", ["sdxl", "qwen2-vl", "clip"])
+def test_a_full_home_while_a_tiny_model_is_built_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, part):
+    from localora import tiny
+    from localora.errors import RuntimeFailure
+
+    monkeypatch.setenv("LOCALORA_HOME", str(tmp_path))
+    monkeypatch.setitem(tiny.BUILDERS, part, f"{__name__}:_fills_the_disk")
+    with pytest.raises(RuntimeFailure) as e:
+        tiny.ensure(part)
+    line = str(e.value)
+    assert "\n" not in line and str(tiny.root()) in line and "MB" in line and "no space left" in line
+    assert f"{tiny.SIZES_MB[part]} MB" in line and "--out" not in line
+    assert [p.name for p in tiny.root().iterdir() if ".tmp-" in p.name] == []
+    assert not tiny.is_built(part)
