@@ -67,3 +67,42 @@ def test_a_full_home_while_a_tiny_model_is_built_is_one_line_and_leaves_no_tempo
     assert f"{tiny.SIZES_MB[part]} MB" in line and "--out" not in line
     assert [p.name for p in tiny.root().iterdir() if ".tmp-" in p.name] == []
     assert not tiny.is_built(part)
+
+
+# ------------------------------------------------------------------ 17: a resumed run puts back its few-shot images
+
+def _events(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "events.jsonl").read_text(encoding="utf-8").splitlines() if line]
+
+
+def _named_images(run: Path) -> set[str]:
+    """Every run-folder image events.jsonl names: renders, the few-shot examples a fresh grid kept,
+    and the pictures each VLM call saw."""
+    named = set()
+    for e in _events(run):
+        if e["type"] == "render":
+            named.add(e["image"])
+        elif e["type"] == "fewshot" and not e["reused"]:
+            named |= {k["image"] for k in e["kept"]}
+        elif e["type"] == "vlm":
+            named |= {p for p in e["images"] if not Path(p).is_absolute()}
+    return named
+
+
+def test_deleted_fewshot_images_are_put_back_on_resume(tmp_path):
+    run = tmp_path / "run"
+    # A prompt of its own: no other test's few-shot library is reused, so the examples are this run's renders.
+    args = ["compose", "a fault run of deleted few-shot images", "-l", "demo-character", "-l", "demo-style",
+            "-n", "1", "-c", "2", "--plain"]
+    result = CliRunner().invoke(main, [*args, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    shots = next(e for e in _events(run) if e["type"] == "fewshot")
+    assert not shots["reused"] and shots["kept"]
+    named = _named_images(run)
+    for png in (run / "images").glob("*.png"):
+        png.unlink()
+    result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"])
+    assert result.exit_code == 0, result.output
+    assert sorted(rel for rel in named if not (run / rel).is_file()) == []
