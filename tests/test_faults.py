@@ -106,3 +106,103 @@ def test_deleted_fewshot_images_are_put_back_on_resume(tmp_path):
     result = CliRunner().invoke(main, ["compose", "--resume", str(run), "--plain"])
     assert result.exit_code == 0, result.output
     assert sorted(rel for rel in named if not (run / rel).is_file()) == []
+
+
+# ------------------------------------------------------------------ 10: a finished run leaves no .lock
+
+def test_a_finished_run_and_a_failed_one_leave_no_lock(tmp_path, monkeypatch):
+    from localora.runs.folder import RunFolder
+
+    run = tmp_path / "run"
+    result = run_compose("x", "-n", "1", "-c", "1", "--no-fewshot", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert not (run / ".lock").exists()
+
+    def broken(self, rendered, rel=None):
+        raise RuntimeError("a bug mid-run")
+
+    monkeypatch.setattr(RunFolder, "save_image", broken)
+    result = run_compose("x", "-n", "1", "-c", "1", "--no-fewshot", "--out", tmp_path / "failed")
+    assert isinstance(result.exception, RuntimeError)
+    assert (tmp_path / "failed" / "run.json").is_file() and not (tmp_path / "failed" / ".lock").exists()
+
+
+def test_a_lock_removed_by_its_holder_is_never_held_twice(tmp_path):
+    """A process that opened the lock file before its holder released (and removed) it must not
+    hold the old file while a third process holds the new one."""
+    from localora.files import hold_lock, release_lock
+
+    path = tmp_path / ".lock"
+    first = hold_lock(path)
+    waiting = open(path, "a+")  # what a second hold_lock had opened when the first released
+    release_lock(first, path)
+    third = hold_lock(path)
+    assert third is not None and path.read_text().strip() == str(os.getpid())
+    assert hold_lock(path) is None  # the new file is held: nobody else gets it
+    waiting.close()
+    release_lock(third, path)
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------ 20: read-only and full run folders
+
+LORAS = ["-l", "demo-character", "-l", "demo-style"]
+
+
+def run_compose(prompt, *args):
+    return run("compose", prompt, *LORAS, "--plain", "--steps", "1", "--width", "32", "--height", "32", *args)
+
+
+def test_a_read_only_out_exits_4_naming_the_file(tmp_path, monkeypatch):
+    """As root, permissions do not stop a write: the read-only file system is what the kernel says."""
+    import localora.runs.folder as folder
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(folder, "write_json", read_only)
+    out = tmp_path / "ro"
+    result = run_compose("x", "--out", out)
+    assert result.exit_code == 4, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(out / "run.json") in lines[0] and "read-only" in lines[0]
+    assert not (out / ".lock").exists()
+
+
+def test_a_full_disk_mid_run_names_the_file_that_failed_not_the_report(tmp_path, monkeypatch):
+    import localora.runs.report as report
+    from localora.runs.folder import RunFolder
+
+    def full(self, rendered, rel=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "images" / "x.png"))
+
+    def report_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(RunFolder, "save_image", full)
+    monkeypatch.setattr(report, "atomic_write", report_full)
+    out = tmp_path / "full"
+    result = run_compose("x", "-n", "1", "-c", "1", "--no-fewshot", "--out", out)
+    assert result.exit_code == 4, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert str(out / "images" / "x.png") in line and "no space left" in line and "report.html" not in line
+
+
+# ------------------------------------------------------------------ 21: every option checked before anything is written
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--guidance", "nan"], "--guidance nan"),
+    (["--width", "65"], "65x"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--fewshot-levels", "nan,0.5"], "--fewshot-levels nan,0.5"),
+    (["--fewshot-levels", "0.4,2.5"], "within the bounds 0..1.5"),
+    (["--fewshot-threshold", "nan"], "--fewshot-threshold nan"),
+])
+def test_a_bad_option_is_refused_before_the_run_folder_exists(tmp_path, args, fragment):
+    from support import one_error_line
+
+    out = tmp_path / "run"
+    one_error_line(run("compose", "x", *LORAS, "--out", out, *args), fragment)
+    assert not out.exists()
+    # nothing blocks the same --out once the option is fixed (and nothing is left to --resume)
+    assert run("compose", "--resume", out).exit_code != 0

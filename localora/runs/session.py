@@ -89,7 +89,7 @@ def _versions() -> dict[str, str]:
 
 
 def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
-    cfg.check()
+    cfg.check(profile.diffusion)  # every option, before the run folder exists: a bad one blocks no --out
     return RunFolder.create(out, {"config": cfg.settings(), "profile": profile.name, "profile_spec": asdict(profile),
                                   "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
@@ -148,9 +148,15 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
         if run.completed:
             steps.event(events.resume_summary(list(run.completed.values())))
         try:
-            return STRATEGIES[cfg.search].run(cfg, steps)
-        finally:
-            report.write(run)
+            final = STRATEGIES[cfg.search].run(cfg, steps)
+        except BaseException:
+            try:
+                report.write(run)  # what was done so far, for the user to look at
+            except OSError:
+                pass  # (a full disk fails here too) the error to show is the first one, naming its file
+            raise
+        report.write(run)
+        return final
     finally:
         if parts is not None:
             parts.attach(None, None)  # a later move is not this run's, and its log is closed
