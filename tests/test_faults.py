@@ -206,3 +206,45 @@ def test_a_bad_option_is_refused_before_the_run_folder_exists(tmp_path, args, fr
     assert not out.exists()
     # nothing blocks the same --out once the option is fixed (and nothing is left to --resume)
     assert run("compose", "--resume", out).exit_code != 0
+
+
+# ------------------------------------------------------------------ 18: LoRAs told apart by content and by name
+
+def _copy_lora(source: Path, target: Path, output_name: str | None = None, nudge: bool = False) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if output_name is not None:
+        metadata["ss_output_name"] = output_name
+    if nudge:  # another epoch of the same run: other numbers
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key] * 0.5
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+def test_the_same_lora_contents_under_two_file_names_is_refused_naming_both(demo_loras, tmp_path):
+    from support import one_error_line
+
+    style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    a, b = tmp_path / "style.safetensors", tmp_path / "style-copy.safetensors"
+    a.write_bytes(style.read_bytes())
+    b.write_bytes(style.read_bytes())
+    result = run("generate", "x", "-l", a, "-l", b, "-o", tmp_path / "out.png", "--steps", "1")
+    one_error_line(result, str(a), str(b), "same contents")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_two_epochs_sharing_ss_output_name_are_named_by_their_files(demo_loras, tmp_path):
+    from localora.cli.options import resolve_loras
+    from localora.profiles import load_profile
+
+    style = next(lo.path for lo in demo_loras["sdxl"] if lo.name == "demo-style")
+    a = _copy_lora(style, tmp_path / "hero-000005.safetensors", "hero")
+    b = _copy_lora(style, tmp_path / "hero-000010.safetensors", "hero", nudge=True)
+    choices = resolve_loras(load_profile("tiny"), (str(a), str(b)), ())
+    assert [c.lora.name for c in choices] == ["hero-000005", "hero-000010"]
+    assert [c.lora.path for c in choices] == [a.resolve(), b.resolve()]

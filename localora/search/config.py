@@ -67,8 +67,10 @@ class ComposeConfig:
                 raise LocaloraError(f"{len(self.start)} start weights for {len(self.loras)} LoRAs")
             if any(w is not None and not lo <= w <= hi for w in self.start):
                 raise LocaloraError(f"start weights (NAME:WEIGHT) must lie within the bounds {lo:g}..{hi:g}")
-        if len({lo.name for lo in self.loras}) != len(self.loras):
-            raise LocaloraError("the same LoRA name is given twice; each LoRA once")
+        twice = [x for x in self.loras if [y.name for y in self.loras].count(x.name) > 1]
+        if twice:
+            raise LocaloraError(f"two LoRAs are named '{twice[0].name}' ({', '.join(str(x.path) for x in twice)}); "
+                                f"give each LoRA once, under names of its own")
         if self.fewshot and self.search == "vlm":  # only the vlm loop renders the few-shot grid
             outside = [w for w in self.fewshot_levels if not (math.isfinite(w) and lo <= w <= hi)]
             if not self.fewshot_levels or outside:
