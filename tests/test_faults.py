@@ -248,3 +248,34 @@ def test_two_epochs_sharing_ss_output_name_are_named_by_their_files(demo_loras, 
     choices = resolve_loras(load_profile("tiny"), (str(a), str(b)), ())
     assert [c.lora.name for c in choices] == ["hero-000005", "hero-000010"]
     assert [c.lora.path for c in choices] == [a.resolve(), b.resolve()]
+
+
+# ------------------------------------------------------------------ 19: generate -o never overwrites by surprise
+
+@pytest.mark.parametrize("name", ["keep.png", "photo.jpg"])
+def test_generate_refuses_an_existing_out_unless_force(demo_loras, tmp_path, name):
+    from support import one_error_line
+
+    out = tmp_path / name
+    out.write_bytes(b"the user's own file")
+    args = ["generate", "x", "-l", "demo-style", "--steps", "1", "--width", "32", "--height", "32", "-o", out]
+    one_error_line(run(*args), str(out), "exists", "--force")
+    assert out.read_bytes() == b"the user's own file"
+    result = run(*args, "--force")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() != b"the user's own file"
+
+
+def test_generate_refuses_an_out_that_is_no_image_format(tmp_path):
+    from support import one_error_line
+
+    one_error_line(run("generate", "x", "-l", "demo-style", "-o", tmp_path / "notes.txt"), "notes.txt", ".txt")
+
+
+def test_generate_without_out_writes_beside_an_existing_render_png(demo_loras, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "render.png").write_bytes(b"an earlier render")
+    result = run("generate", "x", "-l", "demo-style", "--steps", "1", "--width", "32", "--height", "32")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "render.png").read_bytes() == b"an earlier render"
+    assert (tmp_path / "render-2.png").read_bytes().startswith(b"\x89PNG") and "render-2.png" in result.output
