@@ -172,6 +172,10 @@ def connect(address: str, profile: Any, workers: int | None = None, cpus_per_wor
         raise
 
 
+# How long the driver waits for any worker before it asks Ray whether a node is still alive.
+LIVENESS_S = 2.0
+
+
 @dataclass
 class _Worker:
     handle: Any
@@ -227,7 +231,10 @@ class Pool:
             if not self._busy and not self._starting:
                 raise RuntimeFailure(f"every worker died; {len(self.queue)} tasks were not done. Finished work "
                                      f"is saved: rerun the same command to go on")
-            done, _ = ray.wait([*self._busy, *self._starting], num_returns=1)
+            done, _ = ray.wait([*self._busy, *self._starting], num_returns=1, timeout=LIVENESS_S)
+            if not done:  # nothing finished for a while: a cluster without a live node would wait forever
+                self._check_alive()
+                continue
             ref = done[0]
             if ref in self._starting:
                 worker = self._starting.pop(ref)
@@ -256,6 +263,18 @@ class Pool:
                 continue
             self.free.append(worker)
             yield task, result
+
+    def _check_alive(self) -> None:
+        """One line when the cluster has no live node left (its raylet, or an agent it shares its
+        fate with, was killed): Ray would keep a replacement worker pending for ever."""
+        try:
+            alive = sum(1 for n in self.ray.nodes() if n.get("Alive"))
+        except Exception:  # the cluster's control store is gone too
+            alive = 0
+        if alive == 0:
+            raise RuntimeFailure(f"the Ray cluster has no live node left (its raylet or a Ray agent process died); "
+                                 f"{len(self.queue) + len(self._busy)} tasks were not done. Finished work is "
+                                 f"saved: start the cluster again and rerun the same command to go on")
 
     def _lost(self, worker: _Worker, task: Task, error: Exception) -> None:
         """A worker died holding `task`: retry it on the next free worker, start a replacement."""

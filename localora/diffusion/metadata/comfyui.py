@@ -42,14 +42,17 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range (nodes.py)
 STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip range (nodes.py)
 
 _SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim"}
-# diffusers' default spacing is the model's own timesteps: ComfyUI's "normal"; DDIM's is ddim_uniform.
-_SCHEDULER = {"default": "normal", "karras": "karras", "exponential": "exponential", "beta": "beta"}
+# diffusers' timestep_spacing -> the ComfyUI scheduler of the same timesteps (comfy/samplers.py
+# ddim_scheduler, simple_scheduler, normal_scheduler: the same schedules as A1111's DDIM, Simple, Uniform).
+_SPACING = {"leading": "ddim_uniform", "trailing": "simple", "linspace": "normal"}
+_SIGMAS = {"karras": "karras", "exponential": "exponential", "beta": "beta"}
 
 
 def sampler(info: RenderInfo) -> tuple[str, str]:
     name = _SAMPLER[info.scheduler]
-    schedule = "ddim_uniform" if name == "ddim" and info.sigmas == "default" else _SCHEDULER[info.sigmas]
-    return name, schedule
+    # diffusers' Euler a and DDIM have no Karras/exponential/beta option: they ran the config's spacing
+    sigmas = "default" if info.scheduler in ("euler_a", "ddim") else info.sigmas
+    return name, _SPACING.get(info.spacing, "ddim_uniform") if sigmas == "default" else _SIGMAS[sigmas]
 
 
 def checkpoint_name(info: RenderInfo) -> str:

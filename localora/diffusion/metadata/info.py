@@ -63,6 +63,7 @@ class RenderInfo:
     dtype: str  # the dtype the render ran in
     device: str
     model_hash: str | None = None  # A1111's AutoV2 hash of the checkpoint, when the profile knows it
+    spacing: str = "leading"  # the scheduler config's timestep_spacing (entries before it: every profile's "leading")
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,6 +108,13 @@ def sigma_schedule(spec: DiffusionSpec) -> str:
     return "default"
 
 
+@functools.lru_cache(maxsize=None)
+def timestep_spacing(spec: DiffusionSpec) -> str:
+    """How the scheduler config spaces the timesteps: "leading" (diffusers' default, and every
+    Stable Diffusion config's), "trailing" or "linspace"."""
+    return str(scheduler_config(spec).get("timestep_spacing") or "leading")
+
+
 def scheduler_config(spec: DiffusionSpec) -> dict[str, Any]:
     """The diffusers scheduler config of a model folder; {} for a single-file checkpoint."""
     path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
@@ -142,4 +150,4 @@ def render_info(prompt: str, lora_paths: list[Path], weights: list[float], metho
         height=int(sampling.height), switch_every=int(sampling.switch_every) if method == "switch" else None,
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
-        device=device, model_hash=model_hash(spec))
+        device=device, model_hash=model_hash(spec), spacing=timestep_spacing(spec))

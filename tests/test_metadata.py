@@ -1,0 +1,124 @@
+"""Issue 27 items 1-6: the metadata other tools read, checked against the third-party names and
+tables it concerns.
+
+A1111 sources read (kklouzal/stable-diffusion-webui, whose modules/ are A1111's):
+  modules/sd_samplers_kdiffusion.py @ 21b3bcb6f1ef108efad453119acd8afb37f1c8c9: DPM++ 2M's options hold
+      {'scheduler': 'karras'}, and get_sigmas() turns "Automatic" into that option: so "Automatic"
+      is not the spacing a diffusers render used.
+  modules/sd_schedulers.py @ 10d3fe75e467fa3cd257e68679e3bd0a24b47e1e: the `schedulers` table (labels)
+      and ddim_scheduler / simple_scheduler / uniform, restated below in timestep space.
+  modules/sd_samplers_timesteps.py @ 1d2d72fbceca5dca70560a70ecefe7f60516dbde: the DDIM sampler steps on
+      arange(0, 1000, 1000 // n) + 1 whatever the schedule type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from localora.diffusion.metadata import a1111, comfyui
+from localora.diffusion.metadata.info import RenderInfo
+
+A1111_SCHEDULE_LABELS = {"Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                         "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"}
+A1111_SAMPLER_LABELS = {"DPM++ 2M", "Euler a", "Euler", "DDIM"}  # sd_samplers_kdiffusion / _timesteps tables
+
+
+def info(scheduler="euler", sigmas="default", spacing="leading", steps=4, **kw) -> RenderInfo:
+    base = dict(prompt="x", loras=(), weights=(), method="merge", seed=1, negative_prompt="", steps=steps,
+                guidance=5.0, width=64, height=64, switch_every=None, profile="p", model="m", arch="sd15",
+                source="/m", vae=None, scheduler=scheduler, sigmas=sigmas, dtype="float32", device="cpu",
+                spacing=spacing)
+    return RenderInfo(**{**base, **kw})
+
+
+# ---- A1111's schedules, restated from modules/sd_schedulers.py (timestep indices of a 1000-step model)
+
+def a1111_timesteps(label: str, n: int) -> list[float]:
+    if label == "DDIM":
+        return [float(t) for t in range(1, 1000, max(1000 // n, 1))][::-1]
+    if label == "Simple":
+        return [float(999 - int(i * (1000 / n))) for i in range(n)]
+    if label == "Uniform":
+        return [float(t) for t in np.linspace(999, 0, n)]
+    raise KeyError(label)
+
+
+def model_sigmas() -> np.ndarray:
+    """sigma_t of SD's scaled_linear betas (0.00085 .. 0.012), as k-diffusion's wrapper holds them."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    acp = np.cumprod(1 - betas)
+    return ((1 - acp) / acp) ** 0.5
+
+
+def a1111_sigmas(label: str, n: int) -> np.ndarray:
+    s = model_sigmas()
+    lo, hi = s[0], s[-1]
+    if label == "Karras":  # k_diffusion.sampling.get_sigmas_karras, rho 7
+        ramp = np.linspace(0, 1, n)
+        return (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    if label == "Exponential":  # get_sigmas_exponential
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    raise KeyError(label)
+
+
+def diffusers_schedule(scheduler: str, sigmas: str, spacing: str, n: int):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, timestep_spacing=spacing)
+    flags = {} if sigmas == "default" else {f"use_{sigmas}_sigmas": True}
+    cls = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if scheduler == "dpmpp_2m" else {}
+    s = cls.from_config({**config, **(flags if scheduler in ("euler", "dpmpp_2m") else {}), **extra})
+    s.set_timesteps(n)
+    return [float(t) for t in s.timesteps], (np.asarray(s.sigmas[:n], dtype=np.float64) if hasattr(s, "sigmas") else None)
+
+
+PAIRS = [(sch, sig, sp) for sch in ("euler", "euler_a", "dpmpp_2m", "ddim")
+         for sig in ("default", "karras", "exponential", "beta") for sp in ("leading", "trailing", "linspace")]
+
+
+@pytest.mark.parametrize("scheduler, sigmas, spacing", PAIRS)
+@pytest.mark.parametrize("steps", [4, 20, 30])
+def test_every_schedule_label_is_explicit_and_exact_where_it_says_so(scheduler, sigmas, spacing, steps):
+    """Item 1: never "Automatic" (DPM++ 2M's Automatic is Karras in A1111); an A1111 label for every
+    pair; where no Note says "nearest", A1111's schedule of that label is the render's own."""
+    i = info(scheduler, sigmas, spacing, steps)
+    name, label = a1111.sampler(i)
+    assert name in A1111_SAMPLER_LABELS and label in A1111_SCHEDULE_LABELS and label != "Automatic"
+    timesteps, own_sigmas = diffusers_schedule(scheduler, sigmas, spacing, steps)
+    if scheduler == "ddim":  # A1111's DDIM sampler steps on its own timesteps, whatever the schedule type
+        same = timesteps == a1111_timesteps("DDIM", steps)
+    elif label in ("Karras", "Exponential"):
+        same = np.allclose(own_sigmas, a1111_sigmas(label, steps), rtol=1e-4)
+    elif label == "Beta":
+        same = False  # A1111's beta is spaced in timesteps, diffusers' in sigmas
+    else:
+        same = timesteps == a1111_timesteps(label, steps)
+    assert a1111.exact_schedule(i) == same
+    note = a1111.note(i) or ""
+    assert ("nearest A1111 has" in note) == (not same)
+    assert f"Schedule type: {label}," in a1111.infotext(i)
+
+
+def test_the_tiny_sd15_profile_writes_an_explicit_schedule(sd15_renderer, demo_loras):
+    from localora.diffusion.render import RenderJob
+    from localora.diffusion.sampling import Sampling
+
+    job = RenderJob("x", tuple(demo_loras["sd15"][:1]), (1.0,), "merge", Sampling(seed=1))
+    i = sd15_renderer.info(sd15_renderer.resolve(job))
+    assert (i.scheduler, i.spacing) == ("dpmpp_2m", "leading")
+    assert "Schedule type: Automatic" not in a1111.infotext(i) and a1111.sampler(i)[1] == "DDIM"
+    assert comfyui.sampler(i) == ("dpmpp_2m", "ddim_uniform")
+
+
+def test_an_entry_written_before_the_spacing_field_reads_as_leading():
+    entry = info().entry()
+    del entry["spacing"]
+    assert RenderInfo.from_entry(entry, "old.png").spacing == "leading"
