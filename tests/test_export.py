@@ -115,7 +115,7 @@ def test_a_merge_png_carries_a_comfyui_graph_of_core_nodes(merged):
     assert [(x["inputs"]["strength_model"], x["inputs"]["strength_clip"]) for x in loaders] == [(0.7, 0.7), (1.25, 1.25)]
     assert loaders[0]["inputs"]["model"] == ["1", 0] and loaders[1]["inputs"]["clip"] == ["10", 1]
     k = graph["6"]["inputs"]
-    assert (k["seed"], k["steps"], k["sampler_name"], k["scheduler"], k["denoise"]) == (7, 3, "euler", "normal", 1.0)
+    assert (k["seed"], k["steps"], k["sampler_name"], k["scheduler"], k["denoise"]) == (7, 3, "euler", "ddim_uniform", 1.0)
     assert k["model"] == ["11", 0] and graph["3"]["inputs"]["clip"] == ["11", 1]
     assert graph["3"]["inputs"]["text"] == PROMPT and graph["4"]["inputs"]["text"] == "ugly, blurry: bad"
     assert graph["5"]["inputs"] == {"width": 32, "height": 32, "batch_size": 1}

@@ -30,13 +30,18 @@ COMFY_KEY = "prompt"  # ComfyUI's API-format graph; it reads this keyword back o
 
 
 def png_texts(info: RenderInfo) -> dict[str, str]:
-    """The text chunks of a render's PNG: the infotext, and the ComfyUI graph of a Merge."""
+    """The text chunks of a render's PNG: the infotext, and the ComfyUI graph of a Merge.
+
+    The graph is ASCII JSON (non-ASCII as \\u escapes), so it always goes in a tEXt chunk: what
+    ComfyUI's own SaveImage writes (json.dumps's default), and what its frontends parse; an iTXt
+    chunk made some of them fail on drop. A graph ComfyUI would refuse (a value outside its ranges)
+    is left out, and the infotext's Note says why (a1111.note)."""
     texts = {INFOTEXT_KEY: infotext(info)}
     if info.reproducible_elsewhere:
         try:
-            texts[COMFY_KEY] = json.dumps(workflow(info), ensure_ascii=False)
+            texts[COMFY_KEY] = json.dumps(workflow(info), ensure_ascii=True)
         except LocaloraError:
-            pass  # a weight or seed outside ComfyUI's ranges: no graph, and `export --to comfyui` says why
+            pass  # no graph; the infotext's Note and `export --to comfyui` say why
     return texts
 
 

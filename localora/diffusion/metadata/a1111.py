@@ -86,9 +86,9 @@ def sampler(info: RenderInfo) -> tuple[str, str]:
 def exact_schedule(info: RenderInfo) -> bool:
     """Whether A1111's schedule of that label steps through the render's own timesteps or sigmas
     (else the label is the nearest it has). Checked in tests/test_metadata.py against diffusers'
-    schedulers and a restatement of A1111's schedule functions. A1111's DDIM and Simple step by
-    1000 // n and 1000 / n (truncated), diffusers' leading and trailing spacing likewise only when n
-    divides 1000; Uniform meets linspace on whole timesteps only when n - 1 divides 999. DPM-Solver
+    schedulers and a restatement of A1111's schedule functions. A1111's DDIM steps by 1000 // n
+    from 1, as diffusers' leading spacing does, but gives more than n timesteps for some n; its
+    Simple truncates i * 1000 / n where diffusers' trailing rounds, the same only when n divides 1000; Uniform meets linspace on whole timesteps only when n - 1 divides 999. DPM-Solver
     spaces "leading" and "linspace" over n + 1 points, diffusers' Euler runs Karras and exponential
     sigmas between the spaced ends (the model's own only with linspace), and A1111's Beta is spaced
     in timesteps where diffusers' is in sigmas: no A1111 schedule matches those."""
@@ -96,11 +96,14 @@ def exact_schedule(info: RenderInfo) -> bool:
     if sigmas != "default":
         # Euler's run between the spaced ends: the model's own ends only with linspace spacing
         return sigmas in ("karras", "exponential") and (info.scheduler == "dpmpp_2m" or info.spacing == "linspace")
+    leading = len(range(1, 1000, max(1000 // n, 1))) == n  # A1111's DDIM gives n timesteps, as diffusers does
     if info.scheduler == "ddim":  # A1111's DDIM sampler always steps on the leading timesteps
-        return info.spacing == "leading" and 1000 % n == 0
+        return info.spacing == "leading" and leading
     if info.scheduler == "dpmpp_2m" and info.spacing != "trailing":
         return False
-    if info.spacing in ("leading", "trailing"):
+    if info.spacing == "leading":
+        return leading
+    if info.spacing == "trailing":
         return 1000 % n == 0
     return info.spacing == "linspace" and n > 1 and 999 % (n - 1) == 0
 
@@ -120,6 +123,13 @@ def note(info: RenderInfo) -> str | None:
     if info.method == "composite":
         notes.append("a localora LoRA Composite render (one UNet pass per LoRA per step); stock A1111 runs the tags "
                      "merged, so it gives another image")
+    if info.reproducible_elsewhere:
+        from localora.diffusion.metadata.comfyui import workflow
+
+        try:
+            workflow(info)
+        except LocaloraError as e:
+            notes.append(f"no ComfyUI graph in this PNG: {str(e).split(': ', 1)[-1]}")
     if not exact_schedule(info):
         notes.append(f"Schedule type {sampler(info)[1]} is the nearest A1111 has to this render's sigmas "
                      f"(diffusers {info.scheduler}, {info.sigmas} sigmas, {info.spacing} timestep spacing), "

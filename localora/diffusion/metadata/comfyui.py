@@ -17,6 +17,7 @@ SCHEDULER_NAMES). Keep them here, in this one place, and check them again when C
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from localora.errors import LocaloraError
@@ -40,6 +41,10 @@ NODE_INPUTS = {
 }
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range (nodes.py)
 STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip range (nodes.py)
+# The other ranges ComfyUI's validate_inputs checks (nodes.py INPUT_TYPES, Comfy-Org/ComfyUI @
+# a125cd84b054a57729b5eecab930ca9408719832): a value outside one makes it refuse the whole graph.
+RANGES = {("KSampler", "cfg"): (0.0, 100.0), ("KSampler", "steps"): (1, 10000),
+          ("EmptyLatentImage", "width"): (16, 16384), ("EmptyLatentImage", "height"): (16, 16384)}
 
 _SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim"}
 # diffusers' timestep_spacing -> the ComfyUI scheduler of the same timesteps (comfy/samplers.py
@@ -58,8 +63,12 @@ def sampler(info: RenderInfo) -> tuple[str, str]:
 def checkpoint_name(info: RenderInfo) -> str:
     """What ComfyUI's checkpoint list should hold: the checkpoint's file name, or for a diffusers
     folder the model name (save that model as one .safetensors under that name)."""
+    from localora.diffusion.metadata.info import CHECKPOINT_ROOTS, listed_name
+
     source = info.source.rstrip("/")
-    return source.rsplit("/", 1)[-1] if source.endswith(".safetensors") else f"{info.model}.safetensors"
+    if source.endswith(".safetensors"):  # below ComfyUI's / A1111's checkpoint folder, as they list it
+        return listed_name(Path(source), CHECKPOINT_ROOTS)
+    return f"{info.model}.safetensors"
 
 
 def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str, Any]]:
@@ -103,6 +112,10 @@ def check(graph: dict[str, dict[str, Any]], where: str) -> None:
                 raise AssertionError(f"KSampler {inputs['sampler_name']} / {inputs['scheduler']}")
             if not 0 <= inputs["seed"] <= SEED_MAX:
                 raise LocaloraError(f"{where}: seed {inputs['seed']} is outside ComfyUI's range 0..{SEED_MAX}")
+        for (kind, name), (lo, hi) in RANGES.items():
+            if spec["class_type"] == kind and not lo <= inputs[name] <= hi:
+                raise LocaloraError(f"{where}: {kind} {name} {inputs[name]:g} is outside ComfyUI's range {lo:g}..{hi:g}, "
+                                    f"so ComfyUI would refuse the graph")
         if spec["class_type"] == "LoraLoader" and not STRENGTH_RANGE[0] <= inputs["strength_model"] <= STRENGTH_RANGE[1]:
             raise LocaloraError(f"{where}: LoRA weight {inputs['strength_model']} is outside ComfyUI's LoraLoader "
                                 f"range {STRENGTH_RANGE[0]}..{STRENGTH_RANGE[1]}")
