@@ -279,3 +279,25 @@ def test_generate_without_out_writes_beside_an_existing_render_png(demo_loras, t
     assert result.exit_code == 0, result.output
     assert (tmp_path / "render.png").read_bytes() == b"an earlier render"
     assert (tmp_path / "render-2.png").read_bytes().startswith(b"\x89PNG") and "render-2.png" in result.output
+
+
+# ------------------------------------------------------------------ item 9: models and pull say it once, truly
+
+def test_models_says_once_per_profile_how_to_fetch_it_and_pull_tiny_says_already_built(tmp_path):
+    result = run("models", env={"HF_HOME": str(tmp_path / "empty-hf"), "HF_HUB_CACHE": str(tmp_path / "empty-hf")})
+    assert result.exit_code == 0, result.output
+    assert "PROFILE" not in result.output
+    assert result.output.count("localora pull") == result.output.count("fetch its models once with")
+    profile = None
+    for line in result.output.splitlines():
+        if line and not line.startswith(" ") and ": " in line:
+            profile = line.split(":", 1)[0]
+        elif line.startswith("  fetch its models once with: "):
+            assert line.endswith(f"localora pull {profile}"), line  # the real command, with its name
+        elif line.startswith("  "):
+            assert len(line) < 100 and "localora pull" not in line, line  # one model, one short line
+    assert "fetch its models once with: localora pull" in result.output  # the hub profiles are not downloaded here
+    first = run("pull", "tiny")
+    assert first.exit_code == 0, first.output
+    again = run("pull", "tiny")
+    assert "already built" in again.output and ": built " not in again.output
