@@ -41,7 +41,7 @@ from typing import Any
 
 from localora import paths
 from localora.errors import LocaloraError, MissingError, RuntimeFailure
-from localora.files import file_hash, stable_hash
+from localora.files import file_hash, give_umask_mode, stable_hash
 
 INSTALL = 'pip install "localora[ray]"'
 DEFAULT_PORT = 6379  # `ray start --head` listens here unless told otherwise
@@ -172,6 +172,10 @@ def connect(address: str, profile: Any, workers: int | None = None, cpus_per_wor
         raise
 
 
+# How long the driver waits for any worker before it asks Ray whether a node is still alive.
+LIVENESS_S = 2.0
+
+
 @dataclass
 class _Worker:
     handle: Any
@@ -227,7 +231,10 @@ class Pool:
             if not self._busy and not self._starting:
                 raise RuntimeFailure(f"every worker died; {len(self.queue)} tasks were not done. Finished work "
                                      f"is saved: rerun the same command to go on")
-            done, _ = ray.wait([*self._busy, *self._starting], num_returns=1)
+            done, _ = ray.wait([*self._busy, *self._starting], num_returns=1, timeout=LIVENESS_S)
+            if not done:  # nothing finished for a while: a cluster without a live node would wait forever
+                self._check_alive()
+                continue
             ref = done[0]
             if ref in self._starting:
                 worker = self._starting.pop(ref)
@@ -256,6 +263,18 @@ class Pool:
                 continue
             self.free.append(worker)
             yield task, result
+
+    def _check_alive(self) -> None:
+        """One line when the cluster has no live node left (its raylet, or an agent it shares its
+        fate with, was killed): Ray would keep a replacement worker pending for ever."""
+        try:
+            alive = sum(1 for n in self.ray.nodes() if n.get("Alive"))
+        except Exception:  # the cluster's control store is gone too
+            alive = 0
+        if alive == 0:
+            raise RuntimeFailure(f"the Ray cluster has no live node left (its raylet or a Ray agent process died); "
+                                 f"{len(self.queue) + len(self._busy)} tasks were not done. Finished work is "
+                                 f"saved: start the cluster again and rerun the same command to go on")
 
     def _lost(self, worker: _Worker, task: Task, error: Exception) -> None:
         """A worker died holding `task`: retry it on the next free worker, start a replacement."""
@@ -371,6 +390,7 @@ def unpack(data: bytes, folder: Path) -> None:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             tar.extractall(tmp, filter="data")  # "data": no absolute paths, links or devices from a worker
+        give_umask_mode(tmp)  # mkdtemp makes it 0700: the driver's run folder gets the umask's modes
         old = folder.with_name(f".old-{folder.name}")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

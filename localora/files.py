@@ -2,9 +2,11 @@
 
     atomic_write(path, write)     write through .tmp-* and rename: readers never see half a file;
                                   the file gets the umask's mode, as open() would give it
+    give_umask_mode(folder)       the same for every file and folder under a folder a library wrote
     file_hash(path)               sha256 of a file (and safetensors_data_hash: of its tensor data)
     clean_temporaries(folder)     remove .tmp-* files a killed writer left behind
-    hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it
+    hold_lock(path)               an exclusive lock for this process's lifetime, or who holds it;
+                                  release_lock(fh, path) ends it and removes the file
     storage_error(e, folder)      an OSError from a full, read-only or missing folder, as one line
     slug(text)                    a prompt's short, folder-name-safe form
 """
@@ -66,7 +68,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     The file gets the mode the umask gives any new file (0666 & ~umask), not mkstemp's 0600, so
     teammates on a shared machine can read run folders and a shared render cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
+    except OSError as e:  # name the file meant, not a random temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         write(Path(tmp))
@@ -96,6 +101,18 @@ def current_umask() -> int:
     return mask
 
 
+def give_umask_mode(folder: Path) -> None:
+    """Give every file under `folder` the mode open() would (0666 & ~umask) and every folder
+    mkdir's (0777 & ~umask): safetensors writes its files 0600, which hides a shared model folder
+    from teammates."""
+    mask = current_umask()
+    folder = Path(folder)
+    for path in (folder, *folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 TMP_PREFIX = ".tmp-"
 # A temporary file older than this belongs to a writer that died: a render is written in seconds.
 STALE_AFTER_S = 3600.0
@@ -120,19 +137,39 @@ def hold_lock(path: Path, wait: bool = False):
     """Take an exclusive lock on `path` (created if needed) and keep it while the returned file
     object lives; the kernel releases it when the process ends, however it ends, so a killed
     run never leaves a stale lock. The file holds the owner's pid. Returns None, without
-    waiting unless `wait`, when another process holds it; `lock_owner(path)` says which."""
+    waiting unless `wait`, when another process holds it; `lock_owner(path)` says which.
+    release_lock removes the file: a lock taken on a file removed meanwhile is taken again on
+    the new one, so two processes never both hold `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        fh.close()
-        return None
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # the holder released (and removed) it while we waited: lock the file there now
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
+
+
+def release_lock(fh, path: Path) -> None:
+    """Remove the lock file, then release the lock: a finished run leaves no .lock (with a pid
+    that is long dead) behind."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only folder: the lock is released all the same
+    fh.close()
 
 
 def lock_owner(path: Path) -> str:

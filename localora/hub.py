@@ -50,8 +50,12 @@ def pull(profile: profiles.Profile, echo: Callable[[str], None]) -> list[Path]:
     folders = []
     for role, name, source in models(profile):
         if profiles.is_tiny(source) or profiles.is_local_path(source):
+            from localora import tiny
+
+            there = profiles.is_tiny(source) and tiny.is_built(source.removeprefix("tiny:"))
             path = profiles.locate(source, f"{role} '{name}'")
-            echo(f"{role:9} {name}: {'built' if profiles.is_tiny(source) else 'local folder'} {path}")
+            what = ("already built" if there else "built") if profiles.is_tiny(source) else "local folder"
+            echo(f"{role:9} {name}: {what} {path}")
             folders.append(path)
             continue
         folders.append(_download(role, name, source.removeprefix("hf-hub:"), echo))

@@ -271,7 +271,7 @@ def test_generate_every_method_and_the_demo_from_a_clean_home(profile, tmp_path)
 def test_flux_pngs_carry_forge_infotext_and_a_comfyui_graph_of_flux_nodes(base):
     from localora.diffusion.render import RenderJob
     from localora.export import png
-    from localora.export.a1111 import parse_infotext
+    from localora.diffusion.metadata.a1111 import parse_infotext
 
     arch, renderer, pipe, names = base
     job = RenderJob(PROMPT, tuple(demo(arch)), tuple(WEIGHTS), "merge", Sampling(seed=2, steps=2, width=32, height=32))

@@ -198,6 +198,7 @@ def test_models_json_carries_what_the_lines_say():
         for m in p["models"]:
             assert re.search(rf"^  {m['role']} +{re.escape(m['name'])} +{re.escape(m['availability'])}$",
                              human.output, re.M), m
+        assert (f"  fetch its models once with: {p['fetch']}\n" in human.output) == (p["fetch"] is not None)
 
 
 def test_doctor_json_carries_what_the_lines_say_and_keeps_exit_3():

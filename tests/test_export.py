@@ -71,7 +71,7 @@ def test_the_infotext_has_a1111s_layout_and_reads_back_as_the_render(merged, sdx
     stems = [lora.path.stem for lora in job.loras]
     assert lines[0] == f"{PROMPT} <lora:{stems[0]}:0.7> <lora:{stems[1]}:1.25>"
     assert lines[1] == "Negative prompt: ugly, blurry: bad"
-    assert lines[2].startswith(f"Steps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: {float(s.guidance)}, "
+    assert lines[2].startswith(f"Steps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: {float(s.guidance)}, "
                                f"Seed: 7, Size: 32x32, Model: tiny-sdxl, Lora hashes: \"")
     parsed = a1111.parse_infotext(text)
     assert parsed["negative_prompt"] == s.negative_prompt
@@ -115,7 +115,7 @@ def test_a_merge_png_carries_a_comfyui_graph_of_core_nodes(merged):
     assert [(x["inputs"]["strength_model"], x["inputs"]["strength_clip"]) for x in loaders] == [(0.7, 0.7), (1.25, 1.25)]
     assert loaders[0]["inputs"]["model"] == ["1", 0] and loaders[1]["inputs"]["clip"] == ["10", 1]
     k = graph["6"]["inputs"]
-    assert (k["seed"], k["steps"], k["sampler_name"], k["scheduler"], k["denoise"]) == (7, 3, "euler", "normal", 1.0)
+    assert (k["seed"], k["steps"], k["sampler_name"], k["scheduler"], k["denoise"]) == (7, 3, "euler", "ddim_uniform", 1.0)
     assert k["model"] == ["11", 0] and graph["3"]["inputs"]["clip"] == ["11", 1]
     assert graph["3"]["inputs"]["text"] == PROMPT and graph["4"]["inputs"]["text"] == "ugly, blurry: bad"
     assert graph["5"]["inputs"] == {"width": 32, "height": 32, "batch_size": 1}
@@ -266,13 +266,13 @@ def test_png_text_chunks_round_trip_unicode(merged, tmp_path):
 def test_samplers_and_schedules_map_to_a1111_and_comfyui_names(sd15_renderer, demo_loras):
     job = RenderJob("x", tuple(demo_loras["sd15"][:1]), (1.0,), "merge", Sampling(seed=2 ** 70))
     info = sd15_renderer.info(sd15_renderer.resolve(job))
-    assert info.scheduler == "dpmpp_2m" and a1111.sampler(info) == ("DPM++ 2M", "Automatic")
+    assert info.scheduler == "dpmpp_2m" and a1111.sampler(info) == ("DPM++ 2M", "DDIM")
     karras = dataclasses.replace(info, sigmas="karras", seed=3)
     assert a1111.sampler(karras) == ("DPM++ 2M", "Karras") and comfyui.sampler(karras) == ("dpmpp_2m", "karras")
     assert "Schedule type: Karras" in a1111.infotext(karras)
     ddim = dataclasses.replace(info, scheduler="ddim")
-    assert a1111.sampler(ddim) == ("DDIM", "Automatic") and comfyui.sampler(ddim) == ("ddim", "ddim_uniform")
-    assert comfyui.sampler(dataclasses.replace(info, scheduler="euler_a")) == ("euler_ancestral", "normal")
+    assert a1111.sampler(ddim) == ("DDIM", "DDIM") and comfyui.sampler(ddim) == ("ddim", "ddim_uniform")
+    assert comfyui.sampler(dataclasses.replace(info, scheduler="euler_a")) == ("euler_ancestral", "ddim_uniform")
     # A seed past ComfyUI's range: the PNG gets no graph (rendering goes on), the export says why.
     from localora.errors import LocaloraError
     from localora.export import png_texts

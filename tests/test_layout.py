@@ -15,7 +15,7 @@ ROOT = Path(localora.__file__).parent
 LAYERS = [
     {"errors", "paths", "files", "events", "verbosity", "__init__", "archs"},
     {"profiles", "devices", "tiny", "estimates", "hub", "cluster", "kohya", "memory", "planning"},
-    {"diffusion", "export"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
+    {"diffusion"}, {"export"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
 ]
 
 

@@ -28,6 +28,17 @@ def _demo(demo_loras, name):
     return next(lo.path for lo in demo_loras["sdxl"] if lo.name == name)
 
 
+def _other_numbers(source, target):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] * 0.5
+    save_file(tensors, str(target), metadata=metadata)
+
+
 @pytest.fixture
 def webui(tmp_path, demo_loras):
     """An A1111 install's LoRA folder: models/Lora with subfolders and both kinds of sidecar."""
@@ -39,7 +50,8 @@ def webui(tmp_path, demo_loras):
     (root / "styles" / "watercolor.json").write_text(json.dumps(
         {"activation text": "wc style", "preferred weight": 0.6, "sd version": "SDXL"}))
     # No header metadata and no A1111 sidecar: only civitai's info file knows the trigger words.
-    shutil.copy(_demo(demo_loras, "demo-style"), root / "Ink.safetensors")
+    # Another file of its own (the same bytes twice would be one LoRA applied twice: refused).
+    _other_numbers(_demo(demo_loras, "demo-style"), root / "Ink.safetensors")
     (root / "Ink.civitai.info").write_text(json.dumps({"trainedWords": ["ink wash", " monochrome "]}))
     return root
 

@@ -26,9 +26,14 @@ def models(as_json):
         parts = [(kind, spec.name, spec.source) for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip))]
         if p.diffusion.vae:
             parts.insert(1, ("vae", p.diffusion.vae, p.diffusion.vae))
-        data["profiles"].append({"name": p.name, "description": p.description, "models": [
-            {"role": role, "name": name, "source": source, "availability": profiles.availability(source, role)}
-            for role, name, source in parts]})
+        models = [{"role": role, "name": name, "source": source, "availability": profiles.availability(source, role)}
+                  for role, name, source in parts]
+        # A model not in the Hugging Face cache is two words; the profile says once how to get them all.
+        uncached = [m for m in models if "not in the local Hugging Face cache" in m["availability"]]
+        for m in uncached:
+            m["availability"] = "missing (not downloaded)"
+        data["profiles"].append({"name": p.name, "description": p.description, "models": models,
+                                 "fetch": f"localora pull {p.name}" if uncached else None})
     sets = "; ".join(f"{k} = {v}" for k, v in user.settings().items())
     state = sets if sets else ("sets nothing" if user.path.is_file() else "not there")
     lines = [f"profiles in {data['models_toml']} (default: {data['default_profile']})",
@@ -37,6 +42,8 @@ def models(as_json):
     for p in data["profiles"]:
         lines += [f"\n{p['name']}: {p['description']}"]
         lines += [f"  {m['role']:<9} {m['name']:<22} {m['availability']}" for m in p["models"]]
+        if p["fetch"]:
+            lines.append(f"  fetch its models once with: {p['fetch']}")
     emit(as_json, data, lines)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,14 +237,9 @@ def resolve_request(profile, specs: tuple[str, ...], catalogs: tuple[str, ...], 
         tag = f"<lora:{name}>" if weight is None else f"<lora:{name}:{weight:g}>"
         tag = tag if lbw is None else f"{tag[:-1]}:lbw={lbw}>"
         labelled.append((f"prompt tag {tag}", loras.choose(name, weight, known, folders, f"prompt tag {tag}", lbw)))
-    seen: dict[Path, str] = {}
-    for label, choice in labelled:
-        path = choice.lora.path.resolve()
-        if path in seen:
-            raise LocaloraError(f"{seen[path]} and {label} are the same LoRA file ({path}); give each LoRA once")
-        seen[path] = label
-    return LoraRequest(text, [choice for _, choice in labelled],
-                       tuple(_blocks_of(profile, label, choice) for label, choice in labelled))
+    choices = distinct(labelled)
+    return LoraRequest(text, choices, tuple(_blocks_of(profile, label, choice)
+                                            for (label, _), choice in zip(labelled, choices)))
 
 
 def _blocks_of(profile, label: str, choice: LoraChoice) -> tuple[float, ...] | None:
@@ -252,6 +247,36 @@ def _blocks_of(profile, label: str, choice: LoraChoice) -> tuple[float, ...] | N
     from localora.diffusion import blocks
 
     return None if choice.lbw is None else blocks.parse(choice.lbw, profile.diffusion.arch, label)
+
+
+def distinct(labelled: list[tuple[str, Any]]) -> list[Any]:
+    """The choices, each LoRA once by content (one file under two names would be applied twice) and
+    each under its own name: two files sharing a training run's ss_output_name (two epochs) are
+    named by their file stems, the names the user gave; what cannot be told apart is one error line."""
+    from localora.files import file_hash
+
+    seen: dict[str, tuple[str, Path]] = {}
+    for label, choice in labelled:
+        path = choice.lora.path.resolve()
+        digest = file_hash(path)
+        if digest in seen:
+            first, where = seen[digest]
+            same = f"the same LoRA file ({path})" if where == path else \
+                f"the same LoRA: {where} and {path} have the same contents (sha256 {digest[:12]})"
+            raise LocaloraError(f"{first} and {label} are {same}; give each LoRA once")
+        seen[digest] = (label, path)
+    choices = [choice for _, choice in labelled]
+    names = [c.lora.name for c in choices]
+    for i, c in enumerate(choices):
+        if names.count(c.lora.name) > 1 and c.lora.name != c.lora.path.stem:
+            choices[i] = replace(c, lora=replace(c.lora, name=c.lora.path.stem))
+    by_name: dict[str, str] = {}
+    for (label, _), c in zip(labelled, choices):
+        if c.lora.name in by_name:
+            raise LocaloraError(f"{by_name[c.lora.name]} and {label} are two LoRA files named '{c.lora.name}' "
+                                f"({c.lora.path}); rename one of the files, or name them in a catalog")
+        by_name[c.lora.name] = f"{label} ({c.lora.path})"
+    return choices
 
 
 def resolve_loras(profile, specs: tuple[str, ...], catalogs: tuple[str, ...],

@@ -41,8 +41,10 @@ _FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "w
               help="Render again what a PNG describes: a localora PNG exactly (its LoRAs found by sha256 in its "
                    "run folder, a catalog or the --lora-dir folders), or an A1111/Forge PNG's prompt, <lora:...> "
                    "tags, steps, CFG scale, seed and size.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default="render.png", show_default=True)
-def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, from_image, out):
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="The image file (default render.png, or render-2.png and so on beside an existing one).")
+@click.option("--force", is_flag=True, help="Overwrite --out when that file exists.")
+def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, from_image, out, force):
     """Render PROMPT with several LoRAs combined by one method (merge, switch or composite).
 
     LoRAs come from --lora and from A1111-style <lora:NAME:WEIGHT> tags in PROMPT (removed from the
@@ -51,6 +53,7 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     requests are served from the render cache. With --from IMAGE.png, every setting comes from
     the image instead.
     """
+    out_path = output_path(out, force)  # before any model loads: an existing file is one line at once
     from localora.diffusion.render import Renderer
 
     if from_image is not None:
@@ -60,7 +63,6 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     for line in notes if not verbosity.quiet() else ():
         click.echo(f"note: {line}", err=True)
     result = Renderer(prof).render(job)
-    out_path = Path(out)
     try:
         if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
             atomic_write(out_path, lambda p: shutil.copyfile(result.path, p))
@@ -71,6 +73,29 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
         raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
     source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"
     click.echo(f"{out_path}  ({job.method}, seed {job.sampling.seed}, {source})")
+
+
+DEFAULT_OUT = Path("render.png")
+
+
+def output_path(out: str | None, force: bool) -> Path:
+    """Where generate writes: --out, refused when that file exists (an image or any other file)
+    unless --force; without --out, render.png or the first free render-N.png beside it."""
+    if out is None:
+        path, n = DEFAULT_OUT, 1
+        while path.exists() and not force:
+            n += 1
+            path = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.stem}-{n}{DEFAULT_OUT.suffix}")
+        return path
+    path = Path(out)
+    if path.exists() and not force:
+        raise LocaloraError(f"{path}: the file exists; give --force to overwrite it, or another --out")
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise LocaloraError(f"{path}: '{path.suffix}' is not an image format Pillow writes; give a .png (with its "
+                            f"metadata) or e.g. .jpg, .webp")
+    return path
 
 
 def _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers):

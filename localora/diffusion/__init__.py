@@ -6,4 +6,6 @@
     rows.py       per-row LoRA weights in one UNet batch (batched Composite and Merge candidates)
     render.py     Renderer: a RenderJob -> an image, content-addressed, never denoised twice
     loras.py      LoRA files: format, base, rank, trigger words, catalogs
+    metadata/     what a render was (RenderInfo) and the PNG text chunks the cache writes:
+                  A1111 infotext, ComfyUI graph; export/ reads them back
 """

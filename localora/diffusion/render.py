@@ -5,7 +5,7 @@ LoRA files' contents, the weights, the method and the sampling settings. A rende
 before is read back from the cache instead of denoised again.
 
     CACHE/v2/xx/KEY.png    the image, with its A1111 infotext and (Merge) ComfyUI graph as PNG
-                           text chunks (localora/export): every PNG a user gets is a copy of it
+                           text chunks (diffusion/metadata): every PNG a user gets is a copy of it
     CACHE/v2/xx/KEY.json   the job that made it
 
 The chunks name the LoRA files as the render at hand called them; a hit through files of other
@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from localora import export, paths, profiles
-from localora import estimates
+from localora import estimates, paths, profiles
 from localora.diffusion import methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
@@ -39,8 +38,9 @@ from localora.files import atomic_write, clean_temporaries, file_hash, stable_ha
 from localora.diffusion.loras import Lora
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
-from localora.export import png
-from localora.export.info import RenderInfo, render_info
+from localora.diffusion import metadata
+from localora.diffusion.metadata import png
+from localora.diffusion.metadata.info import RenderInfo, render_info
 from localora.profiles import Profile
 
 # 2: Composite on Euler-type schedulers drew its starting noise from the previous render's
@@ -193,12 +193,12 @@ class Renderer:
     def _png(self, image: Image.Image, job: RenderJob) -> bytes:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        return export.annotate(buf.getvalue(), self.info(job))
+        return metadata.annotate(buf.getvalue(), self.info(job))
 
     def _label(self, path: Path, job: RenderJob) -> None:
         """Give a cached PNG this job's text chunks if it lacks them (made before localora wrote
         them) or names the LoRAs otherwise; its pixels are copied as they are."""
-        texts = export.png_texts(self.info(job))
+        texts = metadata.png_texts(self.info(job))
         try:
             have = png.text_chunks(path)
             if all(have.get(k) == v for k, v in texts.items()):

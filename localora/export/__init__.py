@@ -1,16 +1,12 @@
 """The result leaves localora: what a render was, written for A1111/Forge, ComfyUI and diffusers.
 
-    export/info.py      RenderInfo: one render's prompt, LoRA files (sha256, A1111 hash), weights,
-                        method and every sampling field; the compact `localora` entry
-    export/png.py       text chunks of a PNG, read and written without touching its pixels
-    export/a1111.py     the A1111 infotext (`parameters` chunk) and its parser, parse_infotext
-    export/comfyui.py   the ComfyUI API graph (`prompt` chunk) of a Merge render; the node and
-                        enum names it relies on, in one place
+    diffusion/metadata/ RenderInfo, the PNG text chunks, the A1111 infotext and the ComfyUI graph:
+                        written by the render cache, so they live below it; imported here
     export/script.py    a runnable diffusers script that redoes the render
     export/targets.py   the `localora export --to` targets, Source -> text
 
 Where the chunks are written: in the render cache, once, when the renderer writes (or first
-serves) a cache PNG (diffusion/render.py, through png_texts below). Every PNG localora gives a
+serves) a cache PNG (diffusion/render.py, through diffusion/metadata png_texts). Every PNG localora gives a
 user (a run's images/ and final.png, the bench's images, `generate -o`) is a byte-for-byte copy of
 a cache PNG, so each carries them, and the cache format and pixels stay what they were.
 
@@ -19,46 +15,30 @@ target in TARGETS. A new target is one entry there: "NAME": "localora.export.MOD
 FUNCTION(source: Source) -> str, the text written to -o or printed (e.g. "lora": a LoRA baked from
 the weights, in export/bake.py).
 
-This package sits in the diffusion layer (tests/test_layout.py): the renderer writes its chunks,
-and export targets may use the diffusion code.
+This package sits above the diffusion layer (tests/test_layout.py): export targets may use the
+diffusion code, and nothing in diffusion/ imports export/.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from localora.diffusion.metadata import COMFY_KEY, INFOTEXT_KEY, a1111, annotate, comfyui, info, png, png_texts
+from localora.diffusion.metadata.a1111 import parse_infotext
+from localora.diffusion.metadata.info import RenderInfo
+from localora.diffusion.metadata.png import text_chunks
 from localora.errors import LocaloraError
-from localora.export.a1111 import infotext, parse_infotext
-from localora.export.comfyui import workflow
-from localora.export.png import text_chunks, with_text
-from localora.export.info import RenderInfo
 
-INFOTEXT_KEY = "parameters"  # A1111 and Forge write and read this keyword
-COMFY_KEY = "prompt"  # ComfyUI's API-format graph; it reads this keyword back on drop
+__all__ = ["COMFY_KEY", "INFOTEXT_KEY", "TARGETS", "RenderInfo", "Source", "a1111", "annotate", "comfyui", "export",
+           "info", "parse_infotext", "png", "png_texts", "read_source"]
 
 TARGETS: dict[str, str] = {
     "a1111": "localora.export.targets:to_a1111",
     "comfyui": "localora.export.targets:to_comfyui",
     "diffusers": "localora.export.targets:to_diffusers",
 }
-
-
-def png_texts(info: RenderInfo) -> dict[str, str]:
-    """The text chunks of a render's PNG: the infotext, and the ComfyUI graph of a Merge."""
-    texts = {INFOTEXT_KEY: infotext(info)}
-    if info.reproducible_elsewhere:
-        try:
-            texts[COMFY_KEY] = json.dumps(workflow(info), ensure_ascii=False)
-        except LocaloraError:
-            pass  # a weight or seed outside ComfyUI's ranges: no graph, and `export --to comfyui` says why
-    return texts
-
-
-def annotate(png_bytes: bytes, info: RenderInfo) -> bytes:
-    return with_text(png_bytes, png_texts(info))
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def source_loras(source: Source, catalog: dict[str, Lora], folders: LoraFolders)
         return known
     out = []
     for x in source.localora().loras:
-        named = [lo.path for lo in catalog.values() if lo.path.name == x.file or lo.path.stem == x.name]
+        named = [lo.path for lo in catalog.values() if lo.path.name == Path(x.file).name or lo.path.stem == x.name]
         found = folders.find(x.name)
         others = [lo.path for lo in catalog.values() if lo.path not in named]
         match = next((p for p in [*named, *([found] if found else []), *others]
@@ -98,13 +98,49 @@ def replay(source: Source, profile: Profile, catalog: dict[str, Lora], folders: 
                             cache_interval=Sampling().cache_interval if info.cache_interval is None else info.cache_interval)
         return Replay(info.prompt, tuple(source_loras(source, catalog, folders)), info.weights, info.method, sampling,
                       blocks=info.blocks)
-    return _from_a1111(source, catalog, folders, profile.diffusion.arch)
+    return _from_a1111(source, catalog, folders, profile)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
-def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders, arch: str) -> Replay:
+def _same_lora(path: Path, want: str) -> bool:
+    """Whether a LoRA file has the hash an infotext gives: A1111's addnet hash (sha256 of the
+    tensor data) or Forge's (sha256 of the whole file, modules/hashes.py), each as a prefix."""
+    return safetensors_data_hash(path).startswith(want) or file_hash(path).startswith(want)
+
+
+# The settings --from renders with; every other field of the line is named in a note.
+HONOURED = ("Steps", "CFG scale", "Seed", "Size", "Lora hashes")
+UNSEEN = ("Version",)  # says who wrote the image, not how
+
+
+def profile_settings(profile: Profile) -> dict[str, str]:
+    """The Sampler and Schedule type fields a render on `profile` writes: the same in the image is no difference."""
+    from localora.diffusion.metadata import a1111
+    from localora.diffusion.metadata.info import sigma_schedule, timestep_spacing
+
+    spec = profile.diffusion
+    try:
+        sigmas, spacing = sigma_schedule(spec), timestep_spacing(spec)
+    except LocaloraError:  # the model is not here: the render says so in its own words
+        sigmas, spacing = "default", "leading"
+    sigmas = "default" if spec.scheduler in ("euler_a", "ddim") else sigmas
+    label = a1111.SPACING_LABELS.get(spacing, "DDIM") if sigmas == "default" else a1111.SIGMA_LABELS[sigmas]
+    return {"Sampler": a1111.SAMPLERS[spec.scheduler], "Schedule type": label}
+
+
+def _unhonoured(fields: dict[str, str], own: dict[str, str]) -> list[str]:
+    """One note per field of the image that this render does not follow, by name."""
+    notes = []
+    for key, value in fields.items():
+        if key in HONOURED or key in UNSEEN or own.get(key) == value:
+            continue
+        notes.append(f"{key}: {value} is not used (the profile's own setting renders it)")
+    return notes
+
+
+def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders, profile: Profile) -> Replay:
     """A stock A1111/Forge infotext as a Merge render: its tags' LoRAs at their weights."""
     parsed = parse_infotext(source.infotext)
     prompt, tags = loralib.lora_tags(parsed["prompt"])
@@ -114,13 +150,15 @@ def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders, 
     chosen = [loralib.choose(name, weight, catalog, folders, f"{where}: <lora:{name}>") for name, weight, _ in tags]
     from localora.diffusion import blocks as blocklib
 
-    blocks = tuple(None if lbw is None else blocklib.parse(lbw, arch, f"{where}: <lora:{name}:...:lbw={lbw}>")
+    blocks = tuple(None if lbw is None else blocklib.parse(lbw, profile.diffusion.arch, f"{where}: <lora:{name}:...:lbw={lbw}>")
                    for name, _, lbw in tags)
     notes = []
-    hashes = dict(h.split(":", 1) for h in fields.get("Lora hashes", "").split(",") if ":" in h)
+    # "NAME: HASH, NAME: HASH": every key stripped (A1111 joins the pairs with ", ").
+    hashes = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in fields.get("Lora hashes", "").split(",")
+                                                if ":" in h)}
     for (name, _, _), choice in zip(tags, chosen):
-        want = hashes.get(name.replace(":", "").replace(",", ""), "").strip()
-        if want and safetensors_data_hash(choice.lora.path)[:12] != want:
+        want = hashes.get(name.replace(":", "").replace(",", "").strip(), "").lower()
+        if want and not _same_lora(choice.lora.path, want):
             notes.append(f"{choice.lora.path} is not the {name} the image was made with (Lora hash {want}); "
                          f"the render will differ")
     try:
@@ -131,8 +169,7 @@ def _from_a1111(source: Source, catalog: dict[str, Lora], folders: LoraFolders, 
                             width=int(size.group(1)) if size else None, height=int(size.group(2)) if size else None)
     except ValueError as e:
         raise LocaloraError(f"{where}: its A1111 settings line has a value localora cannot read ({e})") from None
-    if "Sampler" in fields:
-        notes.append(f"A1111 sampler {fields['Sampler']} is not used: the profile's scheduler renders it")
+    notes += _unhonoured(fields, profile_settings(profile))
     weights = tuple(1.0 if c.weight is None else c.weight for c in chosen)
     return Replay(prompt, tuple(c.lora for c in chosen), weights, "merge", sampling, tuple(notes),
                   blocks if blocklib.any_blocks(blocks) else ())

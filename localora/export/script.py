@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from localora import archs
-from localora.export.info import RenderInfo
+from localora.diffusion.metadata.info import RenderInfo
 
 # localora's scheduler -> the diffusers class and the from_config arguments pipeline.py uses.
 SCHEDULERS = {

@@ -5,7 +5,7 @@
     DIR/events.jsonl   one JSON object per line: every render, every VLM call, progress
     DIR/images/        every image the run used, named by render key
     DIR/final.png, DIR/final.json
-    DIR/.lock          held by the process writing the run; holds its pid
+    DIR/.lock          held by the process writing the run; holds its pid; removed when it ends
 
 Events with an "id" are completed steps. Resuming replays the run and takes each completed step
 from the log instead of doing it again, so an interrupted run (Ctrl-C or a kill) loses at most
@@ -26,7 +26,8 @@ from typing import Any
 from PIL import Image
 
 from localora.errors import LocaloraError
-from localora.files import atomic_write, clean_temporaries, hold_lock, lock_owner, open_image, write_json
+from localora.files import (atomic_write, clean_temporaries, hold_lock, lock_owner, open_image, release_lock,
+                            storage_error, write_json)
 
 FORMAT = "localora-run/1"
 
@@ -47,6 +48,7 @@ class RunFolder:
         path = Path(path)
         if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not _unstarted(path))):
             raise LocaloraError(f"{path}: output folder exists and is not empty; choose a new --out or --resume it")
+        lock = None
         try:
             path.mkdir(parents=True, exist_ok=True)
             lock = _take_lock(path)
@@ -54,7 +56,13 @@ class RunFolder:
             write_json(path / "run.json", {"format": FORMAT, **settings})
             (path / "events.jsonl").write_bytes(b"")
         except OSError as e:
-            raise LocaloraError(f"{path}: cannot write the run folder ({e.strerror}); choose another --out") from None
+            if lock is not None:
+                release_lock(lock, path / ".lock")
+            # A read-only or full --out is a failure of the storage (exit 4, as the README says), named by its file.
+            error = storage_error(e, "choose another --out, or free space or fix its permissions")
+            if error is None:
+                raise
+            raise error from None
         return cls(path, settings, _lock=lock)
 
     @classmethod
@@ -106,9 +114,9 @@ class RunFolder:
         return out
 
     def close(self) -> None:
-        """Release the run's lock: another process may resume it now."""
+        """Release the run's lock and remove .lock: another process may resume it now."""
         if self._lock is not None:
-            self._lock.close()
+            release_lock(self._lock, self.path / ".lock")
             self._lock = None
 
     # ------------------------------------------------------------ writing

@@ -98,7 +98,7 @@ def _versions() -> dict[str, str]:
 def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
     from localora.vlm.model import identity
 
-    cfg.check()
+    cfg.check(profile.diffusion)  # every option, before the run folder exists: a bad one blocks no --out
     # "vlm": which VLM answers (name, source, revision, family); a resume uses it again (--vlm).
     # Weights that are not here yet fail at their load, after the folder exists, as every model's do.
     try:
@@ -164,9 +164,15 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
         if run.completed:
             steps.event(events.resume_summary(list(run.completed.values())))
         try:
-            return STRATEGIES[cfg.search].run(cfg, steps)
-        finally:
-            report.write(run)
+            final = STRATEGIES[cfg.search].run(cfg, steps)
+        except BaseException:
+            try:
+                report.write(run)  # what was done so far, for the user to look at
+            except OSError:
+                pass  # (a full disk fails here too) the error to show is the first one, naming its file
+            raise
+        report.write(run)
+        return final
     finally:
         if parts is not None:
             parts.attach(None, None)  # a later move is not this run's, and its log is closed

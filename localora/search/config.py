@@ -17,6 +17,7 @@ from localora.diffusion.render import RenderJob
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 from localora.files import file_hash
+from localora.profiles import DiffusionSpec
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,17 @@ class ComposeConfig:
     feedback_chars: int = 600
     prompts_dir: str | None = None
 
-    def check(self) -> None:
+    def check(self, spec: DiffusionSpec | None = None) -> None:
+        """Every setting checked, before anything is written: `spec` (the profile's diffusion
+        model) also checks the sampling as the renders will resolve it (--guidance nan, --width 65)."""
         from localora.search import STRATEGIES
+
+        if spec is not None:
+            self.sampling.resolved(spec)
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise LocaloraError(f"--temperature {self.temperature}: must be a finite number, 0 or more")
+        if not math.isfinite(self.fewshot_threshold):
+            raise LocaloraError(f"--fewshot-threshold {self.fewshot_threshold}: must be a finite number")
 
         lo, hi = self.bounds
         if len(self.loras) < 2:
@@ -57,8 +67,16 @@ class ComposeConfig:
                 raise LocaloraError(f"{len(self.start)} start weights for {len(self.loras)} LoRAs")
             if any(w is not None and not lo <= w <= hi for w in self.start):
                 raise LocaloraError(f"start weights (NAME:WEIGHT) must lie within the bounds {lo:g}..{hi:g}")
-        if len({lo.name for lo in self.loras}) != len(self.loras):
-            raise LocaloraError("the same LoRA name is given twice; each LoRA once")
+        twice = [x for x in self.loras if [y.name for y in self.loras].count(x.name) > 1]
+        if twice:
+            raise LocaloraError(f"two LoRAs are named '{twice[0].name}' ({', '.join(str(x.path) for x in twice)}); "
+                                f"give each LoRA once, under names of its own")
+        if self.fewshot and self.search == "vlm":  # only the vlm loop renders the few-shot grid
+            outside = [w for w in self.fewshot_levels if not (math.isfinite(w) and lo <= w <= hi)]
+            if not self.fewshot_levels or outside:
+                levels = ",".join(f"{w:g}" for w in self.fewshot_levels)
+                raise LocaloraError(f"--fewshot-levels {levels}: each level must be a finite number within the "
+                                    f"bounds {lo:g}..{hi:g}; give levels within them (or --no-fewshot)")
         if self.fewshot and self.fewshot_budget is not None and self.fewshot_budget < len(self.fewshot_levels):
             raise LocaloraError(f"--fewshot-budget {self.fewshot_budget} is too small to show each of the "
                                 f"{len(self.fewshot_levels)} --fewshot-levels once; give at least {len(self.fewshot_levels)}")

@@ -227,6 +227,9 @@ class GPT4LoRA:
                 scored=[asdict(s) for s in scored], kept=[asdict(s) for s in kept])
             self.steps.event(done)
         self._taken.add(s["weights"] for s in done["scored"])  # the grid's images are known already
+        if not done["reused"] and any(not (self.steps.run.path / s["image"]).is_file() for s in done["kept"]):
+            # images/ was emptied since: render_many puts back what the grid's events name (cache hits)
+            self.render_many([events.grid(i) for i in range(len(self._design()))], "grid", self._design())
         kept = [fewshot.Scored(tuple(s["weights"]), s["prompt_score"], tuple(s["lora_scores"]), s["image"])
                 for s in done["kept"]]
         # A fresh grid's images are this run's renders; a reused library's are its own files.

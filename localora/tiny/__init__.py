@@ -3,7 +3,9 @@
 Each part is written once into $LOCALORA_HOME/tiny/v<VERSION>/<name>/ and from then on loaded
 from disk through the same from_pretrained / load_lora_weights path a real model takes. Builds
 go to a temporary folder and are renamed into place, under a file lock, so an interrupted or
-concurrent build never leaves a half-written model behind.
+concurrent build never leaves a half-written model behind; a build that fails (a full disk) removes
+its temporary folder and says, in one line, which folder and how much space it needs. Every file
+gets the umask's mode (safetensors writes its files 0600).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from localora import paths
-from localora.errors import LocaloraError
-from localora.files import hold_lock
+from localora.errors import LocaloraError, RuntimeFailure
+from localora.files import STORAGE_ERRNOS, give_umask_mode, hold_lock
 
 # Bump when any builder changes what it writes, so old builds are not reused.
 VERSION = 1
@@ -38,6 +40,9 @@ BUILDERS = {
     "clip": "localora.tiny.clip:build",
 }
 
+
+# Disk each built part takes, in MB, rounded up (measured with du on a build of VERSION 1).
+SIZES_MB = {"sdxl": 30, "sd15": 20, "loras-sdxl": 1, "loras-sd15": 1, "qwen2-vl": 2, "clip": 8}
 
 # Which tiny parts can stand in for which kind of model (checked when models.toml is read).
 KINDS = {"diffusion": ("sdxl", "sd15", "flux", "zimage"), "vlm": ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma-3"),
@@ -65,9 +70,18 @@ def ensure(name: str) -> Path:
         module, func = BUILDERS[name].split(":")
         tmp = root() / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        getattr(importlib.import_module(module), func)(tmp, SEED)
-        (tmp / ".complete").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            tmp.mkdir(parents=True)
+            getattr(importlib.import_module(module), func)(tmp, SEED)
+            (tmp / ".complete").write_text("ok\n")
+            give_umask_mode(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-built part must not stay behind for good
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            raise RuntimeFailure(f"{root()}: cannot build the tiny model 'tiny:{name}' there "
+                                 f"({STORAGE_ERRNOS[e.errno]}); it needs about {SIZES_MB[name]} MB free: free "
+                                 f"space or set LOCALORA_HOME to another folder") from None
     return target

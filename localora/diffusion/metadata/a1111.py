@@ -3,7 +3,7 @@
     infotext(info) -> str          three lines, A1111's layout:
         <prompt> <lora:NAME:WEIGHT> ...
         Negative prompt: <negative>                       (only when there is one)
-        Steps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 5.0, Seed: 0, Size: 64x64,
+        Steps: 4, Sampler: Euler, Schedule type: DDIM, CFG scale: 5.0, Seed: 0, Size: 64x64,
         [Model hash: ..., ]Model: ..., Lora hashes: "NAME: 0123456789ab, ...", [Note: "...", ]
         Version: localora 0.1.0, localora: "{...json...}"
     parse_infotext(text) -> dict   {"prompt", "negative_prompt", "fields", "localora"}
@@ -31,14 +31,19 @@ from typing import Any
 
 from localora import __version__, archs
 from localora.errors import LocaloraError
-from localora.export.info import RenderInfo
+from localora.diffusion.metadata.info import RenderInfo
 
 # localora's scheduler -> A1111's sampler label. DDIM is A1111's timestep sampler of that name.
 SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "flow_euler": "Euler"}
-# the sigma spacing of the diffusers config -> A1111's "Schedule type" label
-SCHEDULE_TYPES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
-                  # flow matching: Forge writes its Flux renders as Euler / Simple
-                  "simple": "Simple", "dynamic": "Simple"}
+# A1111's "Schedule type" labels (modules/sd_schedulers.py `schedulers`). "Automatic" is never
+# written: it means the sampler's own default (DPM++ 2M's is Karras), not the spacing localora used.
+SCHEDULE_LABELS = ("Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                   "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+# diffusers' timestep_spacing -> the A1111 schedule that gives the same timesteps: "leading" with
+# steps_offset 1 is A1111's DDIM schedule (t = 1, 1 + 1000//n, ... reversed), "trailing" its Simple
+# (t = 999 - int(i * 1000/n)), "linspace" its Uniform (t = linspace(999, 0, n)).
+SPACING_LABELS = {"leading": "DDIM", "trailing": "Simple", "linspace": "Uniform"}
+SIGMA_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
 METHOD_NAMES = {"merge": "Merge", "switch": "Switch", "composite": "Composite", "cmlora": "CMLoRA"}
 
 # A1111's own pattern of one "Key: value" setting (a value is a JSON string or runs to the next ",").
@@ -65,8 +70,48 @@ def weight_text(w: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+def _sigmas(info: RenderInfo) -> str:
+    """The sigma spacing the render really had: diffusers' Euler a and DDIM have no Karras,
+    exponential or beta option, so they ran the config's timestep spacing whatever it asked."""
+    return "default" if info.scheduler in ("euler_a", "ddim") else info.sigmas
+
+
 def sampler(info: RenderInfo) -> tuple[str, str]:
-    return SAMPLERS[info.scheduler], SCHEDULE_TYPES[info.sigmas]
+    """(Sampler, Schedule type): the explicit schedule label of the spacing the render used."""
+    if info.scheduler == "flow_euler":  # flow matching: Forge writes its Flux renders as Euler / Simple
+        return SAMPLERS[info.scheduler], "Simple"
+    sigmas = _sigmas(info)
+    label = SPACING_LABELS.get(info.spacing, "DDIM") if sigmas == "default" else SIGMA_LABELS[sigmas]
+    return SAMPLERS[info.scheduler], label
+
+
+def exact_schedule(info: RenderInfo) -> bool:
+    """Whether A1111's schedule of that label steps through the render's own timesteps or sigmas
+    (else the label is the nearest it has). Checked in tests/test_metadata.py against diffusers'
+    schedulers and a restatement of A1111's schedule functions. A1111's DDIM steps by 1000 // n
+    from 1, as diffusers' leading spacing does, but gives more than n timesteps for some n; its
+    Simple truncates i * 1000 / n where diffusers' trailing rounds, the same only when n divides 1000; Uniform meets linspace on whole timesteps only when n - 1 divides 999. DPM-Solver
+    spaces "leading" and "linspace" over n + 1 points, diffusers' Euler runs Karras and exponential
+    sigmas between the spaced ends (the model's own only with linspace), and A1111's Beta is spaced
+    in timesteps where diffusers' is in sigmas: no A1111 schedule matches those."""
+    sigmas, n = _sigmas(info), info.steps
+    if info.scheduler == "flow_euler":
+        # Forge's Simple steps evenly through the model's shifted sigmas; a resolution-dependent shift
+        # (Flux.1 [dev] in diffusers) is one A1111/Forge may compute otherwise: not claimed exact.
+        return sigmas == "simple"
+    if sigmas != "default":
+        # Euler's run between the spaced ends: the model's own ends only with linspace spacing
+        return sigmas in ("karras", "exponential") and (info.scheduler == "dpmpp_2m" or info.spacing == "linspace")
+    leading = len(range(1, 1000, max(1000 // n, 1))) == n  # A1111's DDIM gives n timesteps, as diffusers does
+    if info.scheduler == "ddim":  # A1111's DDIM sampler always steps on the leading timesteps
+        return info.spacing == "leading" and leading
+    if info.scheduler == "dpmpp_2m" and info.spacing != "trailing":
+        return False
+    if info.spacing == "leading":
+        return leading
+    if info.spacing == "trailing":
+        return 1000 % n == 0
+    return info.spacing == "linspace" and n > 1 and 999 % (n - 1) == 0
 
 
 def prompt_line(info: RenderInfo) -> str:
@@ -79,17 +124,30 @@ def prompt_line(info: RenderInfo) -> str:
 
 
 def note(info: RenderInfo) -> str | None:
-    """Why stock A1111 cannot redo this render, for Switch and Composite."""
+    """Why stock A1111 cannot redo this render exactly: Switch and Composite, or a sigma spacing
+    A1111 has no schedule for."""
+    notes = []
     if info.method == "switch":
-        return (f"a localora LoRA Switch render (one LoRA active at a time, rotating every {info.switch_every} "
-                f"steps); stock A1111 runs the tags merged, so it gives another image")
+        notes.append(f"a localora LoRA Switch render (one LoRA active at a time, rotating every {info.switch_every} "
+                     f"steps); stock A1111 runs the tags merged, so it gives another image")
     if info.method == "cmlora":
-        return (f"a localora CMLoRA render (cached LoRA Composite, cache interval {info.cache_interval}); stock "
-                f"A1111 runs the tags merged, so it gives another image")
+        notes.append(f"a localora CMLoRA render (cached LoRA Composite, cache interval {info.cache_interval}); "
+                     f"stock A1111 runs the tags merged, so it gives another image")
     if info.method == "composite":
-        return ("a localora LoRA Composite render (one UNet pass per LoRA per step); stock A1111 runs the tags "
-                "merged, so it gives another image")
-    return None
+        notes.append("a localora LoRA Composite render (one UNet pass per LoRA per step); stock A1111 runs the tags "
+                     "merged, so it gives another image")
+    if info.reproducible_elsewhere:
+        from localora.diffusion.metadata.comfyui import workflow
+
+        try:
+            workflow(info)
+        except LocaloraError as e:
+            notes.append(f"no ComfyUI graph in this PNG: {str(e).split(': ', 1)[-1]}")
+    if not exact_schedule(info):
+        notes.append(f"Schedule type {sampler(info)[1]} is the nearest A1111 has to this render's sigmas "
+                     f"(diffusers {info.scheduler}, {info.sigmas} sigmas, {info.spacing} timestep spacing), "
+                     f"so A1111 gives a close, not the same, image")
+    return "; ".join(notes) or None
 
 
 def settings(info: RenderInfo) -> dict[str, str | None]:

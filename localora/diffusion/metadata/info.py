@@ -27,17 +27,49 @@ from localora.profiles import DiffusionSpec, Profile
 ENTRY_FORMAT = 1
 
 
+# The folders A1111/Forge (models/Lora, models/LyCORIS, models/Stable-diffusion) and ComfyUI
+# (models/loras, models/checkpoints) list models under: each lists a file by its path below it.
+LORA_ROOTS = ("Lora", "loras", "LyCORIS")
+CHECKPOINT_ROOTS = ("Stable-diffusion", "checkpoints")
+
+
+def listed_name(path: Path, roots: tuple[str, ...], folders: tuple[Path, ...] = ()) -> str:
+    """How ComfyUI and A1111 list a model file: its path relative to the model folder it sits in
+    ("characters/hero.safetensors"), that folder being one of `folders` (localora's LoRA folders)
+    or the nearest parent named as in `roots`; else the file name alone."""
+    path = Path(path).resolve()
+    for folder in folders:
+        try:
+            return path.relative_to(Path(folder).resolve()).as_posix()
+        except ValueError:
+            continue
+    for parent in path.parents:
+        if parent.name in roots:
+            return path.relative_to(parent).as_posix()
+    return path.name
+
+
+def _lora_folders() -> tuple[Path, ...]:
+    from localora.diffusion.loras import lora_folders
+
+    try:
+        return tuple(d.path for d in lora_folders().dirs)
+    except LocaloraError:
+        return ()
+
+
 @dataclass(frozen=True)
 class LoraFile:
     name: str  # the file's stem: what A1111's <lora:NAME:W> and Lora hashes use
-    file: str  # the file name, what ComfyUI's LoraLoader lists
+    file: str  # the file as ComfyUI's LoraLoader lists it: its path below the LoRA folder
     sha256: str  # of the whole file: what localora's cache and the entry use
     short_hash: str  # A1111's "addnet" hash: sha256 of the tensor data after the header, 12 hex
 
     @classmethod
     def of(cls, path: Path) -> LoraFile:
         path = Path(path)
-        return cls(path.stem, path.name, file_hash(path), safetensors_data_hash(path)[:12])
+        return cls(path.stem, listed_name(path, LORA_ROOTS, _lora_folders()), file_hash(path),
+                   safetensors_data_hash(path)[:12])
 
 
 @dataclass(frozen=True)
@@ -68,6 +100,7 @@ class RenderInfo:
     # and then absent from the entry, so entries without block weights are what they were.
     blocks: tuple[tuple[float, ...] | None, ...] = ()
     cache_interval: int | None = None  # CMLoRA only
+    spacing: str = "leading"  # the scheduler config's timestep_spacing (entries before it: every profile's "leading")
 
     def entry(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,6 +157,13 @@ def sigma_schedule(spec: DiffusionSpec) -> str:
     return "default"
 
 
+@functools.lru_cache(maxsize=None)
+def timestep_spacing(spec: DiffusionSpec) -> str:
+    """How the scheduler config spaces the timesteps: "leading" (diffusers' default, and every
+    Stable Diffusion config's), "trailing" or "linspace"."""
+    return str(scheduler_config(spec).get("timestep_spacing") or "leading")
+
+
 def scheduler_config(spec: DiffusionSpec) -> dict[str, Any]:
     """The diffusers scheduler config of a model folder; {} for a single-file checkpoint."""
     path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
@@ -162,4 +202,4 @@ def render_info(prompt: str, lora_paths: list[Path], weights: list[float], metho
         profile=profile.name, model=spec.name, arch=spec.arch, source=spec.source, vae=spec.vae,
         scheduler=spec.scheduler, sigmas=sigma_schedule(spec), dtype=profiles.run_dtype(spec.dtype, device),
         device=device, model_hash=model_hash(spec), max_sequence_length=sampling.max_sequence_length,
-        blocks=tuple(blocks))
+        blocks=tuple(blocks), spacing=timestep_spacing(spec))

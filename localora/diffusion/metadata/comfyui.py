@@ -17,10 +17,11 @@ SCHEDULER_NAMES). Keep them here, in this one place, and check them again when C
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from localora.errors import LocaloraError
-from localora.export.info import RenderInfo
+from localora.diffusion.metadata.info import RenderInfo
 
 # The sampler names localora maps to, a subset of comfy/samplers.py SAMPLER_NAMES.
 SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")
@@ -55,26 +56,37 @@ FLUX_GUIDANCE_RANGE = (0.0, 100.0)  # FluxGuidance's guidance range (comfy_extra
 # The files ComfyUI's Flux.1 examples put in models/text_encoders and models/vae.
 FLUX_FILES = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "vae_name": "ae.safetensors"}
 STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip range (nodes.py)
+# The other ranges ComfyUI's validate_inputs checks (nodes.py INPUT_TYPES, Comfy-Org/ComfyUI @
+# a125cd84b054a57729b5eecab930ca9408719832): a value outside one makes it refuse the whole graph.
+RANGES = {("KSampler", "cfg"): (0.0, 100.0), ("KSampler", "steps"): (1, 10000),
+          ("EmptyLatentImage", "width"): (16, 16384), ("EmptyLatentImage", "height"): (16, 16384)}
 
 _SAMPLER = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim",
             "flow_euler": "euler"}
-# diffusers' default spacing is the model's own timesteps: ComfyUI's "normal"; DDIM's is ddim_uniform.
-_SCHEDULER = {"default": "normal", "karras": "karras", "exponential": "exponential", "beta": "beta",
-              # flow matching: evenly spaced sigmas, shifted by the model (ModelSamplingFlux when dynamic)
-              "simple": "simple", "dynamic": "simple"}
+# diffusers' timestep_spacing -> the ComfyUI scheduler of the same timesteps (comfy/samplers.py
+# ddim_scheduler, simple_scheduler, normal_scheduler: the same schedules as A1111's DDIM, Simple, Uniform).
+_SPACING = {"leading": "ddim_uniform", "trailing": "simple", "linspace": "normal"}
+_SIGMAS = {"karras": "karras", "exponential": "exponential", "beta": "beta"}
 
 
 def sampler(info: RenderInfo) -> tuple[str, str]:
     name = _SAMPLER[info.scheduler]
-    schedule = "ddim_uniform" if name == "ddim" and info.sigmas == "default" else _SCHEDULER[info.sigmas]
-    return name, schedule
+    if info.scheduler == "flow_euler":  # evenly spaced sigmas, shifted by the model (ModelSamplingFlux)
+        return name, "simple"
+    # diffusers' Euler a and DDIM have no Karras/exponential/beta option: they ran the config's spacing
+    sigmas = "default" if info.scheduler in ("euler_a", "ddim") else info.sigmas
+    return name, _SPACING.get(info.spacing, "ddim_uniform") if sigmas == "default" else _SIGMAS[sigmas]
 
 
 def checkpoint_name(info: RenderInfo) -> str:
     """What ComfyUI's checkpoint list should hold: the checkpoint's file name, or for a diffusers
     folder the model name (save that model as one .safetensors under that name)."""
+    from localora.diffusion.metadata.info import CHECKPOINT_ROOTS, listed_name
+
     source = info.source.rstrip("/")
-    return source.rsplit("/", 1)[-1] if source.endswith(".safetensors") else f"{info.model}.safetensors"
+    if source.endswith(".safetensors"):  # below ComfyUI's / A1111's checkpoint folder, as they list it
+        return listed_name(Path(source), CHECKPOINT_ROOTS)
+    return f"{info.model}.safetensors"
 
 
 def workflow(info: RenderInfo, where: str = "this render") -> dict[str, dict[str, Any]]:
@@ -164,6 +176,10 @@ def check(graph: dict[str, dict[str, Any]], where: str) -> None:
                 raise AssertionError(f"KSampler {inputs['sampler_name']} / {inputs['scheduler']}")
             if not 0 <= inputs["seed"] <= SEED_MAX:
                 raise LocaloraError(f"{where}: seed {inputs['seed']} is outside ComfyUI's range 0..{SEED_MAX}")
+        for (kind, name), (lo, hi) in RANGES.items():
+            if spec["class_type"] == kind and not lo <= inputs[name] <= hi:
+                raise LocaloraError(f"{where}: {kind} {name} {inputs[name]:g} is outside ComfyUI's range {lo:g}..{hi:g}, "
+                                    f"so ComfyUI would refuse the graph")
         if spec["class_type"] in ("LoraLoader", "LoraLoaderModelOnly") and not STRENGTH_RANGE[0] <= inputs["strength_model"] <= STRENGTH_RANGE[1]:
             raise LocaloraError(f"{where}: LoRA weight {inputs['strength_model']} is outside ComfyUI's LoraLoader "
                                 f"range {STRENGTH_RANGE[0]}..{STRENGTH_RANGE[1]}")
