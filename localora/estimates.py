@@ -45,6 +45,17 @@ PARAMS = {
     "google/gemma-3-12b-it": 12.2e9,
     "timm/vit_large_patch14_clip_224.openai": 0.43e9,
 }
+# The transformer bases per component (counted from the published configs in scripts/fullsize/ on
+# the meta device: scripts/fullsize_flow.py checks these), so that a quantized spec counts only
+# its denoiser and large text encoder (archs.Arch.quantize) at 4 or 8 bits.
+COMPONENT_PARAMS = {
+    "black-forest-labs/FLUX.1-dev": {"transformer": 11_901_408_320, "text_encoder_2": 4_762_310_656,
+                                     "text_encoder": 123_060_480, "vae": 83_819_683},
+    "black-forest-labs/FLUX.1-schnell": {"transformer": 11_891_178_560, "text_encoder_2": 4_762_310_656,
+                                         "text_encoder": 123_060_480, "vae": 83_819_683},
+    "Tongyi-MAI/Z-Image-Turbo": {"transformer": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
+}
+PARAMS.update({source: float(sum(parts.values())) for source, parts in COMPONENT_PARAMS.items()})
 # Bytes per parameter where a model's layers are not counted one by one (no config): nf4/int8
 # include quantization constants and a share of 16-bit layers (embeddings, lm_head, norms).
 BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.1, "nf4": 0.6}
@@ -253,6 +264,12 @@ def diffusion_bytes(spec: profiles.DiffusionSpec, dtype: str) -> int | None:
     separate VAE's) x bytes per parameter of its dtype, or of its quantization where the spec sets
     one (which applies to the denoiser and the large text encoder: archs.py)."""
     per = _precision(spec, dtype)
+    parts = COMPONENT_PARAMS.get(spec.source.removeprefix("hf-hub:"))
+    if parts is not None:
+        from localora import archs
+
+        quantized = archs.arch(spec.arch).quantize if per != dtype else ()
+        return int(sum(n * BYTES[per if part in quantized else dtype] for part, n in parts.items()))
     if estimate_bytes(spec.source, per) is None:
         return None
     return sum(estimate_bytes(s, per if s == spec.source else dtype) or 0 for s in (spec.source, spec.vae) if s)

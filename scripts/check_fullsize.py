@@ -16,6 +16,9 @@ random weights, a kohya LoRA with real key names, each method's step, and doctor
    processor settings of the profile's min/max pixels (the tokenizer is localora's tiny Qwen2
    tokenizer, its special tokens mapped into the real config: the vocabulary differs, the shapes
    and the visual-token count do not).
+5. Flux.1 and Z-Image (scripts/fullsize_flow.py): their components' parameters from the published
+   configs beside doctor's, kohya's Flux names for every block mapped by diffusers' converter onto
+   the full-size transformer, and one step of each method at full width (one block of each kind).
 Prints JSON (also written to --out). Fits 24 GB; about 5-10 minutes on 2 cores.
 """
 
@@ -319,6 +322,7 @@ def main() -> None:
     parser.add_argument("--out", default="fullsize.json")
     parser.add_argument("--skip-forward", action="store_true", help="Only counts and set_adapters (part 1-2).")
     parser.add_argument("--skip-vlm", action="store_true")
+    parser.add_argument("--skip-flow", action="store_true", help="Leave out Flux.1 and Z-Image (fullsize_flow.py).")
     args = parser.parse_args()
     os.environ.setdefault("LOCALORA_HOME", tempfile.mkdtemp(prefix="localora-fullsize-"))
     import resource
@@ -334,6 +338,14 @@ def main() -> None:
         report["sd15"] = methods_step("sd15", folder)
     if not args.skip_vlm and not args.skip_forward:
         report["vlm"] = vlm_call()
+    if not args.skip_flow:  # Flux.1 and Z-Image: scripts/fullsize_flow.py
+        import fullsize_flow
+
+        report["flow"] = {"counts": fullsize_flow.counts(), "kohya_flux": fullsize_flow.kohya_mapping()}
+        if not args.skip_forward:
+            folder = Path(tempfile.mkdtemp(prefix="localora-fullsize-flow-"))
+            for arch in fullsize_flow.PARTS:
+                report["flow"][f"{arch}_step"] = fullsize_flow.methods_step(arch, folder)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
     text = json.dumps(report, indent=1)

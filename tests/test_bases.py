@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,22 @@ def test_loras_inspect_names_base_format_rank_and_blocks(localora_home):
     assert lines["format"] == "kohya-ss" and lines["base"].startswith("Flux.1")
     assert lines["rank"] == "12"  # q, k and v of rank 4, fused as kohya writes them
     assert lines["blocks"] == "single 0-1, double 0-1"
+
+
+def test_kohya_flux_names_of_every_full_size_block_map_onto_the_full_size_transformer():
+    """Built on the meta device from Flux.1-dev's published config: every kohya key name of its 19
+    double and 38 single blocks (BFL's fused qkv and linear1 at 3072/12288) is read by diffusers'
+    own converter into layers of the transformer, of their shapes, none left over."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import fullsize_flow
+
+    mapping = fullsize_flow.kohya_mapping()
+    assert mapping["all_mapped"] and mapping["kohya_modules"] == 19 * 10 + 38 * 3, mapping
+
+
+def test_doctor_plans_flux_on_12_16_and_24_gb_and_names_pull(localora_home):
+    result = invoke("doctor", "--profile", "flux1-dev")
+    assert result.exit_code == 3
+    assert "localora pull flux1-dev" in result.output
+    for card in (12, 16, 24):
+        assert f"{card} GiB card (auto" in result.output

@@ -38,3 +38,12 @@ def test_full_size_shapes(tmp_path):
             assert report[arch][method]["finite"], (arch, method)
     assert report["vlm"]["new_tokens"] >= 1 and report["vlm"]["visual_tokens"] > 0
     assert report["set_adapters"]["lora_wrapped_layers"] > 500
+    flow = report["flow"]
+    assert flow["counts"]["flux"]["params"]["transformer"] == 11_901_408_320  # Flux.1-dev as published (11.9B)
+    assert flow["counts"]["flux"]["params"]["text_encoder_2"] == 4_762_310_656  # T5-XXL's encoder
+    assert abs(flow["counts"]["zimage"]["params"]["transformer"] - 6.15e9) <= 0.01 * 6.15e9  # Z-Image: "6B"
+    for arch in ("flux", "zimage"):
+        assert flow["counts"][arch]["doctor_error"] <= 0.01, arch
+        for method in ("merge", "switch", "composite"):
+            assert flow[f"{arch}_step"][method]["finite"], (arch, method)
+    assert flow["kohya_flux"]["all_mapped"], flow["kohya_flux"]
