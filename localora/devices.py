@@ -30,6 +30,7 @@ models are pinned once and reused at every later move.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +95,13 @@ def _free_memory(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return torch.cuda.mem_get_info(device)[0] + max(0, cached)
+    free = torch.cuda.mem_get_info(device)[0] + max(0, cached)
+    # $LOCALORA_VRAM_GB: a card of that size, on a bigger one (scripts/bench_gpu.py --vram also
+    # caps the allocator with set_per_process_memory_fraction, which mem_get_info does not see).
+    cap = os.environ.get("LOCALORA_VRAM_GB")
+    if cap:
+        free = min(free, max(0, int(float(cap) * 2**30) - torch.cuda.memory_reserved(device) + max(0, cached)))
+    return free
 
 
 def _modules(model: Any) -> list[tuple[str, torch.nn.Module]]:

@@ -1,12 +1,27 @@
 """Seconds and peak accelerator memory of each stage of one compose round, as JSON for a bug report.
 
     python scripts/bench_gpu.py [--profile sdxl-realistic] [--lora A --lora B ...] [--out bench_gpu.json]
+    python scripts/bench_gpu.py --random-fullsize [--quick | --smoke] [--vram 12|16|24] [--vlm NAME]
 
 Runs one real compose round (references, few-shot, generate, candidates, scores, feedback,
 refine, refined render) through the same code as `localora compose`, on a real profile when a
 GPU is present (default `tiny` without one, or when no --lora is given). Every model load or move
 and every step is a stage: its wall seconds, and on CUDA the peak memory allocated during it
 (torch.cuda.max_memory_allocated, reset after each stage) and the memory held after it.
+
+--random-fullsize needs no downloaded weights: the profile's full-size models are built from the
+configs shipped in the repository with random weights (scripts/fullsize_random.py: SDXL fp16 on a
+GPU, bf16 on a CPU; the VLM quantized nf4 at load where bitsandbytes can; CLIP-L), then one compose
+with Merge and one with Composite (N rounds, M candidates, 3 LoRAs of rank 32) and one judged pair
+of their finals. Per stage: seconds, renders, VLM calls and tokens, model loads and moves (bytes,
+seconds), peak memory; per model its bytes; JSON (--out) and a short table.
+    default   N=5, M=3, the profile's steps at its size (1024x1024)
+    --quick   N=2, M=2, 10 steps
+    --smoke   N=1, M=2, 1 step at 64x64 with Qwen2-VL-2B: the same code path, for a CPU
+              (tests/test_bench_gpu.py, marker fullsize)
+--vram GB caps the process's accelerator memory (set_per_process_memory_fraction, and
+$LOCALORA_VRAM_GB for the placement): what `auto` does on that card; a run that does not fit ends
+with "fits": false and what to change, not a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -56,7 +72,17 @@ class Recorder:
 
 
 def main() -> None:
+    if "--random-fullsize" in sys.argv:
+        import bench_fullsize
+
+        return bench_fullsize.main(sys.argv[1:])
+    main_profile()
+
+
+def main_profile() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--random-fullsize", action="store_true",
+                        help="Full-size models with random weights, no hub (see the docstring).")
     parser.add_argument("--profile", default=None, help="Default: sdxl-realistic with a GPU and --lora, else tiny.")
     parser.add_argument("--lora", action="append", default=[], help="A LoRA (name or path); at least two.")
     parser.add_argument("--candidates", type=int, default=3)
