@@ -22,6 +22,7 @@ from localora.bench.testbeds import CATEGORIES, Testbed, TestbedLora
 from localora.bench.variants import Variant
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
+from localora import profiles
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Catalog, Profile, VLMSpec, load_catalog
@@ -196,7 +197,13 @@ def plan(cfg: BenchConfig) -> Plan:
         if v.switch_every is not None and v.switch_every > steps:
             raise LocaloraError(f"--switch-every {v.switch_every} is larger than the {steps} denoising steps of profile "
                                 f"{profile.name}: Switch would never rotate; give intervals up to {steps}")
-    loras = bed.resolve(cfg.lora_dir)
+    lora_dir = cfg.lora_dir
+    if lora_dir is None and (bed.lora_dir or "").startswith("tiny:loras-") and profiles.is_tiny(profile.diffusion.source):
+        # a tiny testbed on another tiny base (tiny-flux, tiny-zimage): that base's demo LoRAs, same names
+        from localora import tiny
+
+        lora_dir = tiny.ensure(f"loras-{profile.diffusion.arch}")
+    loras = bed.resolve(lora_dir)
     return Plan(cfg, bed, profile, loras, tuple(Case(combo, s) for combo in sets for s in seeds), found, judges)
 
 
