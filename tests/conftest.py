@@ -65,15 +65,29 @@ def demo_loras(localora_home):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory, localora_home):
-    """`localora demo` from a clean LOCALORA_HOME, then a second demo in the same home: (home, first
-    run folder, second run folder). Each run's output (plain: stdout is a pipe) is kept beside its
-    folder as demo-N.log. One pair of runs for every test file that reads a finished demo."""
-    home = tmp_path_factory.mktemp("clean-home")
-    first, second = home.parent / "demo-1", home.parent / "demo-2"
-    for out in (first, second):
-        env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-m", "localora", "demo", "--out", str(out)], env=env, text=True,
+    """`localora demo` twice in a clean LOCALORA_HOME: (home, first run folder, second run folder).
+
+    The first is a new user's first run: it builds the tiny models, and writes to --out. The second
+    reuses them and the first run's few-shot library, and finds its folder through config.toml's
+    `out` (in support.DEMO_CONFIG, beside the home), started from an empty support.DEMO_CWD. Both
+    are subprocesses whose sockets cannot connect (support.no_network_env: every attempt is logged
+    in support.DEMO_NETWORK_LOG beside the home), without HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE.
+    Each run's output (plain: stdout is a pipe) is kept as demo-N.log beside the home. One pair of
+    end-to-end runs for every test that reads a finished demo (or a compose run's events and output)."""
+    from support import DEMO_CONFIG, DEMO_CWD, DEMO_NETWORK_LOG, no_network_env
+
+    root = tmp_path_factory.mktemp("demo")
+    home, config, cwd = root / "home", root / DEMO_CONFIG, root / DEMO_CWD
+    config.mkdir()
+    (config / "config.toml").write_text('out = "demo-runs"\n')
+    cwd.mkdir()
+    env = no_network_env(root / "site", root / DEMO_NETWORK_LOG, {**os.environ, "LOCALORA_HOME": str(home)})
+    runs = []
+    for n, (extra, run_env) in enumerate([(["--out", str(root / "demo-1")], env),
+                                          ([], {**env, "LOCALORA_CONFIG": str(config)})], 1):
+        proc = subprocess.run([sys.executable, "-m", "localora", "demo", *extra], env=run_env, cwd=cwd, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
         assert proc.returncode == 0, proc.stdout
-        out.with_suffix(".log").write_text(proc.stdout)
-    return home, first, second
+        (root / f"demo-{n}.log").write_text(proc.stdout)
+        runs.append(root / "demo-1" if extra else next((config / "demo-runs").iterdir()))
+    return home, runs[0], runs[1]
