@@ -38,6 +38,47 @@ def localora_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def _tiny_pipelines(localora_home):
+    """The session's loaded tiny diffusion pipelines, by (spec, device, dtype, folder)."""
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def shared_tiny_pipelines(request, _tiny_pipelines, monkeypatch):
+    """Every Renderer made in process (a CLI command run by CliRunner included) takes its tiny
+    pipeline from the session's: each is read from disk once per run instead of once per
+    command (about a second each, some fifty times).
+
+    Safe to share because a pipeline is shared in the product too (a bench's renderers, several
+    Renderers on one DeviceManager): adapters are keyed by file content and a render never depends
+    on one before it (test_scheduler_state checks that on freshly loaded pipelines). Only tiny
+    models, by their folder, device and dtype (LOCALORA_DTYPE), are shared; any other source (a
+    broken copy, a missing folder) loads, or fails, as it always does. A test about separate loads
+    is marked `own_pipelines`."""
+    if request.node.get_closest_marker("own_pipelines"):
+        return
+    from localora import profiles
+    from localora.diffusion import render
+    from localora.diffusion.pipeline import dtype_for
+
+    real = render.load_pipeline
+
+    def load_pipeline(spec, device):
+        if not spec.source.startswith("tiny:") or spec.vae:
+            return real(spec, device)
+        try:
+            folder = profiles.locate(spec.source, spec.name)
+        except Exception:
+            return real(spec, device)  # its own error, as without sharing
+        key = (spec, str(device), dtype_for(spec, device), str(folder))
+        if key not in _tiny_pipelines:
+            _tiny_pipelines[key] = real(spec, device)
+        return _tiny_pipelines[key]
+
+    monkeypatch.setattr(render, "load_pipeline", load_pipeline)
+
+
+@pytest.fixture(scope="session")
 def sdxl_renderer(localora_home):
     from localora.profiles import load_profile
     from localora.diffusion.render import Renderer
