@@ -39,6 +39,14 @@ def heavy_imports(*args, env: dict | None = None) -> tuple[int, list[str], str]:
     return report["code"], report["heavy"], proc.stdout
 
 
+def ctrl_c_works() -> None:
+    """preexec_fn of a CLI subprocess that a test stops with SIGINT: Ctrl-C's default action in it,
+    even when pytest runs with SIGINT ignored (a background job of a non-interactive shell does:
+    Python then leaves it ignored in every child, and the test's SIGINT would do nothing)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 # ------------------------------------------------------------------ no network
 
 # Put first on PYTHONPATH, this makes every TCP/UDP connect of the process fail and be recorded.

@@ -30,7 +30,7 @@ from localora.bench.plan import BenchConfig
 from localora.bench.store import DB_FILE
 from localora.cli import main
 from localora.runs import distributed as distributed_compose
-from support import one_error_line
+from support import ctrl_c_works, one_error_line
 
 pytest.importorskip("ray")
 
@@ -181,7 +181,7 @@ def test_a_stopped_driver_resumes_without_computing_a_stored_row_again(single, t
         # Its own process group: the Ray processes the driver starts are killed with it.
         return subprocess.Popen([sys.executable, "-m", "localora", *ARGS, "--out", str(out), "--plain", "--ray", "local",
                                  "--workers", "2", *extra], env=env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ctrl_c_works)
 
     proc, seen, lines = bench(), 0, []
     for line in proc.stdout:
