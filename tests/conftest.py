@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -44,7 +45,7 @@ def _tiny_pipelines(localora_home):
 
 
 @pytest.fixture(autouse=True)
-def shared_tiny_pipelines(request, _tiny_pipelines, monkeypatch):
+def shared_tiny_pipelines(request, _tiny_pipelines, localora_home, monkeypatch):
     """Every Renderer made in process (a CLI command run by CliRunner included) takes its tiny
     pipeline from the session's: each is read from disk once per run instead of once per
     command (about a second each, some fifty times).
@@ -53,9 +54,12 @@ def shared_tiny_pipelines(request, _tiny_pipelines, monkeypatch):
     Renderers on one DeviceManager): adapters are keyed by file content and a render never depends
     on one before it (test_scheduler_state checks that on freshly loaded pipelines). Only tiny
     models, by their folder, device and dtype (LOCALORA_DTYPE), are shared; any other source (a
-    broken copy, a missing folder) loads, or fails, as it always does. A test about separate loads
-    is marked `own_pipelines`."""
+    broken copy, a missing folder) loads, or fails, as it always does. The adapters a test adds,
+    other than the demo LoRAs', are deleted after it: nothing of one test's LoRAs stays, and
+    renders do not slow down as adapters pile up. A test about separate loads is marked
+    `own_pipelines`."""
     if request.node.get_closest_marker("own_pipelines"):
+        yield
         return
     from localora import profiles
     from localora.diffusion import render
@@ -75,7 +79,27 @@ def shared_tiny_pipelines(request, _tiny_pipelines, monkeypatch):
             _tiny_pipelines[key] = real(spec, device)
         return _tiny_pipelines[key]
 
+    def adapters(pipe) -> set[str]:
+        return {name for names in pipe.get_list_adapters().values() for name in names}
+
+    before = {id(pipe): adapters(pipe) for pipe in _tiny_pipelines.values()}
     monkeypatch.setattr(render, "load_pipeline", load_pipeline)
+    yield
+    if not _tiny_pipelines:
+        return
+    from localora import tiny
+    from localora.diffusion.pipeline import adapter_name
+    from localora.files import file_hash
+
+    demo = {adapter_name(file_hash(path)) for arch in ("sdxl", "sd15")
+            for path in (localora_home / "tiny" / f"v{tiny.VERSION}" / f"loras-{arch}").glob("*.safetensors")}
+    for pipe in _tiny_pipelines.values():
+        added = adapters(pipe) - demo - before.get(id(pipe), set())
+        if added:
+            # peft says which adapter it makes active instead; every render sets its own anyway.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
+                pipe.delete_adapters(sorted(added))
 
 
 @pytest.fixture(scope="session")
