@@ -228,6 +228,7 @@ def test_an_address_nobody_answers_is_one_line_in_seconds(tmp_path):
     assert time.monotonic() - started < 30 and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # starts a local Ray cluster (several seconds), as the other cluster runs
 def test_a_cluster_without_gpu_for_a_gpu_profile_is_one_line(tmp_path):
     result = bench_cli("--out", tmp_path / "b", "--ray", "local", "--profile", "sdxl-realistic")
     one_error_line(result, "has no GPU", "sdxl-realistic", "float16")
@@ -289,6 +290,7 @@ def test_compose_ray_needs_a_batch(tmp_path):
     one_error_line(result, "--ray", "--prompts FILE.jsonl")
 
 
+@pytest.mark.slow  # starts a local Ray cluster (several seconds), as the other cluster runs
 def test_a_node_without_a_lora_file_gets_the_drivers_bytes_once_under_its_name(tmp_path, monkeypatch):
     import ray
 
