@@ -19,14 +19,14 @@ from rich.console import Console
 
 from localora.search import fewshot
 from localora.cli import main
-from support import one_error_line
+from support import ctrl_c_works, one_error_line
 from localora.ui.live import LiveUI, PlainUI
 
 
 def localora(*args, home: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_works, **kw)
 
 
 def events(run: Path) -> list[dict]:
