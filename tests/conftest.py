@@ -91,7 +91,7 @@ def shared_tiny_pipelines(request, _tiny_pipelines, localora_home, monkeypatch):
     from localora.diffusion.pipeline import adapter_name
     from localora.files import file_hash
 
-    demo = {adapter_name(file_hash(path)) for arch in ("sdxl", "sd15")
+    demo = {adapter_name(file_hash(path)) for arch in ("sdxl", "sd15", "flux", "zimage")
             for path in (localora_home / "tiny" / f"v{tiny.VERSION}" / f"loras-{arch}").glob("*.safetensors")}
     for pipe in _tiny_pipelines.values():
         added = adapters(pipe) - demo - before.get(id(pipe), set())
