@@ -234,6 +234,25 @@ def test_commands_without_a_model_load_no_torch(runs, localora_home, command):
     assert out.strip(), command  # it answered
 
 
+# Each is refused on its arguments alone: before the fix, generate and compose imported the renderer
+# (and torch, 6-9 s) first, so the one error line came seconds late.
+USAGE_ERRORS = {
+    "generate unknown LoRA": ["generate", "a cat", "--profile", "tiny", "-l", "no-such-lora"],
+    "generate --width 65": ["generate", "a cat", "--profile", "tiny", "-l", "demo-character", "--width", "65"],
+    "generate --from missing": ["generate", "--from", "no-such.png"],
+    "compose unknown profile": ["compose", "a cat", "--profile", "no-such-profile"],
+    "compose --guidance nan": ["compose", "a cat", "--profile", "tiny", "-l", "demo-character", "-l", "demo-style",
+                               "--guidance", "nan"],
+    "compose --resume not a run": ["compose", "--resume", "."],
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_usage_errors_answer_before_torch_loads(demo_loras, tmp_path, case):
+    code, heavy, out = heavy_imports(*USAGE_ERRORS[case])
+    assert code in (USAGE, MISSING) and heavy == [], (code, heavy, out)
+
+
 # ------------------------------------------------------------------ shell completion
 
 @pytest.fixture

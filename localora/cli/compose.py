@@ -133,6 +133,7 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> 
 
 
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+    cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
@@ -216,9 +217,9 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
     command skips the finished lines and resumes an interrupted one.
     """
     from localora.profiles import load_profile
-    from localora.runs import session
     from localora.vlm.prompts import check_dir
 
+    # Every option is checked before localora.runs.session (and torch with it) is imported.
     jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
     if ray is not None and not jsonl:
         raise LocaloraError("--ray spreads a batch over a cluster: give --prompts FILE.jsonl (one compose per line)")
@@ -238,6 +239,11 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         given = None
         if lora_specs:
             given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog, lora_dirs)]
+        from localora.runs.folder import RunFolder
+
+        RunFolder.open(Path(resume), write=False)  # not a run folder: one line before torch loads
+        from localora.runs import session
+
         run, cfg, prof = session.reopen(Path(resume), given)
         _run(cfg, prof, run, plain, batch, as_json)
         return
