@@ -142,16 +142,19 @@ def test_compose_json_is_the_whole_stdout_and_matches_the_run_folder(runs):
 
 
 def test_quiet_prints_only_the_result_lines_with_the_json_numbers(runs):
-    _, loud, quiet = runs
+    root, loud, quiet = runs
     data = json.loads(loud.stdout)
     assert quiet.stderr == ""
     lines = quiet.stdout.splitlines()
     assert len(lines) == 2, quiet.stdout
-    m = re.fullmatch(r"final weights: (.*) \(round (\d+), (\d+) renders\)", lines[0])
+    m = re.fullmatch(r"final weights: (.*) \(round (\d+), (\d+) search renders of (\d+) images\)", lines[0])
     assert m, lines[0]
     weights = dict(kv.split("=") for kv in m[1].split(", "))
     assert {k: float(v) for k, v in weights.items()} == {k: round(v, 2) for k, v in data["weights"].items()}
     assert (int(m[2]), int(m[3])) == (data["iteration"], data["renders"])
+    # Every image, as the live view's "images" bar counts them (the LoRAs alone, the start, each round's).
+    events = [json.loads(x) for x in (root / "quiet" / "events.jsonl").read_text().splitlines()]
+    assert int(m[4]) == sum(e["type"] == "render" for e in events) > int(m[3])
     assert lines[1].startswith("run folder: ") and "final.png" in lines[1]
 
 
