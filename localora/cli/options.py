@@ -215,11 +215,13 @@ class LoraRequest:
 
 
 def announce_tiny_build(profile) -> None:
-    """A tiny profile's first use builds its models (about 20 s on 2 cores, printing nothing): say
-    so before it starts, on stderr (stdout may carry --json)."""
+    """A tiny profile's first use builds its diffusion model and demo LoRAs here (about 20 s on 2
+    cores, printing nothing): say so before it starts, on stderr (stdout may carry --json). Its
+    VLM and CLIP are built in a fraction of a second when first loaded, and only by commands that
+    load them, so they are not announced."""
     from localora import tiny, verbosity
 
-    missing = tiny.unbuilt([profile.diffusion.source, profile.vlm.source, profile.clip.source], profile.diffusion.arch)
+    missing = tiny.unbuilt([profile.diffusion.source], profile.diffusion.arch)
     if missing and not verbosity.quiet():
         click.echo(f"localora: building the tiny models once, offline (random weights, about 20 s): "
                    f"{', '.join(missing)} in {tiny.root()}", err=True)
