@@ -202,7 +202,7 @@ def test_live_view_renders_progress_candidates_and_feedback(demo):
             if e.get("id") == "iter2/scores":
                 console.print(ui.view())
     text = console.export_text()
-    for fragment in ("iterations", "renders", "iteration 2 candidates", "CLIP-T", "latest feedback", "ETA"):
+    for fragment in ("iterations", "images", "iteration 2 candidates", "CLIP-T", "latest feedback", "ETA"):
         assert fragment in text
 
 

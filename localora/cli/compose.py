@@ -32,6 +32,7 @@ class _Watch:
     def __init__(self, ui: Any):
         self.ui = ui
         self.done: dict[str, Any] | None = None
+        self.images = 0  # every image of the run, cached and recalled ones too: the live view's "images"
         self.stages: dict[str, list[float]] = {}  # stage -> [count, seconds]
 
     def _add(self, stage: str, seconds: float) -> None:
@@ -42,7 +43,10 @@ class _Watch:
     def event(self, event: dict[str, Any]) -> None:
         if event["type"] == "done":
             self.done = event
+        elif event["type"] == "resume":
+            self.images += event.get("renders", 0)
         elif event["type"] == "render":
+            self.images += 1
             self._add(f"render {event['role']}" + (" (cached)" if event.get("cached") else ""), event["seconds"])
         elif event["type"] == "vlm":
             self._add(f"vlm {event['step']}", event["seconds"])
@@ -88,9 +92,10 @@ class _Silent:
     def __exit__(self, *exc) -> None: ...
 
 
-def _ui(plain: bool, as_json: bool) -> Any:
+def _ui(plain: bool, as_json: bool, prof=None) -> Any:
     from rich.console import Console
 
+    from localora import profiles, tiny
     from localora.ui.live import LiveUI, PlainUI
 
     if verbosity.quiet():
@@ -98,7 +103,8 @@ def _ui(plain: bool, as_json: bool) -> Any:
     # With --json, stdout carries only the JSON document: progress goes to stderr.
     stream = sys.stderr if as_json else sys.stdout
     console = Console(file=stream, highlight=False, soft_wrap=True)
-    return PlainUI(console) if plain or not stream.isatty() else LiveUI(console)
+    note = tiny.NOTE if prof is not None and profiles.is_tiny(prof.diffusion.source) else ""
+    return PlainUI(console, note=note) if plain or not stream.isatty() else LiveUI(console, note=note)
 
 
 def summary(final, run, renders: int | None) -> dict[str, Any]:
@@ -108,8 +114,11 @@ def summary(final, run, renders: int | None) -> dict[str, Any]:
     return result(run.path, final.weights, final.iteration, renders)
 
 
-def summary_lines(d: dict[str, Any]) -> list[str]:
-    spent = "" if d["renders"] is None else f", {d['renders']} renders"
+def summary_lines(d: dict[str, Any], images: int | None = None) -> list[str]:
+    # "renders" is what the search spent (candidates and refined picks); `images` counts every
+    # image of the run as the live view does, so the two numbers are told apart, not contradicted.
+    spent = "" if d["renders"] is None else f", {d['renders']} search renders"
+    spent += f" of {images} images" if images and d["renders"] is not None else ""
     return ["final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in d["weights"].items())
             + f" (round {d['iteration']}{spent})",
             f"run folder: {d['run_folder']}   image: {d['image']}   report: {d['report']}"]
@@ -118,7 +127,7 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
 def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> None:
     from localora.runs import session
 
-    ui = _Watch(_ui(plain, as_json))
+    ui = _Watch(_ui(plain, as_json, prof))
     try:
         with ui:
             final = session.compose(cfg, prof, run, ui, batch=batch)
@@ -126,13 +135,14 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> 
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
         sys.exit(INTERRUPTED)
     data = summary(final, run, ui.done.get("renders") if ui.done else None)
-    emit(as_json, data, summary_lines(data))
+    emit(as_json, data, summary_lines(data, ui.images))
     if verbosity.verbose():
         for line in ui.timing_lines():
             click.echo(line, err=True)
 
 
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+    cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
@@ -216,9 +226,9 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
     command skips the finished lines and resumes an interrupted one.
     """
     from localora.profiles import load_profile
-    from localora.runs import session
     from localora.vlm.prompts import check_dir
 
+    # Every option is checked before localora.runs.session (and torch with it) is imported.
     jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
     if ray is not None and not jsonl:
         raise LocaloraError("--ray spreads a batch over a cluster: give --prompts FILE.jsonl (one compose per line)")
@@ -238,6 +248,11 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         given = None
         if lora_specs:
             given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog, lora_dirs)]
+        from localora.runs.folder import RunFolder
+
+        RunFolder.open(Path(resume), write=False)  # not a run folder: one line before torch loads
+        from localora.runs import session
+
         run, cfg, prof = session.reopen(Path(resume), given)
         _run(cfg, prof, run, plain, batch, as_json)
         return
@@ -321,7 +336,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
 
     items = batches.load(path, make_config)
     folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
-    ui = _ui(True, as_json)  # one line per event: a live view is one run's
+    ui = _ui(True, as_json, prof)  # one line per event: a live view is one run's
     again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
     try:
         with ui:

@@ -65,14 +65,20 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--judge-temperature", "--temperature", "temperature", default=None, type=float,
               help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
-@click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
+@click.option("--templates", "prompts_dir", default=None, type=click.Path(path_type=Path), metavar="DIR",
+              help="Folder with an overriding judge.txt and/or judge_system.txt (as compose --templates).")
+# The option's old name, kept so old command lines work; hidden, as compose's --prompts now names a batch.
+@click.option("--prompts", "old_prompts_dir", default=None, type=click.Path(path_type=Path), hidden=True)
 @json_option
 def judge(image_a: Path, image_b: Path, profile_name: str | None, vlm: str | None, elements: tuple[str, ...], repeats: int, seed: int,
-          temperature: float | None, prompts_dir: Path | None, as_json: bool) -> None:
+          temperature: float | None, prompts_dir: Path | None, old_prompts_dir: Path | None, as_json: bool) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
     scores and verdict, and win / tie / loss over the answers."""
     check_judging(repeats, temperature)
-    prompts_dir = check_dir(prompts_dir)
+    if prompts_dir is not None and old_prompts_dir is not None:
+        raise LocaloraError(f"--prompts {old_prompts_dir} is the old name of --templates; give --templates only")
+    option = "--prompts" if old_prompts_dir is not None else "--templates"
+    prompts_dir = check_dir(prompts_dir if old_prompts_dir is None else old_prompts_dir, option)
     parsed = [judging.parse_element(e) for e in elements]
     profile = profiles.load_profile(profile_name, vlm=vlm)
     model = _load_vlm(profile)

@@ -4,6 +4,8 @@
                              in the run folder (a relative link, never a URL)
     DIR/rounds/round-N.png   round N's candidates side by side, captioned (runs/sheet.py)
 
+    (tiny profile)   a note first: random weights, noise images, random text, how to run a real one
+
     Final pick       the image, its scores (CLIP-T, CLIP-I, objective), why it was picked (the
                      VLM's reason, the judge's points or the best objective), its A1111 infotext
     Models           what each model was (run.json's profile, the load event's detail), its size,
@@ -31,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from localora import events
+from localora import events, profiles, tiny
 from localora.files import atomic_write
 from localora.runs.folder import RunFolder
 from localora.runs.sheet import write_sheet
@@ -40,7 +42,7 @@ SHEETS = "rounds"  # contact sheets, one per round
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+h1{font-size:1.5em}.note{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em;border-radius:4px}h2{margin-top:2em;border-bottom:1px solid #ddd}
 .row{display:flex;flex-wrap:wrap;gap:14px}
 figure{margin:0;width:180px}figure img{width:180px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
 figcaption{font-size:12px;color:#444;word-break:break-word}
@@ -321,7 +323,11 @@ def build(run: RunFolder) -> str:
         return _figure(img(rel), caption, cls, link=rel)
     out: list[str] = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>localora run</title>"
                       f"<style>{CSS}</style></head><body>"]
-    out.append(f"<h1>localora compose</h1><p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
+    out.append("<h1>localora compose</h1>")
+    source = ((run.settings.get("profile_spec") or {}).get("diffusion") or {}).get("source", "")
+    if profiles.is_tiny(source):  # its noise images and random text must not look like a fault
+        out.append(f"<p class=note>{html.escape(tiny.NOTE)}</p>")
+    out.append(f"<p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
     out.append("<table><tr><th>LoRA</th><th>category</th><th>trigger words</th><th>file</th></tr>")
     for lo in settings.get("loras", []):
         out.append(f"<tr><td>{html.escape(lo['name'])}</td><td>{html.escape(str(lo['category']))}</td>"

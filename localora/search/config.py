@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from localora.diffusion.loras import Lora, with_triggers
-from localora.diffusion.render import RenderJob
+from localora.diffusion.job import RenderJob
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 from localora.files import file_hash
