@@ -64,8 +64,12 @@ class ComposeConfig:
             from localora.diffusion import blocks as blocklib
 
             blocklib.check_groups(self.blocks)
-            if spec is not None:
-                blocklib.layout(spec.arch, "--blocks")
+            if spec is not None and spec.arch not in blocklib.LAYOUTS:
+                from localora import archs
+
+                raise LocaloraError(f"--blocks {','.join(self.blocks)}: the {archs.label(spec.arch)} base has no block "
+                                    f"layout (LoRA Block Weight defines SD1.5's and SDXL's); drop --blocks to search "
+                                    f"one weight per LoRA, or use an SD1.5 or SDXL profile")
         lo, hi = self.bounds
         if len(self.loras) < 2:
             raise LocaloraError(f"compose needs at least 2 LoRAs to combine, got {len(self.loras)}; "
