@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from localora.cli import main
 from localora.diffusion import blocks as blocklib
 from localora.search.config import ComposeConfig
-from support import one_error_line
+from support import one_error_line, signal_after
 
 LORAS = ("demo-character", "demo-style")
 GROUPS = ("in", "mid", "out")
@@ -129,14 +129,7 @@ def test_a_killed_blocks_run_resumes_to_the_same_result(localora_home, uncut, tm
     total = len(events(uncut))
     stop_after = random.Random(9).randint(3, total - 3)
     proc = localora(*ARGS, "--out", tmp_path / "cut", home=home)
-    seen = 0
-    for line in proc.stdout:
-        if line.startswith("["):
-            seen += 1
-            if seen == stop_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.communicate(timeout=120)
+    signal_after(proc, stop_after, signal.SIGKILL)
     assert proc.returncode != 0
     before = events(tmp_path / "cut")
     done_before = {e["id"] for e in before if "id" in e}

@@ -300,8 +300,8 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
     choices = request.choices
     fixed = [c.lora.name for c in choices if c.lbw is not None]
     if fixed:  # the search sets every weight itself: a fixed lbw= would be dropped without a word
-        raise LocaloraError(f"compose searches one weight per LoRA; {', '.join(fixed)} has lbw= block weights, which "
-                            f"only generate renders: leave lbw= out here")
+        raise LocaloraError(f"compose searches every weight itself; {', '.join(fixed)} has lbw= block weights, which "
+                            f"only generate renders: leave lbw= out here (--blocks in,mid,out searches per block)")
     # In the order the method runs them (Switch: character first), so the run's LoRAs, start
     # weights and every render agree.
     loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])
