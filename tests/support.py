@@ -114,3 +114,16 @@ def no_network_env(site, log, env: dict | None = None) -> dict:
 # Beside the conftest demo's home: where its runs' refused connections, the second run's config
 # folder (config.toml: out = "demo-runs") and that run's working folder are.
 DEMO_NETWORK_LOG, DEMO_CONFIG, DEMO_CWD = "network.log", "demo-config", "demo-cwd"
+
+
+def signal_after(proc, lines: int, sig) -> None:
+    """Send `sig` to `proc` (a `--plain` localora run, stdout piped as text) once it has printed
+    `lines` event lines (those starting with "["), then wait for it to end."""
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("["):
+            seen += 1
+            if seen == lines:
+                proc.send_signal(sig)
+                break
+    proc.communicate(timeout=120)

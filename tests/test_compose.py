@@ -19,7 +19,7 @@ from rich.console import Console
 
 from localora.search import fewshot
 from localora.cli import main
-from support import ctrl_c_works, one_error_line
+from support import ctrl_c_works, one_error_line, signal_after
 from localora.ui.live import LiveUI, PlainUI
 
 
@@ -237,14 +237,7 @@ def test_killed_run_resumes_to_the_same_result(demo, uncut, tmp_path, sig):
 
     stop_after = random.Random(int(sig)).randint(3, total - 3)
     proc = localora(*args, "--out", tmp_path / "cut", home=cut_home)
-    seen = 0
-    for line in proc.stdout:
-        if line.startswith("["):
-            seen += 1
-            if seen == stop_after:
-                proc.send_signal(sig)
-                break
-    proc.communicate(timeout=120)
+    signal_after(proc, stop_after, sig)
     assert proc.returncode != 0
     before = events(tmp_path / "cut")
     done_before = {e["id"] for e in before if "id" in e}

@@ -23,6 +23,7 @@ from localora.bench.variants import Variant
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora import profiles
+from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Catalog, Profile, VLMSpec, load_catalog
@@ -58,6 +59,7 @@ class BenchConfig:
     candidates: int = 5
     profile: str | None = None  # None: the testbed's
     switch_every: tuple[int, ...] = ()  # ablation: Switch at each of these intervals, as variants
+    cache_interval: int | None = None  # --cache-interval: CMLoRA's refresh interval; None: Sampling's default
     drop_triggers: str | None = None  # ablation: each method without this category's trigger words
     no_fewshot: bool = False  # ablation: reflect without few-shot examples, beside reflect
     reference_seeds: tuple[int, ...] = DEFAULT_REFERENCE_SEEDS  # CLIP-I references, never a search seed
@@ -171,6 +173,9 @@ class Plan:
             "baseline": c.baseline, "repeats": c.repeats, "judge_temperature": c.temperature(), "iterations": c.iterations, "candidates": c.candidates,
             "fewshot_threshold": self.profile.clip.fewshot_threshold,
             "reference_seeds": list(c.reference_seeds),
+            # Only when it is not the default, so folders made before the option keep their settings.
+            **({"cache_interval": c.cache_interval}
+               if c.cache_interval not in (None, Sampling().cache_interval) else {}),
             # Only with --judges, so folders made before it keep their settings.
             **({"judges": [asdict(j) for j in self.judges]} if self.judges else {}),
         }

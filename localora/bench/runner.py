@@ -362,7 +362,9 @@ class _Runner:
     def _sampling(self, case: Case) -> Sampling:
         from localora.diffusion.sampling import Sampling
 
-        return Sampling(seed=case.seed, negative_prompt=self._negative())
+        interval = self.plan.cfg.cache_interval
+        return Sampling(seed=case.seed, negative_prompt=self._negative(),
+                        **({"cache_interval": interval} if interval is not None else {}))
 
     def _negative(self) -> str | None:
         """The testbed's negative prompt, on a base that has an unconditional pass to give it to

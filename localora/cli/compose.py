@@ -179,7 +179,14 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
                    + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @sampling_options
 @click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True,
-              help="--method switch: denoising steps per LoRA turn.")
+              help="--method switch: denoising steps per LoRA turn; cmlora: steps per dominant LoRA.")
+@click.option("--cache-interval", type=click.IntRange(min=0), default=2, show_default=True,
+              help="--method cmlora: steps between passes of every LoRA (between them only the dominant one "
+                   "runs); 0 is Composite.")
+@click.option("--blocks", default=None, metavar="GROUPS|PRESET",
+              help="Search one weight per LoRA and block group instead of one per LoRA: groups among te, in, "
+                   "mid, out (e.g. in,mid,out), or a preset: unet (in,mid,out), all (te,in,mid,out). "
+                   "SD1.5 and SDXL bases.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
 @click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Weight levels the few-shot design uses.")
@@ -203,7 +210,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @batch_option
 @json_option
 def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
-            method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
+            method, sampling, blocks, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
             prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
@@ -265,7 +272,7 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
     options = dict(iterations=iterations, candidates=candidates, bounds=bounds, search=search, budget=budget,
                    final_judge=final_judge, method=method, sampling=sampling, temperature=temperature,
                    no_fewshot=no_fewshot, fewshot_levels=fewshot_levels, fewshot_budget=fewshot_budget,
-                   fewshot_threshold=fewshot_threshold, prompts_dir=prompts_dir)
+                   fewshot_threshold=fewshot_threshold, prompts_dir=prompts_dir, blocks=blocks)
     if jsonl:
         if lora_specs:
             raise LocaloraError(f"--lora does not go with --prompts {jsonl}: give each line's LoRAs in its "
@@ -294,20 +301,22 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
                    lora_dirs: tuple[str, ...], *, iterations: int, candidates: int, bounds: str | None, search: str,
                    budget: int | None, final_judge: bool, method: str, sampling, temperature: float | None,
                    no_fewshot: bool, fewshot_levels: str, fewshot_budget: int | None,
-                   fewshot_threshold: float | None, prompts_dir: Path | None):
+                   fewshot_threshold: float | None, prompts_dir: Path | None, blocks: str | None = None):
     """compose's options -> the run's ComposeConfig: for its PROMPT, and for each batch line (its
     prompt, LoRAs and seed, the rest as the command line says)."""
+    from localora.diffusion import blocks as blocklib
     from localora.diffusion import methods
     from localora.search.config import ComposeConfig
 
+    groups = blocklib.groups_of(blocks)
     request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
     if not request.prompt:
         raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
     choices = request.choices
     fixed = [c.lora.name for c in choices if c.lbw is not None]
     if fixed:  # the search sets every weight itself: a fixed lbw= would be dropped without a word
-        raise LocaloraError(f"compose searches one weight per LoRA; {', '.join(fixed)} has lbw= block weights, which "
-                            f"only generate renders: leave lbw= out here")
+        raise LocaloraError(f"compose searches every weight itself; {', '.join(fixed)} has lbw= block weights, which "
+                            f"only generate renders: leave lbw= out here (--blocks in,mid,out searches per block)")
     # In the order the method runs them (Switch: character first), so the run's LoRAs, start
     # weights and every render agree.
     loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])
@@ -318,7 +327,7 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
         sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
-        temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,
+        temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None, blocks=groups,
     )
 
 
