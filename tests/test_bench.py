@@ -307,7 +307,7 @@ def test_report_on_a_folder_that_is_not_a_bench(tmp_path):
 
 def test_bench_with_an_unknown_method(tmp_path):
     one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge,lora-blend", "--out", tmp_path / "b"),
-                   "unknown method", "lora-blend", "merge, switch, composite, reflect")
+                   "unknown method", "lora-blend", "merge, switch, composite, cmlora, reflect")
     assert not (tmp_path / "b").exists()
 
 

@@ -36,7 +36,7 @@ def test_models_lists_profiles_and_availability():
     r = run("models")
     assert r.exit_code == 0, r.output
     assert "tiny" in r.output and "sdxl-realistic" in r.output
-    assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in r.output
+    assert "localora pull sdxl-realistic" in r.output
 
 
 def test_loras_inspect_prints_format_base_rank_and_triggers(demo_loras):

@@ -280,7 +280,7 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--out", blocker / "run"),
-                   "cannot write the run folder")
+                   "a part of the path is a file", "choose another --out")
 
 
 def test_resume_a_folder_that_is_not_a_run(tmp_path):

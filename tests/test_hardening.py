@@ -144,8 +144,8 @@ def _lora_file(path: Path, pairs: dict[str, tuple[int, int]], kohya: bool = Fals
 
 
 FOREIGN = {
-    "flux-diffusers": ("Flux", {"transformer.single_transformer_blocks.0.attn.to_k": (64, 64)}, False),
-    "flux-kohya": ("Flux", {"lora_unet_double_blocks_0_img_attn_qkv": (64, 192)}, True),
+    "flux-diffusers": ("Flux.1", {"transformer.single_transformer_blocks.0.attn.to_k": (64, 64)}, False),
+    "flux-kohya": ("Flux.1", {"lora_unet_double_blocks_0_img_attn_qkv": (64, 192)}, True),
     "sd3-diffusers": ("SD3", {"transformer.transformer_blocks.0.ff_context.net.0.proj": (64, 256)}, False),
     "sd3-kohya": ("SD3", {"lora_unet_joint_blocks_0_context_block_attn_qkv": (64, 192)}, True),
     "sd2": ("SD2", {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (1024, 320)}, False),
@@ -166,8 +166,9 @@ def test_flux_sd3_and_sd2_loras_are_recognised(tmp_path, kind):
 def test_a_foreign_base_lora_is_one_line_naming_both_bases(tmp_path, kind, profile, ours):
     base, pairs, kohya = FOREIGN[kind]
     f = _lora_file(tmp_path / f"{kind}.safetensors", pairs, kohya)
-    one_error_line(gen(f, tmp_path, profile), str(f), f"{base} LoRA", f"profile's base is {ours}",
-                   "renders SDXL and SD1.5 only")
+    # Flux.1 is a base localora renders (issue 23): the line says which profile to use instead.
+    fix = "use a profile with a Flux.1 base" if base == "Flux.1" else "localora renders SDXL, SD1.5, Flux.1, Z-Image"
+    one_error_line(gen(f, tmp_path, profile), str(f), f"{base} LoRA", f"profile's base is {ours}", fix)
 
 
 # ------------------------------------------------------------------ safetensors only, for models too

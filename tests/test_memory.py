@@ -365,11 +365,18 @@ def test_any_profile_gets_a_plan_once_its_size_is_known(monkeypatch):
         result = CliRunner().invoke(main, ["doctor", "--profile", "flux1-dev", "--vram", "16", "--json"])
         return json.loads(result.stdout)["plans"][0]
 
+    source = "black-forest-labs/FLUX.1-dev"
+    parts = estimates.COMPONENT_PARAMS[source]
+    monkeypatch.delitem(estimates.COMPONENT_PARAMS, source)
+    monkeypatch.delitem(estimates.PARAMS, source)
     assert plans()["verdict"] == "unknown"
-    monkeypatch.setitem(estimates.PARAMS, "black-forest-labs/FLUX.1-dev", 16.9e9)  # transformer, T5, CLIP-L, VAE
+    monkeypatch.setitem(estimates.COMPONENT_PARAMS, source, parts)  # transformer, T5, CLIP-L, VAE
     plan = plans()
     assert plan["verdict"] != "unknown"
-    assert plan["weights_gib"]["diffusion"] == round(16.9e9 * estimates.BYTES["nf4"] / GIB, 2)  # its nf4
+    # the nf4 transformer and T5, CLIP-L and the VAE in bf16
+    quantized = parts["transformer"] + parts["text_encoder_2"]
+    expected = quantized * estimates.BYTES["nf4"] + (sum(parts.values()) - quantized) * 2
+    assert plan["weights_gib"]["diffusion"] == round(expected / GIB, 2)
 
 
 def test_merge_batches_are_sized_from_the_first_render_measured_at_that_size(tmp_path, monkeypatch, localora_home):
