@@ -56,6 +56,7 @@ class Placement:
     bytes: int = 0  # the component's own size (parameters and buffers), once known
     done: bool = True
     detail: str = ""  # e.g. the quantization a VLM was actually loaded with
+    device: str = ""  # the device type the models run on ("cuda", "mps", "cpu"), for the live view's label
 
 
 @dataclass
@@ -321,12 +322,12 @@ class DeviceManager:
         if self.log:
             comp = self._components[name]
             self.log(Placement(name, action, 0.0, _memory(self.device), self.resident(), comp.size, done=False,
-                               detail=comp.source))
+                               detail=comp.source, device=self.device.type))
 
     def _record(self, name: str, action: str, start: float, comp: _Component, detail: str = "") -> None:
         detail = "; ".join(x for x in (comp.describe() if action == "load" else "", detail) if x)
         event = Placement(name, action, time.perf_counter() - start, _memory(self.device), self.resident(),
-                          comp.size, detail=detail)
+                          comp.size, detail=detail, device=self.device.type)
         self.history.append(event)
         if self.log:
             self.log(event)

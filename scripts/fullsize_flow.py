@@ -18,7 +18,6 @@ Each returns a dict for the JSON report.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,15 +74,16 @@ def counts() -> dict:
     return out
 
 
-def kohya_flux_names(transformer, rank: int = 1) -> dict:
+def kohya_flux_names(transformer, rank: int = 1, seed: int = 0) -> dict:
     """Every kohya Flux LoRA tensor for `transformer`'s blocks, rank 1, with small random values."""
     import torch
 
     from localora.export import keys
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     layers = {}
     for name, module in transformer.named_modules():
+        module = getattr(module, "base_layer", module)  # a layer that already carries a LoRA
         if not isinstance(module, torch.nn.Linear):
             continue
         try:
@@ -158,6 +158,7 @@ def methods_step(arch: str, folder: Path) -> dict:
     from localora.diffusion.sampling import Sampling
     from localora.profiles import DiffusionSpec
     from localora.export import keys
+    from localora.files import file_hash
 
     start = time.perf_counter()
     path = _reduced_pipeline(arch, folder / arch)
@@ -171,16 +172,17 @@ def methods_step(arch: str, folder: Path) -> dict:
     names, lora_layers = [], 0
     for i in range(3):
         if arch == "flux":
-            tensors, layers = kohya_flux_names(pipe.transformer, rank=4)
+            tensors, layers = kohya_flux_names(pipe.transformer, rank=4, seed=i)
         else:
             g = torch.Generator().manual_seed(i)
+            linears = {n: getattr(m, "base_layer", m) for n, m in pipe.transformer.named_modules()
+                       if n.startswith("layers.") and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
             layers = {n: (torch.randn(4, m.in_features, generator=g) * 0.01, torch.randn(m.out_features, 4, generator=g) * 0.01)
-                      for n, m in pipe.transformer.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.startswith("layers.") and ".attention." in n}
+                      for n, m in linears.items()}
             tensors = keys.kohya_transformer_tensors(layers, "zimage")
         file = folder / f"{arch}-{i}.safetensors"
         save_file(tensors, str(file), metadata={"ss_base_model_version": "flux1" if arch == "flux" else "zimage"})
-        name = adapter_name(f"{arch}{i:062d}")
+        name = adapter_name(file_hash(file))
         load_adapter(pipe, loras.Lora(file.stem, file), name, arch)
         names.append(name)
         lora_layers = len(layers)
@@ -205,4 +207,3 @@ def report(folder: Path | None = None) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(report(), indent=1))
-    _ = statistics  # the JSON is read by tests/test_fullsize.py

@@ -392,3 +392,17 @@ def test_doctor_plans_flux_on_12_16_and_24_gb_and_names_pull(localora_home):
     assert "localora pull flux1-dev" in result.output
     for card in (12, 16, 24):
         assert f"{card} GiB card (auto" in result.output
+
+
+@pytest.mark.slow
+def test_a_bench_runs_on_the_tiny_flux_base(localora_home, tmp_path):
+    """The tiny testbed (written for SDXL: its negative prompt, tiny:loras-sdxl) on tiny-flux: its
+    demo LoRAs of the same names, no negative prompt for a base without an unconditional pass."""
+    out = tmp_path / "bench"
+    result = invoke("bench", "--testbed", "tiny", "--profile", "tiny-flux", "--methods", "merge,composite",
+                    "--elements", "2", "--seeds", "0", "--out", out)
+    assert result.exit_code == 0, result.output
+    import sqlite3
+
+    with sqlite3.connect(out / "bench.sqlite") as db:
+        assert db.execute("select count(*) from results").fetchone()[0] == 4  # 2 sets x (merge, composite)

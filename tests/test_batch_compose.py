@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from localora.cli import main
 from localora.errors import INTERRUPTED
-from support import one_error_line
+from support import ctrl_c_works, one_error_line
 
 SMALL = ["-n", "1", "-c", "2", "--fewshot-levels", "0.5,1.0", "--steps", "2", "--width", "32", "--height", "32",
          "--plain"]
@@ -166,7 +166,7 @@ def test_a_changed_line_with_a_finished_folder_needs_a_new_out(batch, templates,
 
 def localora(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_works)
 
 
 @pytest.mark.slow

@@ -168,12 +168,16 @@ def test_a_folder_refuses_a_bench_with_other_settings(resumed):
 # ------------------------------------------------------------------ the report
 
 @pytest.fixture(scope="module")
-def reported(resumed):
-    """The 2-element bench plus a 3-element one in the same folder, then `localora report`."""
-    out = resumed[0]
-    result = cli("bench", "--testbed", "tiny", "--elements", "3", "--methods", "merge,switch", "--iterations", "1",
-                 "--candidates", "2", "--seeds", "0", "--out", out)
-    assert result.exit_code == 0, result.output
+def reported(tmp_path_factory, localora_home):
+    """A 2-element bench (its first set: every method and judged pair, in process) plus a 3-element
+    one in the same folder, then `localora report`. Its own folder, not the killed-and-resumed one
+    (slow), so the report is checked in the default run too."""
+    out = tmp_path_factory.mktemp("report") / "tiny"
+    for args in ((*ARGS, "--limit", "1"),
+                 ("bench", "--testbed", "tiny", "--elements", "3", "--methods", "merge,switch", "--iterations", "1",
+                  "--candidates", "2", "--seeds", "0")):
+        result = cli(*args, "--out", out)
+        assert result.exit_code == 0, result.output
     result = cli("report", out)
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -303,7 +307,7 @@ def test_report_on_a_folder_that_is_not_a_bench(tmp_path):
 
 def test_bench_with_an_unknown_method(tmp_path):
     one_error_line(cli("bench", "--testbed", "tiny", "--methods", "merge,lora-blend", "--out", tmp_path / "b"),
-                   "unknown method", "lora-blend", "merge, switch, composite, reflect")
+                   "unknown method", "lora-blend", "merge, switch, composite, cmlora, reflect")
     assert not (tmp_path / "b").exists()
 
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from localora.cli import main
 from localora.errors import EXIT_CODES, FAILED, INTERRUPTED, MISSING, USAGE
-from support import heavy_imports, one_error_line
+from support import ctrl_c_works, heavy_imports, one_error_line
 
 SMALL = ["--steps", "2", "--width", "32", "--height", "32"]
 # demo-character is given second: Switch runs the character first, so the run must reorder it.
@@ -31,7 +31,7 @@ LIBRARY_WARNING = "No LoRA keys associated"  # diffusers' warning on a UNet-only
 
 def localora(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_works, **kwargs)
 
 
 def finished(*args) -> subprocess.CompletedProcess:
@@ -116,7 +116,8 @@ def test_out_of_memory_exits_4_with_one_line():
 
 
 def test_ctrl_c_exits_130(tmp_path, demo_loras):
-    proc = localora(*COMPOSE, "--plain", "-o", tmp_path / "cut")
+    # Its own seed: whatever it renders before the signal never serves the runs fixture's renders.
+    proc = localora(*COMPOSE, "--seed", "11", "--plain", "-o", tmp_path / "cut")
     for line in proc.stdout:  # the first progress line: the run is under way
         if line.startswith("["):
             proc.send_signal(signal.SIGINT)
@@ -142,16 +143,19 @@ def test_compose_json_is_the_whole_stdout_and_matches_the_run_folder(runs):
 
 
 def test_quiet_prints_only_the_result_lines_with_the_json_numbers(runs):
-    _, loud, quiet = runs
+    root, loud, quiet = runs
     data = json.loads(loud.stdout)
     assert quiet.stderr == ""
     lines = quiet.stdout.splitlines()
     assert len(lines) == 2, quiet.stdout
-    m = re.fullmatch(r"final weights: (.*) \(round (\d+), (\d+) renders\)", lines[0])
+    m = re.fullmatch(r"final weights: (.*) \(round (\d+), (\d+) search renders of (\d+) images\)", lines[0])
     assert m, lines[0]
     weights = dict(kv.split("=") for kv in m[1].split(", "))
     assert {k: float(v) for k, v in weights.items()} == {k: round(v, 2) for k, v in data["weights"].items()}
     assert (int(m[2]), int(m[3])) == (data["iteration"], data["renders"])
+    # Every image, as the live view's "images" bar counts them (the LoRAs alone, the start, each round's).
+    events = [json.loads(x) for x in (root / "quiet" / "events.jsonl").read_text().splitlines()]
+    assert int(m[4]) == sum(e["type"] == "render" for e in events) > int(m[3])
     assert lines[1].startswith("run folder: ") and "final.png" in lines[1]
 
 
@@ -232,6 +236,25 @@ def test_commands_without_a_model_load_no_torch(runs, localora_home, command):
     code, heavy, out = heavy_imports(*args)
     assert code == 0 and heavy == [], (code, heavy, out)
     assert out.strip(), command  # it answered
+
+
+# Each is refused on its arguments alone: before the fix, generate and compose imported the renderer
+# (and torch, 6-9 s) first, so the one error line came seconds late.
+USAGE_ERRORS = {
+    "generate unknown LoRA": ["generate", "a cat", "--profile", "tiny", "-l", "no-such-lora"],
+    "generate --width 65": ["generate", "a cat", "--profile", "tiny", "-l", "demo-character", "--width", "65"],
+    "generate --from missing": ["generate", "--from", "no-such.png"],
+    "compose unknown profile": ["compose", "a cat", "--profile", "no-such-profile"],
+    "compose --guidance nan": ["compose", "a cat", "--profile", "tiny", "-l", "demo-character", "-l", "demo-style",
+                               "--guidance", "nan"],
+    "compose --resume not a run": ["compose", "--resume", "."],
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_usage_errors_answer_before_torch_loads(demo_loras, tmp_path, case):
+    code, heavy, out = heavy_imports(*USAGE_ERRORS[case])
+    assert code in (USAGE, MISSING) and heavy == [], (code, heavy, out)
 
 
 # ------------------------------------------------------------------ shell completion

@@ -105,3 +105,50 @@ def test_loop_equals_a_plain_restatement(setup, sdxl_renderer):
     relative = float((got - expected).abs().max() / expected.abs().max())
     assert relative <= 1e-5, relative
     assert not torch.equal(got, methods.composite(pipe, names, weights, PROMPT, replace(s, cache_interval=0)))
+
+
+# ------------------------------------------------------------------ --cache-interval in compose and bench
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from localora.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("interval", [0, 3])
+def test_compose_renders_cmlora_at_its_cache_interval(interval, tmp_path):
+    import json
+
+    from localora.export import read_source
+
+    out = tmp_path / "r"
+    result = _cli("compose", "a girl", "-l", "demo-character", "-l", "demo-style", "--method", "cmlora",
+                  "--cache-interval", interval, "-n", "1", "-c", "1", "--no-fewshot", "--steps", "4",
+                  "--width", "32", "--height", "32", "--plain", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["config"]["sampling"]["cache_interval"] == interval
+    info = read_source(out / "final.png").info
+    assert info.method == "cmlora" and info.cache_interval == interval
+
+
+def test_bench_cmlora_at_cache_interval_zero_is_composite(tmp_path):
+    import json
+    import sqlite3
+
+    from localora.bench.store import DB_FILE
+    from localora.export import read_source
+
+    out = tmp_path / "b"
+    result = _cli("bench", "--testbed", "tiny", "--elements", "2", "--limit", "1", "--methods",
+                  "composite,cmlora", "--judge-baseline", "composite", "--cache-interval", "0", "--seeds", "0",
+                  "--out", out)
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(out / DB_FILE) as conn:
+        rows = dict(conn.execute("SELECT method, image FROM results").fetchall())
+        settings = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()[0])
+    assert settings["cache_interval"] == 0
+    assert read_source(out / rows["cmlora"]).info.cache_interval == 0
+    pixels = {m: np.asarray(Image.open(out / rel).convert("RGB")) for m, rel in rows.items()}
+    assert np.array_equal(pixels["cmlora"], pixels["composite"])

@@ -19,14 +19,14 @@ from rich.console import Console
 
 from localora.search import fewshot
 from localora.cli import main
-from support import one_error_line
+from support import ctrl_c_works, one_error_line, signal_after
 from localora.ui.live import LiveUI, PlainUI
 
 
 def localora(*args, home: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "LOCALORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "localora", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_works, **kw)
 
 
 def events(run: Path) -> list[dict]:
@@ -202,7 +202,7 @@ def test_live_view_renders_progress_candidates_and_feedback(demo):
             if e.get("id") == "iter2/scores":
                 console.print(ui.view())
     text = console.export_text()
-    for fragment in ("iterations", "renders", "iteration 2 candidates", "CLIP-T", "latest feedback", "ETA"):
+    for fragment in ("iterations", "images", "iteration 2 candidates", "CLIP-T", "latest feedback", "ETA"):
         assert fragment in text
 
 
@@ -237,14 +237,7 @@ def test_killed_run_resumes_to_the_same_result(demo, uncut, tmp_path, sig):
 
     stop_after = random.Random(int(sig)).randint(3, total - 3)
     proc = localora(*args, "--out", tmp_path / "cut", home=cut_home)
-    seen = 0
-    for line in proc.stdout:
-        if line.startswith("["):
-            seen += 1
-            if seen == stop_after:
-                proc.send_signal(sig)
-                break
-    proc.communicate(timeout=120)
+    signal_after(proc, stop_after, sig)
     assert proc.returncode != 0
     before = events(tmp_path / "cut")
     done_before = {e["id"] for e in before if "id" in e}
@@ -287,7 +280,7 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     one_error_line(compose("x", "-l", "demo-style", "-l", "demo-character", "--out", blocker / "run"),
-                   "cannot write the run folder")
+                   "a part of the path is a file", "choose another --out")
 
 
 def test_resume_a_folder_that_is_not_a_run(tmp_path):

@@ -4,9 +4,6 @@ model loads once, the 4-bit VLM is moved and never reloaded, and each load is an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -97,14 +94,11 @@ def test_plan_for_a_card():
 
 
 @pytest.fixture(scope="module")
-def compose_run(tmp_path_factory, localora_home):
-    out = tmp_path_factory.mktemp("placement") / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "localora", "compose", "a girl", "-l", "demo-character",
-                           "-l", "demo-style", "-n", "2", "-c", "2", "--no-fewshot", "--plain", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc.stdout
+def compose_run(demo):
+    """A compose run's folder and plain output: the conftest demo's first run (the demo is compose
+    on the tiny profile, few-shot stage included), shared with the other tests that read it."""
+    _, run, _ = demo
+    return run, run.with_suffix(".log").read_text()
 
 
 def test_a_compose_run_loads_each_model_once_and_the_vlm_in_4_bit(compose_run):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -194,7 +195,11 @@ def test_export_to_diffusers_writes_a_script_that_redoes_the_merge(merged, tmp_p
     for lora in job.loras:
         shutil.copyfile(lora.path, tmp_path / lora.path.name)
     monkeypatch.chdir(tmp_path)
-    exec(code, {"__name__": "__main__"})
+    # Without the deprecated torch_dtype (diffusers 0.40+, pipeline_utils._resolve_dtype warns on it).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*")
+        exec(code, {"__name__": "__main__"})
+    assert "torch_dtype=" not in script
     assert np.array_equal(np.asarray(Image.open(tmp_path / "render.png").convert("RGB")), np.asarray(rendered.image))
 
 

@@ -224,6 +224,7 @@ def oom() -> torch.cuda.OutOfMemoryError:
     return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
 
+@pytest.mark.own_pipelines  # its OOM hook stays on the UNet it hooks: not the session's shared one
 def test_an_oom_on_the_first_composite_render_is_retried_once_in_the_whole_run(tmp_path, localora_home, demo_loras):
     """A card that holds one LoRA's UNet rows (2) but not two (4): the first Composite render runs
     out, and every later one starts from the split that fit."""
@@ -290,6 +291,7 @@ def test_a_single_render_that_runs_out_of_memory_falls_back_and_completes(tmp_pa
     assert devices.releases == 1  # memory really was short: one empty_cache()
 
 
+@pytest.mark.own_pipelines  # the fallbacks (VAE tiling) change the pipeline: not the session's shared one
 def test_an_oom_with_nothing_left_to_try_is_one_error_line(tmp_path, localora_home, demo_loras):
     from localora.diffusion.render import Renderer, RenderJob
     from localora.diffusion.sampling import Sampling
@@ -306,6 +308,7 @@ def test_an_oom_with_nothing_left_to_try_is_one_error_line(tmp_path, localora_ho
     assert not any(Path(tmp_path).rglob("*.png"))  # nothing half-made entered the cache
 
 
+@pytest.mark.own_pipelines  # the fallbacks (VAE tiling) change the pipeline: not the session's shared one
 def test_a_merge_batch_that_runs_out_of_memory_is_split_once_for_the_run(tmp_path, localora_home, demo_loras):
     from localora.diffusion.render import Renderer, RenderJob
     from localora.diffusion.sampling import Sampling
@@ -365,11 +368,18 @@ def test_any_profile_gets_a_plan_once_its_size_is_known(monkeypatch):
         result = CliRunner().invoke(main, ["doctor", "--profile", "flux1-dev", "--vram", "16", "--json"])
         return json.loads(result.stdout)["plans"][0]
 
+    source = "black-forest-labs/FLUX.1-dev"
+    parts = estimates.COMPONENT_PARAMS[source]
+    monkeypatch.delitem(estimates.COMPONENT_PARAMS, source)
+    monkeypatch.delitem(estimates.PARAMS, source)
     assert plans()["verdict"] == "unknown"
-    monkeypatch.setitem(estimates.PARAMS, "black-forest-labs/FLUX.1-dev", 16.9e9)  # transformer, T5, CLIP-L, VAE
+    monkeypatch.setitem(estimates.COMPONENT_PARAMS, source, parts)  # transformer, T5, CLIP-L, VAE
     plan = plans()
     assert plan["verdict"] != "unknown"
-    assert plan["weights_gib"]["diffusion"] == round(16.9e9 * estimates.BYTES["nf4"] / GIB, 2)  # its nf4
+    # the nf4 transformer and T5, CLIP-L and the VAE in bf16
+    quantized = parts["transformer"] + parts["text_encoder_2"]
+    expected = quantized * estimates.BYTES["nf4"] + (sum(parts.values()) - quantized) * 2
+    assert plan["weights_gib"]["diffusion"] == round(expected / GIB, 2)
 
 
 def test_merge_batches_are_sized_from_the_first_render_measured_at_that_size(tmp_path, monkeypatch, localora_home):

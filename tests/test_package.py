@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -131,7 +132,8 @@ def test_prompt_precedence(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind, what", [("missing", "no such folder"), ("file", "not a folder")])
 @pytest.mark.parametrize("command", ["compose", "judge"])
-def test_prompts_option_naming_no_folder_is_one_error_line(tmp_path, command, kind, what):
+@pytest.mark.parametrize("option", ["--templates", "--prompts"])  # judge's --prompts: the hidden old name
+def test_prompts_option_naming_no_folder_is_one_error_line(tmp_path, command, kind, what, option):
     bad = tmp_path / "prompts"
     if kind == "file":
         bad.write_text("not a folder")
@@ -139,6 +141,13 @@ def test_prompts_option_naming_no_folder_is_one_error_line(tmp_path, command, ki
     image.write_bytes(b"")  # judge's arguments must exist; the check comes before anything reads them
     args = {"compose": ["compose", "x", "-l", "demo-style", "-l", "demo-character", "--out", str(tmp_path / "r")],
             "judge": ["judge", str(image), str(image), "--element", "style (S): s"]}[command]
-    result = CliRunner().invoke(main, [*args, "--prompts", str(bad)])
-    one_error_line(result, f"--prompts {bad}", what)
+    result = CliRunner().invoke(main, [*args, option, str(bad)])
+    one_error_line(result, f"{option} {bad}", what)
     assert not (tmp_path / "r").exists()
+
+
+def test_judge_names_its_templates_option_as_compose_does():
+    from localora.cli.evaluate import judge
+
+    shown = judge.get_help(click.Context(judge))
+    assert "--templates DIR" in shown and "--prompts" not in shown

@@ -30,7 +30,7 @@ from localora.bench.plan import BenchConfig
 from localora.bench.store import DB_FILE
 from localora.cli import main
 from localora.runs import distributed as distributed_compose
-from support import one_error_line
+from support import ctrl_c_works, one_error_line
 
 pytest.importorskip("ray")
 
@@ -181,7 +181,7 @@ def test_a_stopped_driver_resumes_without_computing_a_stored_row_again(single, t
         # Its own process group: the Ray processes the driver starts are killed with it.
         return subprocess.Popen([sys.executable, "-m", "localora", *ARGS, "--out", str(out), "--plain", "--ray", "local",
                                  "--workers", "2", *extra], env=env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ctrl_c_works)
 
     proc, seen, lines = bench(), 0, []
     for line in proc.stdout:
@@ -228,6 +228,7 @@ def test_an_address_nobody_answers_is_one_line_in_seconds(tmp_path):
     assert time.monotonic() - started < 30 and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # starts a local Ray cluster (several seconds), as the other cluster runs
 def test_a_cluster_without_gpu_for_a_gpu_profile_is_one_line(tmp_path):
     result = bench_cli("--out", tmp_path / "b", "--ray", "local", "--profile", "sdxl-realistic")
     one_error_line(result, "has no GPU", "sdxl-realistic", "float16")
@@ -289,6 +290,7 @@ def test_compose_ray_needs_a_batch(tmp_path):
     one_error_line(result, "--ray", "--prompts FILE.jsonl")
 
 
+@pytest.mark.slow  # starts a local Ray cluster (several seconds), as the other cluster runs
 def test_a_node_without_a_lora_file_gets_the_drivers_bytes_once_under_its_name(tmp_path, monkeypatch):
     import ray
 

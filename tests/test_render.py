@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from localora.profiles import load_profile
 from localora.diffusion.render import Renderer, RenderJob
@@ -16,6 +17,7 @@ def job(loras, weights=(1.0, 0.5, 0.8), seed=4, method="merge", **sampling):
                      Sampling(seed=seed, steps=3, width=32, height=32, **sampling))
 
 
+@pytest.mark.own_pipelines  # two loads of the model, not one pipeline twice
 def test_same_inputs_give_identical_images_across_renderers(demo_loras, tmp_path):
     profile = load_profile("tiny")
     a = Renderer(profile, cache_dir=tmp_path / "a").render(job(demo_loras["sdxl"], method="composite"))

@@ -92,7 +92,8 @@ def test_generate_from_a_stock_a1111_png_resolves_its_tags(made, demo_loras, tmp
 def test_generate_from_bad_input_is_one_line(made, tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
-    one_error_line(run("generate", "--from", plain), str(plain), "no A1111 or localora metadata")
+    one_error_line(run("generate", "--from", plain), str(plain), "no A1111 or localora metadata", "give a PNG")
+    assert "export" not in run("generate", "--from", plain).output  # generate is not exporting anything
     one_error_line(run("generate", "--from", made[0], "--seed", "5"), "--from takes every setting", "--seed")
     one_error_line(run("generate", "x", "--from", made[0], "-l", "demo-style"), "PROMPT", "--lora")
     stock = tmp_path / "stock.png"

@@ -19,7 +19,7 @@ from localora.cli import main
 from localora.errors import LocaloraError
 from localora.search.blackbox import cmaes_search, random_search
 from localora.search.candidates import Taken, complete, round_rng
-from support import one_error_line
+from support import one_error_line, signal_after
 
 BOUNDS = (0.0, 1.5)
 
@@ -164,14 +164,7 @@ def test_a_killed_cmaes_run_resumes_to_the_same_result_without_redoing_a_render(
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "cut")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stop_after = random.Random(7).randint(5, 9)  # some line between the second reference and the last round
-    seen = 0
-    for line in proc.stdout:
-        if line.startswith("["):
-            seen += 1
-            if seen == stop_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.communicate(timeout=120)
+    signal_after(proc, stop_after, signal.SIGKILL)
     before = events(tmp_path / "cut")
     assert not (tmp_path / "cut" / "final.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "localora", "compose", "--resume", str(tmp_path / "cut"), "--plain"],

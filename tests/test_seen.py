@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
+from localora import tiny
 from localora.devices import Placement
 from localora.ui.live import LiveUI, PlainUI
 from localora.ui.progress import PlainProgress
@@ -41,6 +42,47 @@ def render(step: str, seconds: float, role: str = "reference", cached: bool = Fa
 
 
 # ------------------------------------------------------------------ the live view
+
+def frames(ui: LiveUI, clock: Clock, times: list[float]) -> list[str]:
+    """The view as a terminal shows it at each time (the console's clock is the test's)."""
+    out = []
+    for t in times:
+        clock.now = t
+        console = Console(record=True, width=120, force_terminal=True, get_time=clock)
+        console.print(ui.view())
+        out.append(console.export_text())
+    return out
+
+
+def test_the_live_view_over_time_spins_and_says_only_what_is_true():
+    """Issue 27 item 8: the spinner drew only its first frame (a new Spinner every refresh), a
+    cached run showed "denoising 0/0", a CPU-only run "GPU: vlm, clip 0.0 GiB", and the last table
+    kept the title "iteration 2 candidates" over the refined picks."""
+    clock = Clock()
+    ui = LiveUI(Console(record=True, width=120, force_terminal=True), clock=clock, note="tiny profile: random")
+    ui.event({**START, "iterations": 2})
+    ui.placement(Placement("vlm", "load", 0.0, 0, (), done=False, detail="tiny-qwen2-vl", device="cpu"))
+    shots = frames(ui, clock, [100.0, 100.1, 100.2, 100.3])
+    spinner = [next(ln for ln in f.splitlines() if "loading vlm" in ln).split("loading")[0] for f in shots]
+    assert len(set(spinner)) == 4, spinner  # a new frame each time the view is drawn later
+    ui.placement(Placement("vlm", "load", 1.0, 0, ("vlm", "clip"), bytes=2**20, device="cpu"))
+    for step in ("ref/0", "ref/1", "start"):
+        ui.event(render(step, 0.0, cached=True))  # every image from the cache: no step is ever reported
+    ui.event({"type": "iteration", "iteration": 2})
+    ui.event({"type": "scores", "id": "iter2/scores", "candidates": [{"a": 0.5, "b": 0.5}], "clip_t": [0.3]})
+    text = frames(ui, clock, [101.0])[0]
+    assert text.splitlines()[0] == "tiny profile: random"  # the note above everything
+    assert "denoising" not in text and "0/0" not in text
+    assert "CPU: vlm, clip" in text and "GPU" not in text and "GiB" not in text
+    assert "iteration 2 candidates" in text and "images" in text and "3/" in text
+    ui.event({"type": "scores", "id": "final/scores", "candidates": [{"a": 0.5, "b": 0.5}, {"a": 1.0, "b": 0.0}],
+              "images": ["images/iter1/refined.png", "images/iter2/refined.png"], "objective": [0.8, 0.7]})
+    text = frames(ui, clock, [102.0])[0]
+    assert "refined picks (one per iteration)" in text and "iteration 2 candidates" not in text
+    # A card reports its memory.
+    ui.placement(Placement("clip", "to-device", 0.1, 3 * 2**29, ("clip",), device="cuda"))
+    assert "GPU: clip  1.5 GiB" in frames(ui, clock, [103.0])[0]
+
 
 def test_the_spinner_says_which_model_loads_then_the_vlm_tokens_then_the_step():
     ui = LiveUI(Console(record=True, width=120, force_terminal=True))
@@ -308,9 +350,15 @@ def test_a_demo_run_says_what_it_does_at_once_and_its_report_says_why_and_how_we
 
     _, run, _ = demo
     lines = run.with_suffix(".log").read_text().splitlines()
-    # The first line, before the start event and any model load, names the run and its models.
-    assert lines[0].startswith(f"localora: run {run}, profile tiny") and "vlm tiny-qwen2-vl" in lines[0]
-    assert lines[1].startswith("[") and " start " in lines[1]
+    # From a clean home: the first line says the tiny models are being built (issue 27 item 12),
+    # before the build; then the note that they are random; then, before the start event and any
+    # model load, the run and its models.
+    assert lines[0].startswith("localora: building the tiny models once") and "sdxl" in lines[0]
+    assert lines[1] == f"note: {tiny.NOTE}"
+    assert lines[2].startswith(f"localora: run {run}, profile tiny") and "vlm tiny-qwen2-vl" in lines[2]
+    assert lines[3].startswith("[") and " start " in lines[3]
+    again = run.with_name("demo-2").with_suffix(".log").read_text().splitlines()
+    assert again[0] == f"note: {tiny.NOTE}"  # built already: nothing to announce
     log = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     select = next(e for e in log if e.get("id") == "select")
     # The grammar bounds the reason (gpt4lora.SELECT_REASON_CHARS), and the number is in range.
@@ -318,6 +366,7 @@ def test_a_demo_run_says_what_it_does_at_once_and_its_report_says_why_and_how_we
     done = next(e for e in log if e["type"] == "done")
     assert done["iteration"] == select["value"]["choice"]
     page = (run / "report.html").read_text()
+    assert f"<p class=note>{html.escape(tiny.NOTE)}</p>" in page
     assert html.escape(select["value"]["reason"]) in page
     scores = next(e for e in log if e.get("id") == "final/scores")
     refined = [e for e in log if e.get("role") == "refined"]

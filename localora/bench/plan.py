@@ -22,6 +22,8 @@ from localora.bench.testbeds import CATEGORIES, Testbed, TestbedLora
 from localora.bench.variants import Variant
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
+from localora import profiles
+from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 from localora.files import file_hash
 from localora.profiles import Catalog, Profile, VLMSpec, load_catalog
@@ -57,6 +59,7 @@ class BenchConfig:
     candidates: int = 5
     profile: str | None = None  # None: the testbed's
     switch_every: tuple[int, ...] = ()  # ablation: Switch at each of these intervals, as variants
+    cache_interval: int | None = None  # --cache-interval: CMLoRA's refresh interval; None: Sampling's default
     drop_triggers: str | None = None  # ablation: each method without this category's trigger words
     no_fewshot: bool = False  # ablation: reflect without few-shot examples, beside reflect
     reference_seeds: tuple[int, ...] = DEFAULT_REFERENCE_SEEDS  # CLIP-I references, never a search seed
@@ -170,6 +173,9 @@ class Plan:
             "baseline": c.baseline, "repeats": c.repeats, "judge_temperature": c.temperature(), "iterations": c.iterations, "candidates": c.candidates,
             "fewshot_threshold": self.profile.clip.fewshot_threshold,
             "reference_seeds": list(c.reference_seeds),
+            # Only when it is not the default, so folders made before the option keep their settings.
+            **({"cache_interval": c.cache_interval}
+               if c.cache_interval not in (None, Sampling().cache_interval) else {}),
             # Only with --judges, so folders made before it keep their settings.
             **({"judges": [asdict(j) for j in self.judges]} if self.judges else {}),
         }
@@ -196,7 +202,13 @@ def plan(cfg: BenchConfig) -> Plan:
         if v.switch_every is not None and v.switch_every > steps:
             raise LocaloraError(f"--switch-every {v.switch_every} is larger than the {steps} denoising steps of profile "
                                 f"{profile.name}: Switch would never rotate; give intervals up to {steps}")
-    loras = bed.resolve(cfg.lora_dir)
+    lora_dir = cfg.lora_dir
+    if lora_dir is None and (bed.lora_dir or "").startswith("tiny:loras-") and profiles.is_tiny(profile.diffusion.source):
+        # a tiny testbed on another tiny base (tiny-flux, tiny-zimage): that base's demo LoRAs, same names
+        from localora import tiny
+
+        lora_dir = tiny.ensure(f"loras-{profile.diffusion.arch}")
+    loras = bed.resolve(lora_dir)
     return Plan(cfg, bed, profile, loras, tuple(Case(combo, s) for combo in sets for s in seeds), found, judges)
 
 

@@ -349,7 +349,7 @@ class _Runner:
             out[lora.name] = []
             for seed in self.plan.cfg.reference_seeds:
                 if (lora.name, seed) not in self._refs:
-                    sampling = Sampling(seed=seed, negative_prompt=self.plan.testbed.negative_prompt)
+                    sampling = Sampling(seed=seed, negative_prompt=self._negative())
                     rendered = self.renderer.render(reference_job(self.plan.testbed.prompt, lora, sampling))
                     rel = f"images/references/{lora.name}-s{seed}.png"
                     # a copy of the cached PNG: its pixels and its metadata, as every bench image
@@ -362,7 +362,16 @@ class _Runner:
     def _sampling(self, case: Case) -> Sampling:
         from localora.diffusion.sampling import Sampling
 
-        return Sampling(seed=case.seed, negative_prompt=self.plan.testbed.negative_prompt)
+        interval = self.plan.cfg.cache_interval
+        return Sampling(seed=case.seed, negative_prompt=self._negative(),
+                        **({"cache_interval": interval} if interval is not None else {}))
+
+    def _negative(self) -> str | None:
+        """The testbed's negative prompt, on a base that has an unconditional pass to give it to
+        (Flux.1 has none: the testbed's default is left out there, not an error)."""
+        from localora import archs
+
+        return self.plan.testbed.negative_prompt if archs.arch(self.plan.profile.diffusion.arch).negative_prompt else None
 
     def _save(self, source: Path, case: Case, name: str) -> str:
         """A copy of the PNG as rendered (cache or run folder): pixels and metadata, byte for byte."""

@@ -32,6 +32,7 @@ class _Watch:
     def __init__(self, ui: Any):
         self.ui = ui
         self.done: dict[str, Any] | None = None
+        self.images = 0  # every image of the run, cached and recalled ones too: the live view's "images"
         self.stages: dict[str, list[float]] = {}  # stage -> [count, seconds]
 
     def _add(self, stage: str, seconds: float) -> None:
@@ -42,7 +43,10 @@ class _Watch:
     def event(self, event: dict[str, Any]) -> None:
         if event["type"] == "done":
             self.done = event
+        elif event["type"] == "resume":
+            self.images += event.get("renders", 0)
         elif event["type"] == "render":
+            self.images += 1
             self._add(f"render {event['role']}" + (" (cached)" if event.get("cached") else ""), event["seconds"])
         elif event["type"] == "vlm":
             self._add(f"vlm {event['step']}", event["seconds"])
@@ -88,9 +92,10 @@ class _Silent:
     def __exit__(self, *exc) -> None: ...
 
 
-def _ui(plain: bool, as_json: bool) -> Any:
+def _ui(plain: bool, as_json: bool, prof=None) -> Any:
     from rich.console import Console
 
+    from localora import profiles, tiny
     from localora.ui.live import LiveUI, PlainUI
 
     if verbosity.quiet():
@@ -98,7 +103,8 @@ def _ui(plain: bool, as_json: bool) -> Any:
     # With --json, stdout carries only the JSON document: progress goes to stderr.
     stream = sys.stderr if as_json else sys.stdout
     console = Console(file=stream, highlight=False, soft_wrap=True)
-    return PlainUI(console) if plain or not stream.isatty() else LiveUI(console)
+    note = tiny.NOTE if prof is not None and profiles.is_tiny(prof.diffusion.source) else ""
+    return PlainUI(console, note=note) if plain or not stream.isatty() else LiveUI(console, note=note)
 
 
 def summary(final, run, renders: int | None) -> dict[str, Any]:
@@ -108,8 +114,11 @@ def summary(final, run, renders: int | None) -> dict[str, Any]:
     return result(run.path, final.weights, final.iteration, renders)
 
 
-def summary_lines(d: dict[str, Any]) -> list[str]:
-    spent = "" if d["renders"] is None else f", {d['renders']} renders"
+def summary_lines(d: dict[str, Any], images: int | None = None) -> list[str]:
+    # "renders" is what the search spent (candidates and refined picks); `images` counts every
+    # image of the run as the live view does, so the two numbers are told apart, not contradicted.
+    spent = "" if d["renders"] is None else f", {d['renders']} search renders"
+    spent += f" of {images} images" if images and d["renders"] is not None else ""
     return ["final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in d["weights"].items())
             + f" (round {d['iteration']}{spent})",
             f"run folder: {d['run_folder']}   image: {d['image']}   report: {d['report']}"]
@@ -118,7 +127,7 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
 def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> None:
     from localora.runs import session
 
-    ui = _Watch(_ui(plain, as_json))
+    ui = _Watch(_ui(plain, as_json, prof))
     try:
         with ui:
             final = session.compose(cfg, prof, run, ui, batch=batch)
@@ -126,13 +135,14 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> 
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
         sys.exit(INTERRUPTED)
     data = summary(final, run, ui.done.get("renders") if ui.done else None)
-    emit(as_json, data, summary_lines(data))
+    emit(as_json, data, summary_lines(data, ui.images))
     if verbosity.verbose():
         for line in ui.timing_lines():
             click.echo(line, err=True)
 
 
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+    cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
@@ -169,7 +179,14 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
                    + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @sampling_options
 @click.option("--switch-every", type=click.IntRange(min=1), default=5, show_default=True,
-              help="--method switch: denoising steps per LoRA turn.")
+              help="--method switch: denoising steps per LoRA turn; cmlora: steps per dominant LoRA.")
+@click.option("--cache-interval", type=click.IntRange(min=0), default=2, show_default=True,
+              help="--method cmlora: steps between passes of every LoRA (between them only the dominant one "
+                   "runs); 0 is Composite.")
+@click.option("--blocks", default=None, metavar="GROUPS|PRESET",
+              help="Search one weight per LoRA and block group instead of one per LoRA: groups among te, in, "
+                   "mid, out (e.g. in,mid,out), or a preset: unet (in,mid,out), all (te,in,mid,out). "
+                   "SD1.5 and SDXL bases.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="VLM sampling temperature (default: greedy).")
 @click.option("--no-fewshot", is_flag=True, help="Skip few-shot selection (the paper's ablation).")
 @click.option("--fewshot-levels", default="0.4,0.7,1.0", show_default=True, help="Weight levels the few-shot design uses.")
@@ -193,7 +210,7 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @batch_option
 @json_option
 def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
-            method, sampling, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
+            method, sampling, blocks, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
             prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
@@ -216,9 +233,9 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
     command skips the finished lines and resumes an interrupted one.
     """
     from localora.profiles import load_profile
-    from localora.runs import session
     from localora.vlm.prompts import check_dir
 
+    # Every option is checked before localora.runs.session (and torch with it) is imported.
     jsonl, prompts_dir, option = _prompts_option(prompts, prompts_dir)
     if ray is not None and not jsonl:
         raise LocaloraError("--ray spreads a batch over a cluster: give --prompts FILE.jsonl (one compose per line)")
@@ -238,6 +255,11 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         given = None
         if lora_specs:
             given = [c.lora for c in resolve_loras(load_profile(profile), lora_specs, catalog, lora_dirs)]
+        from localora.runs.folder import RunFolder
+
+        RunFolder.open(Path(resume), write=False)  # not a run folder: one line before torch loads
+        from localora.runs import session
+
         run, cfg, prof = session.reopen(Path(resume), given)
         _run(cfg, prof, run, plain, batch, as_json)
         return
@@ -250,7 +272,7 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
     options = dict(iterations=iterations, candidates=candidates, bounds=bounds, search=search, budget=budget,
                    final_judge=final_judge, method=method, sampling=sampling, temperature=temperature,
                    no_fewshot=no_fewshot, fewshot_levels=fewshot_levels, fewshot_budget=fewshot_budget,
-                   fewshot_threshold=fewshot_threshold, prompts_dir=prompts_dir)
+                   fewshot_threshold=fewshot_threshold, prompts_dir=prompts_dir, blocks=blocks)
     if jsonl:
         if lora_specs:
             raise LocaloraError(f"--lora does not go with --prompts {jsonl}: give each line's LoRAs in its "
@@ -279,20 +301,22 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
                    lora_dirs: tuple[str, ...], *, iterations: int, candidates: int, bounds: str | None, search: str,
                    budget: int | None, final_judge: bool, method: str, sampling, temperature: float | None,
                    no_fewshot: bool, fewshot_levels: str, fewshot_budget: int | None,
-                   fewshot_threshold: float | None, prompts_dir: Path | None):
+                   fewshot_threshold: float | None, prompts_dir: Path | None, blocks: str | None = None):
     """compose's options -> the run's ComposeConfig: for its PROMPT, and for each batch line (its
     prompt, LoRAs and seed, the rest as the command line says)."""
+    from localora.diffusion import blocks as blocklib
     from localora.diffusion import methods
     from localora.search.config import ComposeConfig
 
+    groups = blocklib.groups_of(blocks)
     request = resolve_request(prof, lora_specs, catalog, lora_dirs, prompt)
     if not request.prompt:
         raise LocaloraError("compose needs a PROMPT besides its <lora:...> tags: the VLM judges the images against it")
     choices = request.choices
     fixed = [c.lora.name for c in choices if c.lbw is not None]
     if fixed:  # the search sets every weight itself: a fixed lbw= would be dropped without a word
-        raise LocaloraError(f"compose searches one weight per LoRA; {', '.join(fixed)} has lbw= block weights, which "
-                            f"only generate renders: leave lbw= out here")
+        raise LocaloraError(f"compose searches every weight itself; {', '.join(fixed)} has lbw= block weights, which "
+                            f"only generate renders: leave lbw= out here (--blocks in,mid,out searches per block)")
     # In the order the method runs them (Switch: character first), so the run's LoRAs, start
     # weights and every render agree.
     loras, starts = methods.arrange(method, [c.lora for c in choices], [c.weight for c in choices])
@@ -303,7 +327,7 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
         sampling=sampling, start=starts, fewshot=not no_fewshot,
         fewshot_levels=float_list(fewshot_levels, "--fewshot-levels"), fewshot_budget=fewshot_budget,
         fewshot_threshold=prof.clip.fewshot_threshold if fewshot_threshold is None else fewshot_threshold,
-        temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None,
+        temperature=temperature, prompts_dir=str(prompts_dir) if prompts_dir else None, blocks=groups,
     )
 
 
@@ -321,7 +345,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
 
     items = batches.load(path, make_config)
     folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
-    ui = _ui(True, as_json)  # one line per event: a live view is one run's
+    ui = _ui(True, as_json, prof)  # one line per event: a live view is one run's
     again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
     try:
         with ui:

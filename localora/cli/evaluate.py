@@ -65,14 +65,20 @@ def score(image: Path, profile_name: str | None, prompt: str, references: tuple[
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--judge-temperature", "--temperature", "temperature", default=None, type=float,
               help=f"Sampling temperature (default: greedy for one repeat, {judging.REPEAT_TEMPERATURE:g} for more).")
-@click.option("--prompts", "prompts_dir", default=None, type=click.Path(path_type=Path), help="Folder with an overriding judge.txt and/or judge_system.txt.")
+@click.option("--templates", "prompts_dir", default=None, type=click.Path(path_type=Path), metavar="DIR",
+              help="Folder with an overriding judge.txt and/or judge_system.txt (as compose --templates).")
+# The option's old name, kept so old command lines work; hidden, as compose's --prompts now names a batch.
+@click.option("--prompts", "old_prompts_dir", default=None, type=click.Path(path_type=Path), hidden=True)
 @json_option
 def judge(image_a: Path, image_b: Path, profile_name: str | None, vlm: str | None, elements: tuple[str, ...], repeats: int, seed: int,
-          temperature: float | None, prompts_dir: Path | None, as_json: bool) -> None:
+          temperature: float | None, prompts_dir: Path | None, old_prompts_dir: Path | None, as_json: bool) -> None:
     """Score IMAGE_A and IMAGE_B with the VLM judge (both orders, every repeat): the averaged
     scores and verdict, and win / tie / loss over the answers."""
     check_judging(repeats, temperature)
-    prompts_dir = check_dir(prompts_dir)
+    if prompts_dir is not None and old_prompts_dir is not None:
+        raise LocaloraError(f"--prompts {old_prompts_dir} is the old name of --templates; give --templates only")
+    option = "--prompts" if old_prompts_dir is not None else "--templates"
+    prompts_dir = check_dir(prompts_dir if old_prompts_dir is None else old_prompts_dir, option)
     parsed = [judging.parse_element(e) for e in elements]
     profile = profiles.load_profile(profile_name, vlm=vlm)
     model = _load_vlm(profile)
@@ -146,6 +152,8 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
               "reflect-nofewshot (name it in --methods to run it alone).")
 @click.option("--switch-every", default=None, help="Ablation: also run Switch rotating every N steps, for each N, as "
               "methods switch-every-N (e.g. 1,3,5,10; plain switch is 5).")
+@click.option("--cache-interval", type=click.IntRange(min=0), default=None,
+              help="cmlora: steps between passes of every LoRA (default 2; 0 is Composite).")
 @click.option("--drop-triggers", default=None, metavar="CATEGORY", help="Ablation: also run every method without this "
               "category's trigger words in the prompt (GPT4LoRA 4.4.1), as methods METHOD-drop-CATEGORY.")
 @click.option("--reference-seeds", default=",".join(map(str, DEFAULT_REFERENCE_SEEDS)), show_default=True,
@@ -166,7 +174,7 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
 @json_option
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
-          no_fewshot: bool, switch_every: str | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None,
+          no_fewshot: bool, switch_every: str | None, cache_interval: int | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None,
           vlm: str | None, judges: str | None, out: Path,
           resume: bool, ray: str | None, workers: int | None, worker_cpus: int, plain: bool, as_json: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
@@ -189,7 +197,7 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         repeats=repeats, judge_temperature=judge_temperature, iterations=iterations, candidates=candidates, profile=profile_name,
         no_fewshot=no_fewshot, drop_triggers=drop_triggers,
         switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
-        reference_seeds=_csv(reference_seeds, "--reference-seeds", int), vlm=vlm,
+        cache_interval=cache_interval, reference_seeds=_csv(reference_seeds, "--reference-seeds", int), vlm=vlm,
         judges=_csv(judges, "--judges") if judges is not None else (),
     )
     if as_json or verbosity.quiet():  # stdout is the summary alone: progress, if any, goes to stderr

@@ -214,11 +214,25 @@ class LoraRequest:
     blocks: tuple[tuple[float, ...] | None, ...] = ()  # per choice: its lbw= vector for the base, or None
 
 
+def announce_tiny_build(profile) -> None:
+    """A tiny profile's first use builds its diffusion model and demo LoRAs here (about 20 s on 2
+    cores, printing nothing): say so before it starts, on stderr (stdout may carry --json). Its
+    VLM and CLIP are built in a fraction of a second when first loaded, and only by commands that
+    load them, so they are not announced."""
+    from localora import tiny, verbosity
+
+    missing = tiny.unbuilt([profile.diffusion.source], profile.diffusion.arch)
+    if missing and not verbosity.quiet():
+        click.echo(f"localora: building the tiny models once, offline (random weights, about 20 s): "
+                   f"{', '.join(missing)} in {tiny.root()}", err=True)
+
+
 def lora_sources(profile, catalogs: tuple[str, ...], lora_dirs: tuple[str, ...] = ()):
     """What LoRA names can mean for this profile: the catalog entries, and the LoRA folders."""
     from localora import profiles
     from localora.diffusion import loras
 
+    announce_tiny_build(profile)  # a tiny profile's demo LoRAs are built here, with its diffusion model
     known = loras.known_loras(profile.diffusion.arch, profiles.is_tiny(profile.diffusion.source),
                               [Path(c) for c in catalogs])
     return known, loras.lora_folders(lora_dirs)

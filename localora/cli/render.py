@@ -54,14 +54,17 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     the image instead.
     """
     out_path = output_path(out, force)  # before any model loads: an existing file is one line at once
-    from localora.diffusion.render import Renderer
-
+    # Every argument is checked and the job built before torch is imported (seconds): a usage
+    # error is one line at once.
     if from_image is not None:
         prof, job, notes = _from_image(Path(from_image), profile, catalog, lora_dirs)
     else:
         prof, job, notes = _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers)
     for line in notes if not verbosity.quiet() else ():
         click.echo(f"note: {line}", err=True)
+    job.sampling.resolved(prof.diffusion)  # the renderer checks it too; here --width 65 fails before torch loads
+    from localora.diffusion.render import Renderer
+
     result = Renderer(prof).render(job)
     try:
         if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
@@ -100,7 +103,7 @@ def output_path(out: str | None, force: bool) -> Path:
 
 def _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers):
     from localora.diffusion import loras, methods
-    from localora.diffusion.render import RenderJob
+    from localora.diffusion.job import RenderJob
     from localora.profiles import load_profile
 
     if prompt is None:
@@ -120,7 +123,7 @@ def _from_options(prompt, profile, lora_specs, catalog, lora_dirs, method, sampl
 
 def _from_image(path: Path, profile, catalog, lora_dirs):
     from localora import profiles
-    from localora.diffusion.render import RenderJob
+    from localora.diffusion.job import RenderJob
     from localora.export import read_source
     from localora.export.replay import replay
 

@@ -26,6 +26,9 @@ deepest down blocks, their up blocks its two deepest up blocks, attention j the 
 OUT04, OUT06, OUT07). Layout values without a counterpart there change nothing.
 
 Transformer bases (Flux.1, Z-Image) have no layout yet: block weights there are one error line.
+
+`compose --blocks in,mid,out` (or a GROUP_PRESETS name: unet, all) searches one weight per LoRA and
+group: groups_of parses the option, from_groups turns a LoRA's group weights into its lbw vector.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ _SDXL_FROM_SD15 = {"BASE": "BASE", "IN04": "IN04", "IN05": "IN05", "IN07": "IN07
 
 # The searched groups of `compose --blocks`: each names layout blocks by their prefix.
 GROUPS = {"te": ("BASE",), "in": ("IN",), "mid": ("M",), "out": ("OUT",)}
+# What each group tends to change, as the VLM's prompts say it (LoRA Block Weight users' lore).
+GROUP_HINTS = {"te": "the text encoder: how the prompt is read", "in": "the UNet's input blocks: composition and shapes",
+               "mid": "the middle block: overall content", "out": "the UNet's output blocks: details, colours, style"}
+# `compose --blocks PRESET`: named group lists.
+GROUP_PRESETS = {"unet": ("in", "mid", "out"), "all": ("te", "in", "mid", "out")}
 
 # Slots past the layout: a layer outside every block (multiplier 1) and one in an unlisted block (0).
 OUTSIDE, UNLISTED = "outside", "unlisted"
@@ -160,7 +168,17 @@ def check_groups(groups: Sequence[str], where: str = "--blocks") -> None:
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups or len(set(groups)) != len(groups):
         raise LocaloraError(f"{where} {','.join(groups)}: give distinct groups among {', '.join(GROUPS)} "
-                            f"(e.g. in,mid,out)")
+                            f"(e.g. in,mid,out) or a preset ({', '.join(GROUP_PRESETS)})")
+
+
+def groups_of(text: str | None, where: str = "--blocks") -> tuple[str, ...]:
+    """--blocks GROUP,GROUP,... or a GROUP_PRESETS name -> the groups, checked; None or "" -> ()."""
+    if not text:
+        return ()
+    text = text.strip().lower()
+    groups = GROUP_PRESETS.get(text) or tuple(g.strip() for g in text.split(","))
+    check_groups(groups, where)
+    return groups
 
 
 def multipliers(vector: Sequence[float] | None, arch: str) -> Vector:

@@ -328,7 +328,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("merge", merge, "all LoRAs active at once, W' = W + sum w_k B_k A_k (unfused, exact)"),
     Method("switch", switch, "one LoRA at a time, rotating every --switch-every steps, character first",
            order=switch_order),
-    Method("composite", composite, "one UNet pass per LoRA per step; the guided mean of their noise"),
+    Method("composite", composite, "one denoiser pass per LoRA per step; the guided mean of their predictions"),
     Method("cmlora", cmlora, "cached Composite (CMLoRA): LoRAs by high-frequency amplitude, the dominant one "
                              "every step, the others' passes reused for --cache-interval steps (0: Composite)"),
 )}

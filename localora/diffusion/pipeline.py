@@ -89,7 +89,8 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         ) from None
     pipe.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    # A quantized pipeline's 4-bit layers are placed when loaded; moving them again is refused.
+    # On a CPU a quantized pipeline stays where bitsandbytes put its layers at load (nothing to
+    # move); on a GPU it is moved as any other (diffusers moves 4-bit pipelines; untested here).
     return pipe if quantized is not None and device.type == "cpu" else pipe.to(device)
 
 

@@ -35,6 +35,7 @@ from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
 from localora.memory import OutOfMemory
 from localora.files import atomic_write, clean_temporaries, file_hash, stable_hash
+from localora.diffusion.job import RenderJob  # defined torch-free, so commands build jobs before torch loads
 from localora.diffusion.loras import Lora
 from localora.diffusion.sampling import Sampling
 from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
@@ -47,20 +48,6 @@ from localora.profiles import Profile
 # schedule in format 1, so format-1 images may be wrong; they are never read again.
 CACHE_FORMAT = 2
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RenderJob:
-    """One image to render. Unset sampling settings come from the profile."""
-
-    prompt: str
-    loras: tuple[Lora, ...]
-    weights: tuple[float, ...]
-    method: str = "merge"
-    sampling: Sampling = Sampling()
-    # Per LoRA, its LoRA Block Weight vector (multipliers of its weight per block, diffusion/blocks.py)
-    # or None; () when no LoRA has one, so the job and its cache key are what they were before.
-    blocks: tuple[tuple[float, ...] | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class Rows:
     rows.weights = W (rows, k), or rows.set(W, M) with M (rows, k, slots): per-block multipliers, the
     layer in slot s then using W * M[..., s] (diffusion/blocks.py). Which rows use which adapter is
     decided here, once per distinct setting, on the host: the hooks inside the denoiser never ask
-    the accelerator anything (a `.nonzero()` there would wait for it at every layer), and a
+    the accelerator anything (reading a device tensor there would wait for it at every layer), and a
     setting seen before (Composite's one-hot rows, every step) costs a dictionary look-up.
     """
 

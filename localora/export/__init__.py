@@ -71,8 +71,9 @@ def read_source(path: Path) -> Source:
         run_dir = path.parent
     text = text_chunks(path).get(INFOTEXT_KEY)
     if not text or not text.strip():
-        raise LocaloraError(f"{path}: no A1111 or localora metadata (no 'parameters' text chunk); export an image "
-                            f"localora wrote (a run's final.png or images/, or `generate -o`)")
+        # Said for generate --from as well as export: name the images that work, not the command.
+        raise LocaloraError(f"{path}: no A1111 or localora metadata (no 'parameters' text chunk); give a PNG that "
+                            f"localora wrote (a run's final.png or images/, or `generate -o`) or an A1111/Forge PNG")
     entry = parse_infotext(text)["localora"]
     info = RenderInfo.from_entry(entry, str(path)) if entry is not None else None
     return Source(path, text, info, run_dir)

@@ -44,7 +44,7 @@ def diffusers_script(info: RenderInfo, source: str | None = None, lora_paths: li
         f"# so this script renders the Merge of the same weights, not the same image.\n")
     vae = ""
     if info.vae:
-        vae = (f"pipe.vae = AutoencoderKL.from_pretrained({info.vae!r}, torch_dtype=dtype, "
+        vae = (f"pipe.vae = AutoencoderKL.from_pretrained({info.vae!r}, **{{DTYPE: dtype}}, "
                f"local_files_only=True)\n")
     loads = "".join(f"pipe.load_lora_weights({p!r}, adapter_name={n!r})  # sha256 {x.sha256}\n"
                     for p, n, x in zip(paths, names, info.loras))
@@ -60,11 +60,14 @@ def diffusers_script(info: RenderInfo, source: str | None = None, lora_paths: li
     call += [f"width={info.width}", f"height={info.height}", f"generator=torch.Generator(\"cpu\").manual_seed({info.seed})"]
     arguments = "".join(f"    {a},\n" for a in call)
     return f'''"""Redo a localora render with diffusers: {info.method}, profile {info.profile}, model {info.model}."""
-{warning}import torch
+{warning}import diffusers
+import torch
 from diffusers import AutoencoderKL, {cls}, {scheduler}
 
 dtype = torch.{info.dtype}
-pipe = {cls}.{loader}({str(source or info.source)!r}, torch_dtype=dtype, local_files_only=True{kwargs})
+# diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (the old name warns); older releases know only torch_dtype.
+DTYPE = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 40) else "torch_dtype"
+pipe = {cls}.{loader}({str(source or info.source)!r}, **{{DTYPE: dtype}}, local_files_only=True{kwargs})
 {vae}pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{extra})
 {loads}pipe.set_adapters({names!r}, adapter_weights={[float(w) for w in info.weights]!r})
 pipe = pipe.to({info.device!r})

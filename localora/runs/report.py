@@ -4,6 +4,8 @@
                              in the run folder (a relative link, never a URL)
     DIR/rounds/round-N.png   round N's candidates side by side, captioned (runs/sheet.py)
 
+    (tiny profile)   a note first: random weights, noise images, random text, how to run a real one
+
     Final pick       the image, its scores (CLIP-T, CLIP-I, objective), why it was picked (the
                      VLM's reason, the judge's points or the best objective), its A1111 infotext
     Models           what each model was (run.json's profile, the load event's detail), its size,
@@ -31,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from localora import events
+from localora import events, profiles, tiny
 from localora.files import atomic_write
 from localora.runs.folder import RunFolder
 from localora.runs.sheet import write_sheet
@@ -40,7 +42,7 @@ SHEETS = "rounds"  # contact sheets, one per round
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+h1{font-size:1.5em}.note{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em;border-radius:4px}table.blocks{font-size:12px}table.blocks td,table.blocks th{padding:0 4px}h2{margin-top:2em;border-bottom:1px solid #ddd}
 .row{display:flex;flex-wrap:wrap;gap:14px}
 figure{margin:0;width:180px}figure img{width:180px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
 figcaption{font-size:12px;color:#444;word-break:break-word}
@@ -59,15 +61,16 @@ def _thumb(path: Path, size: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(path: Path | None, caption: str, cls: str = "", link: str | None = None) -> str:
-    """A thumbnail; `link` (a path relative to report.html) opens the full-size image."""
+def _figure(path: Path | None, caption: str, cls: str = "", link: str | None = None, extra: str = "") -> str:
+    """A thumbnail; `link` (a path relative to report.html) opens the full-size image; `extra` is
+    HTML under the caption (a per-block weight table)."""
     if path and path.is_file():
         img = f'<img src="{_thumb(path)}" alt="{html.escape(caption)}">'
         if link:
             img = f'<a href="{html.escape(link)}">{img}</a>'
     else:
         img = "<p>(image missing)</p>"
-    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption>{extra}</figure>'
 
 
 def _infotext(path: Path) -> str | None:
@@ -91,6 +94,15 @@ COPY_BUTTON = ('<button type=button onclick="navigator.clipboard.writeText('
 
 def _weights(w: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in w.items())
+
+
+def block_table(w: dict[str, float], names: list[str], groups: list[str]) -> str:
+    """A compose --blocks vector (keys NAME.GROUP) as a small table: a row per LoRA, a column per group."""
+    head = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
+    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(
+        f"<td>{w[f'{n}.{g}']:.2f}</td>" if f"{n}.{g}" in w else "<td>-</td>" for g in groups) + "</tr>"
+        for n in names)
+    return f"<table class=blocks><tr><th>LoRA</th>{head}</tr>{rows}</table>"
 
 
 def _svg(fig) -> str:
@@ -316,12 +328,23 @@ def build(run: RunFolder) -> str:
     settings = run.settings["config"]
     final = json.loads((run.path / "final.json").read_text()) if (run.path / "final.json").is_file() else None
     img = lambda rel: run.path / rel  # noqa: E731
+    groups = list(settings.get("blocks") or ())  # compose --blocks: weights keyed NAME.GROUP
+    lora_names = [lo["name"] for lo in settings.get("loras", [])]
 
-    def figure(rel: str, caption: str, cls: str = "") -> str:
-        return _figure(img(rel), caption, cls, link=rel)
+    def shown(w: dict[str, float]) -> str:
+        """A vector in a caption; with --blocks, the table under the caption shows it instead."""
+        return "weights per block below" if groups else _weights(w)
+
+    def figure(rel: str, caption: str, cls: str = "", weights: dict[str, float] | None = None) -> str:
+        extra = block_table(weights, lora_names, groups) if groups and weights is not None else ""
+        return _figure(img(rel), caption, cls, link=rel, extra=extra)
     out: list[str] = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>localora run</title>"
                       f"<style>{CSS}</style></head><body>"]
-    out.append(f"<h1>localora compose</h1><p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
+    out.append("<h1>localora compose</h1>")
+    source = ((run.settings.get("profile_spec") or {}).get("diffusion") or {}).get("source", "")
+    if profiles.is_tiny(source):  # its noise images and random text must not look like a fault
+        out.append(f"<p class=note>{html.escape(tiny.NOTE)}</p>")
+    out.append(f"<p><b>Prompt:</b> {html.escape(settings.get('prompt', ''))}</p>")
     out.append("<table><tr><th>LoRA</th><th>category</th><th>trigger words</th><th>file</th></tr>")
     for lo in settings.get("loras", []):
         out.append(f"<tr><td>{html.escape(lo['name'])}</td><td>{html.escape(str(lo['category']))}</td>"
@@ -334,7 +357,8 @@ def build(run: RunFolder) -> str:
     image_scores = scores_by_image(log)
     if final:
         out.append("<h2>Final pick</h2><div class=row>")
-        out.append(figure(final["image"], f"round {final['iteration']}: {_weights(final['weights'])}", "final"))
+        out.append(figure(final["image"], f"round {final['iteration']}: {shown(final['weights'])}", "final",
+                          final["weights"]))
         out.append("</div>")
         score = image_scores.get(final["image"]) or ({"objective": final["objective"]} if "objective" in final else {})
         out.append(f"<p><b>Scores:</b> {_scores_text(score) if score else 'not scored'}</p>"
@@ -360,11 +384,13 @@ def build(run: RunFolder) -> str:
     else:
         how = "reused from the library" if shots.get("reused") else f"{len(shots['scored'])} grid images scored"
         out.append(f"<p>{len(shots['kept'])} kept ({how}; threshold {shots['threshold']}).</p><div class=row>")
-        names = [lo["name"] for lo in settings.get("loras", [])]
+        dims = [f"{n}.{g}" for n in lora_names for g in groups] if groups else lora_names
         for s in shots["kept"]:
             inside = img(s["image"]).is_file()  # else in the few-shot library, outside the run folder
             path = img(s["image"]) if inside else Path(shots.get("library", "")) / s["image"]
-            out.append(_figure(path, f"{_weights(dict(zip(names, s['weights'])))}; CLIP-T {s['prompt_score']:.3f}",
+            w = dict(zip(dims, s["weights"]))
+            out.append(_figure(path, f"{shown(w)}; CLIP-T {s['prompt_score']:.3f}",
+                               extra=block_table(w, lora_names, groups) if groups else "",
                                link=s["image"] if inside else None))
         out.append("</div>")
 
@@ -383,7 +409,7 @@ def build(run: RunFolder) -> str:
             e = by_id[events.candidate(r, j)]
             score = f"; {label} {scores[j - 1]:.3f}" if j - 1 < len(scores) else ""
             origin = f" ({ORIGINS.get(e['origin'], e['origin'])})" if "origin" in e else ""
-            out.append(figure(e["image"], f"{j}: {_weights(e['weights'])}{score}{origin}"))
+            out.append(figure(e["image"], f"{j}: {shown(e['weights'])}{score}{origin}", weights=e["weights"]))
             cells.append((img(e["image"]), "\n".join(
                 [f"{j}: " + " ".join(f"{k}={v:.2f}" for k, v in e["weights"].items())]
                 + ([f"{label} {scores[j - 1]:.3f}"] if j - 1 < len(scores) else [])
@@ -403,8 +429,8 @@ def build(run: RunFolder) -> str:
         refined = by_id.get(events.round_step(r, "refined"))
         if refined:
             score = image_scores.get(refined["image"])
-            caption = f"refined: {_weights(refined['weights'])}" + (f"; {_scores_text(score)}" if score else "")
-            out.append("<div class=row>" + figure(refined["image"], caption) + "</div>")
+            caption = f"refined: {shown(refined['weights'])}" + (f"; {_scores_text(score)}" if score else "")
+            out.append("<div class=row>" + figure(refined["image"], caption, weights=refined["weights"]) + "</div>")
             rounds.append(refined["weights"])
         r += 1
     if len(rounds) > 1:

@@ -157,7 +157,7 @@ def check(cfg: ComposeConfig) -> None:
     if budget < size:
         raise LocaloraError(f"--budget {budget} is less than one round of {size} renders (--candidates "
                             f"{cfg.candidates} + 1); give at least {size}")
-    room = capacity(len(cfg.loras), cfg.bounds)
+    room = capacity(len(cfg.dims), cfg.bounds)
     if room < budget + 1:
         lo, hi = cfg.bounds
         raise LocaloraError(f"--bounds {lo:g},{hi:g}: hold only {room:g} distinct weight vectors at two decimals, "
@@ -198,7 +198,7 @@ class Blackbox:
             paths = loop.render_many([events.candidate(r, j) for j in range(1, len(vectors) + 1)], "candidate",
                                      vectors, r, origins)
             images.update(zip(vectors, paths))
-            return steps.objective(events.round_step(r, "scores"), vectors, paths, loop.prompt, refs, cfg.names, r)
+            return steps.objective(events.round_step(r, "scores"), vectors, paths, loop.prompt, refs, cfg.dims, r)
 
         def on_state(r: int, spent: int, best: float, state: dict[str, Any]) -> None:
             step = events.round_step(r, "state")
@@ -214,7 +214,7 @@ class Blackbox:
 
         start = cfg.start_weights
         if self.strategy == "random":
-            result = random_search(evaluate, len(cfg.loras), cfg.bounds, budget, size, cfg.seed, taken, on_state)
+            result = random_search(evaluate, len(cfg.dims), cfg.bounds, budget, size, cfg.seed, taken, on_state)
         else:
             propose = self._proposer(loop, refs, start, taken, images) if self.strategy == "hybrid" else None
             result = cmaes_search(evaluate, start, cfg.bounds, budget, size, cfg.seed, taken, propose, on_state)
@@ -238,13 +238,13 @@ class Blackbox:
         top = result.top(final_judge.CONTENDERS)
         judged = final_judge.pick(self.steps, cfg, [images[v] for _, v, _ in top]) if cfg.final_judge else None
         r, vector, value = top[judged.index] if judged else result.best
-        final = Final(dict(zip(cfg.names, vector)), r, images[vector])
+        final = Final(dict(zip(cfg.dims, vector)), r, images[vector])
         run.copy(final.image, "final.png")
         run.write_json("final.json", {
             "weights": final.weights, "iteration": r, "seed": cfg.seed, "method": cfg.method, "search": self.strategy,
             "objective": value, "renders": len(result.evaluated), "prompt": with_triggers(cfg.prompt, list(cfg.loras)),
             "profile": self.steps.renderer.profile.name, "image": final.image,
-            "top": [{"weights": dict(zip(cfg.names, v)), "objective": f, "round": rr} for rr, v, f in top],
+            "top": [{"weights": dict(zip(cfg.dims, v)), "objective": f, "round": rr} for rr, v, f in top],
             "picked_by": "final judge" if judged else "objective",
             **({"judge_points": judged.points} if judged else {}),
         })

@@ -1,6 +1,8 @@
 """What a compose run is asked to do, and what it ends with: shared by every search strategy.
 
     ComposeConfig   the prompt, the LoRAs, the bounds, the rounds and candidates, one Sampling
+                    dims: what is searched, one weight per LoRA or (--blocks in,mid,out) one per
+                    LoRA and block group ("style.in"); render_args(vector) -> (weights, lbw vectors)
     reference_job   a LoRA alone with its own trigger words (shown to the VLM, scored by the bench)
     Final           the chosen weights and image
 """
@@ -8,12 +10,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from localora.diffusion.loras import Lora, with_triggers
-from localora.diffusion.render import RenderJob
+from localora.diffusion.job import RenderJob
 from localora.diffusion.sampling import Sampling
 from localora.errors import LocaloraError
 from localora.files import file_hash
@@ -41,6 +44,9 @@ class ComposeConfig:
     temperature: float | None = None  # None: greedy answers
     feedback_chars: int = 600
     prompts_dir: str | None = None
+    # --blocks: the searched block groups (diffusion/blocks.GROUPS), each LoRA's weight becoming one
+    # per group; () searches one weight per LoRA. Which blocks a group covers: blocks.from_groups.
+    blocks: tuple[str, ...] = ()
 
     def check(self, spec: DiffusionSpec | None = None) -> None:
         """Every setting checked, before anything is written: `spec` (the profile's diffusion
@@ -54,6 +60,16 @@ class ComposeConfig:
         if not math.isfinite(self.fewshot_threshold):
             raise LocaloraError(f"--fewshot-threshold {self.fewshot_threshold}: must be a finite number")
 
+        if self.blocks:
+            from localora.diffusion import blocks as blocklib
+
+            blocklib.check_groups(self.blocks)
+            if spec is not None and spec.arch not in blocklib.LAYOUTS:
+                from localora import archs
+
+                raise LocaloraError(f"--blocks {','.join(self.blocks)}: the {archs.label(spec.arch)} base has no block "
+                                    f"layout (LoRA Block Weight defines SD1.5's and SDXL's); drop --blocks to search "
+                                    f"one weight per LoRA, or use an SD1.5 or SDXL profile")
         lo, hi = self.bounds
         if len(self.loras) < 2:
             raise LocaloraError(f"compose needs at least 2 LoRAs to combine, got {len(self.loras)}; "
@@ -96,10 +112,31 @@ class ComposeConfig:
         return [lo.name for lo in self.loras]
 
     @property
+    def dims(self) -> list[str]:
+        """The searched vector's labels, in order: the LoRA names, or with --blocks NAME.GROUP for
+        each LoRA then each group ("style.in", "style.mid", ...): what the VLM's answers, the events
+        and final.json key the weights by."""
+        if not self.blocks:
+            return self.names
+        return [f"{n}.{g}" for n in self.names for g in self.blocks]
+
+    @property
     def start_weights(self) -> tuple[float, ...]:
         lo, hi = self.bounds
         default = min(max(1.0, lo), hi)
-        return tuple(default if w is None else w for w in (self.start or [None] * len(self.loras)))
+        per_lora = [default if w is None else w for w in (self.start or [None] * len(self.loras))]
+        return tuple(w for w in per_lora for _ in (self.blocks or (None,)))
+
+    def render_args(self, vector: Sequence[float], arch: str) -> tuple[tuple[float, ...], tuple]:
+        """A searched vector -> the render's (weights, per-LoRA lbw vectors): itself and () without
+        --blocks, else each LoRA at weight 1 with its groups' values spread over its blocks."""
+        if not self.blocks:
+            return tuple(float(w) for w in vector), ()
+        from localora.diffusion import blocks as blocklib
+
+        g = len(self.blocks)
+        pairs = [blocklib.from_groups(vector[i * g:(i + 1) * g], self.blocks, arch) for i in range(len(self.loras))]
+        return tuple(w for w, _ in pairs), tuple(b for _, b in pairs)
 
     def settings(self) -> dict[str, Any]:
         """What run.json stores: enough to resume, and to tell what ran."""
@@ -114,7 +151,7 @@ class ComposeConfig:
         d = dict(d)
         d["loras"] = tuple(Lora(x["name"], Path(x["path"]), x["category"], x["triggers"],
                                 tuple(Path(r) for r in x.get("references", []))) for x in d["loras"])
-        for key in ("bounds", "start", "fewshot_levels"):
+        for key in ("bounds", "start", "fewshot_levels", "blocks"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         # run.json of localora 0.1 kept the sampling fields at the top level.

@@ -114,7 +114,7 @@ class GPT4LoRA:
             vectors, origins = self.generate(r, weights, current, refs, examples)
             cands = self.render_many([events.candidate(r, j) for j in range(1, len(vectors) + 1)], "candidate",
                                      vectors, r, origins)
-            self.steps.score(events.round_step(r, "scores"), vectors, cands, self._prompt, cfg.names, r)
+            self.steps.score(events.round_step(r, "scores"), vectors, cands, self._prompt, cfg.dims, r)
             notes = self.feedback(r, vectors, cands, refs)
             weights = self.refine(r, vectors, cands, notes)
             current = self.render(events.round_step(r, "refined"), "refined", weights, r)
@@ -123,13 +123,13 @@ class GPT4LoRA:
         # Every refined image's CLIP scores, for the report (and --final-judge's ranking, which
         # recalls them): cheap next to a render, CLIP being loaded for the rounds' scores anyway.
         self.steps.objective(events.FINAL_SCORES, [w for w, _ in refined], [p for _, p in refined],
-                             self._prompt, refs, cfg.names, None)
+                             self._prompt, refs, cfg.dims, None)
         pick = self.judge_final(refined, refs) if cfg.final_judge else self.select(refined)
         return self.finish(pick, *refined[pick - 1])
 
     def finish(self, pick: int, weights: Weights, image: str) -> Final:
         cfg, run = self.cfg, self.steps.run
-        final = Final(dict(zip(cfg.names, weights)), pick, image)
+        final = Final(dict(zip(cfg.dims, weights)), pick, image)
         run.copy(image, "final.png")
         run.write_json("final.json", {
             "weights": final.weights, "iteration": pick, "seed": cfg.seed, "method": cfg.method,
@@ -148,7 +148,7 @@ class GPT4LoRA:
         """The VLM's M candidate vectors, as it answers them (maybe with repeats)."""
         cfg = self.cfg
         lo, hi = cfg.bounds
-        schema = schemas.candidates(cfg.names, cfg.candidates, lo, hi)
+        schema = schemas.candidates(cfg.dims, cfg.candidates, lo, hi)
         shown = examples[: self.example_room(len(refs))]
         first = 2 + len(refs)  # pictures: 1 the current image, 2.. the references, then the examples
         lines = [f"Picture {first + i}: {e.line}" for i, e in enumerate(shown)]
@@ -156,7 +156,7 @@ class GPT4LoRA:
                               examples="\n".join(lines) or "(none)", candidates=str(cfg.candidates))
         kind = events.parse(step).kind
         value = self.ask(step, kind, [current, *refs, *(e.image for e in shown)], text, schema, temperature)
-        return [tuple(float(v[n]) for n in cfg.names) for v in value]
+        return [tuple(float(v[n]) for n in cfg.dims) for v in value]
 
     def example_room(self, n_refs: int) -> int:
         """How many example images fit GENERATE_VISUAL_TOKENS beside the current image and the
@@ -184,11 +184,11 @@ class GPT4LoRA:
 
     def refine(self, r: int, vectors: list[Weights], cands: list[str], notes: str) -> Weights:
         lo, hi = self.cfg.bounds
-        schema = schemas.refine(self.cfg.names, lo, hi, self.cfg.feedback_chars)
+        schema = schemas.refine(self.cfg.dims, lo, hi, self.cfg.feedback_chars)
         text = self._template("refine", schema, candidates=str(len(cands)), candidate_list=self._list(vectors),
                               feedback=notes.strip() or "(none)")
         value = self.ask(events.round_step(r, "refine"), "refine", cands, text, schema)
-        return tuple(float(value["weights"][n]) for n in self.cfg.names)
+        return tuple(float(value["weights"][n]) for n in self.cfg.dims)
 
     def select(self, refined: list[tuple[Weights, str]]) -> int:
         """The VLM's pick among the refined images, with a short reason (kept in its event)."""
@@ -203,7 +203,7 @@ class GPT4LoRA:
     def judge_final(self, refined: list[tuple[Weights, str]], refs: list[str]) -> int:
         """--final-judge: the pairwise judge's pick among the top 3 refined images by the objective."""
         values = self.steps.objective(events.FINAL_SCORES, [w for w, _ in refined], [p for _, p in refined],
-                                      self._prompt, refs, self.cfg.names, None)
+                                      self._prompt, refs, self.cfg.dims, None)
         order = sorted(range(len(refined)), key=lambda i: -values[i])[: final_judge.CONTENDERS]
         return order[final_judge.pick(self.steps, self.cfg, [refined[i][1] for i in order]).index] + 1
 
@@ -234,7 +234,7 @@ class GPT4LoRA:
                 for s in done["kept"]]
         # A fresh grid's images are this run's renders; a reused library's are its own files.
         where = Path(done["library"]) if done["reused"] else None
-        return [Example(str(where / e.image) if where else e.image, fewshot.describe(e, cfg.names)) for e in kept]
+        return [Example(str(where / e.image) if where else e.image, fewshot.describe(e, cfg.dims)) for e in kept]
 
     def library_key(self) -> dict[str, Any]:
         """What decides the few-shot examples: the grid's render keys (model, LoRA bytes, every
@@ -245,7 +245,11 @@ class GPT4LoRA:
                 "threshold": cfg.fewshot_threshold, "keep": cfg.fewshot_keep}
 
     def _design(self) -> list[Weights]:
-        return fewshot.design(len(self.cfg.loras), self.cfg.fewshot_levels, self.cfg.fewshot_budget)
+        # With --blocks the design spans every searched weight (k x groups columns), at the budget
+        # of one weight per LoRA, so the examples cost what they do without blocks.
+        cfg = self.cfg
+        budget = cfg.fewshot_budget if cfg.fewshot_budget is not None else fewshot.default_budget(len(cfg.loras))
+        return fewshot.design(len(cfg.dims), cfg.fewshot_levels, budget)
 
     def _score_grid(self):
         cfg = self.cfg
@@ -265,17 +269,23 @@ class GPT4LoRA:
     # ------------------------------------------------------------ the steps, with this run's settings
 
     def job(self, weights: Weights) -> RenderJob:
+        """The render of a searched vector (with --blocks: each LoRA's group weights as its lbw vector)."""
         cfg = self.cfg
-        return RenderJob(prompt=self._prompt, loras=cfg.loras, weights=tuple(weights), method=cfg.method,
-                         sampling=cfg.sampling)
+        rendered, blocks = self._expand(weights)
+        return RenderJob(prompt=self._prompt, loras=cfg.loras, weights=rendered, method=cfg.method,
+                         sampling=cfg.sampling, blocks=blocks)
+
+    def _expand(self, weights):
+        return self.cfg.render_args(weights, self.steps.renderer.profile.diffusion.arch)
 
     def render(self, step: str, role: events.Role, weights: Weights, iteration: int | None = None) -> str:
-        return self.steps.render(step, role, self.job(weights), self.cfg.names, iteration)
+        return self.render_many([step], role, [weights], iteration)[0]
 
     def render_many(self, steps: list[str], role: events.Role, vectors: list[Weights],
                     iteration: int | None = None, origins: list[str] | None = None) -> list[str]:
         """Several weight vectors of this run's job, batched where the method allows."""
-        return self.steps.render_many(steps, role, self.job(vectors[0]), vectors, self.cfg.names, iteration, origins)
+        return self.steps.render_many(steps, role, self.job(vectors[0]), vectors, self.cfg.dims, iteration, origins,
+                                      self._expand if self.cfg.blocks else None)
 
     def ask(self, step: str, kind: str, images: list[str], text: str, schema: schemas.Schema,
             temperature: float | None = None) -> Any:
@@ -296,11 +306,19 @@ class GPT4LoRA:
         return prompts.render(name, override, **base, **fields)
 
     def _loras_text(self) -> str:
-        return "\n".join(f"{i}. {lo.name} ({lo.category or 'unknown category'}): {lo.triggers or '-'}"
-                         for i, lo in enumerate(self.cfg.loras, 1))
+        lines = [f"{i}. {lo.name} ({lo.category or 'unknown category'}): {lo.triggers or '-'}"
+                 for i, lo in enumerate(self.cfg.loras, 1)]
+        if self.cfg.blocks:
+            from localora.diffusion.blocks import GROUP_HINTS
+
+            # The {loras} field reaches every template, so Generate, Feedback and Refine all learn
+            # what NAME.GROUP weighs, custom templates included.
+            lines.append("Each LoRA has one weight per block group of the image model, written NAME.GROUP: "
+                         + "; ".join(f"{g} ({GROUP_HINTS[g]})" for g in self.cfg.blocks) + ".")
+        return "\n".join(lines)
 
     def _fmt(self, weights: Weights) -> str:
-        return ", ".join(f"{n}={w:.2f}" for n, w in zip(self.cfg.names, weights))
+        return ", ".join(f"{n}={w:.2f}" for n, w in zip(self.cfg.dims, weights))
 
     def _list(self, vectors: list[Weights], label: str = "candidate") -> str:
         return "\n".join(f"Picture {i}: {label} {i}, weights {self._fmt(w)}" for i, w in enumerate(vectors, 1))

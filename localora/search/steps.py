@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from localora.scoring.clip import ClipScorer
 
 Emit = Callable[[dict[str, Any]], None]
+# A searched vector -> the render's (weights, per-LoRA block vectors): ComposeConfig.render_args.
+Expand = Callable[[Sequence[float]], tuple[tuple[float, ...], tuple]]
 
 # What black-box strategies maximize (search/blackbox.py), computed by Steps.objective.
 CLIP_T_WEIGHT, CLIP_I_WEIGHT = 1.0, 1.0
@@ -78,19 +80,27 @@ class Steps:
 
     def render_many(self, steps: Sequence[str], role: events.Role, job: RenderJob,
                     vectors: Sequence[Sequence[float]], names: Sequence[str], iteration: int | None = None,
-                    origins: Sequence[events.Origin] | None = None) -> list[str]:
+                    origins: Sequence[events.Origin] | None = None, expand: Expand | None = None) -> list[str]:
         """Render (or recall) `job` under each weight vector, one step each; the renderer batches
-        the ones not done yet. Returns their paths in the run folder, in order.
+        the ones not done yet. Returns their paths in the run folder, in order. `expand`, when
+        given, turns a searched vector into the render's (weights, per-LoRA lbw vectors) (compose
+        --blocks); the events keep the searched vector under `names`.
 
         A done step whose image was deleted from the run folder is rendered again (usually a
         render-cache hit) and put back where its event says, so a resumed run never reads a
         missing file."""
         lost = [i for i, step in enumerate(steps)
                 if self.recall(step) and not (self.run.path / self.recall(step)["image"]).is_file()]
-        for i, out in zip(lost, self.renderer.render_many(job, [vectors[i] for i in lost])):
+        def draw(which: list[int]) -> list[Rendered]:
+            if expand is None:
+                return self.renderer.render_many(job, [vectors[i] for i in which])
+            args = [expand(vectors[i]) for i in which]
+            return self.renderer.render_many(job, [w for w, _ in args], [b for _, b in args])
+
+        for i, out in zip(lost, draw(lost)):
             self.run.save_image(out, rel=self.recall(steps[i])["image"])
         todo = [i for i, step in enumerate(steps) if not self.recall(step)]
-        outs = self.renderer.render_many(job, [vectors[i] for i in todo])
+        outs = draw(todo)
         for i, out in zip(todo, outs):
             rel = self.run.save_image(out)
             event = events.RenderEvent(

@@ -49,12 +49,27 @@ KINDS = {"diffusion": ("sdxl", "sd15", "flux", "zimage"), "vlm": ("qwen2-vl", "q
          "clip": ("clip",), "loras": ("loras-sdxl", "loras-sd15", "loras-flux", "loras-zimage")}
 
 
+# Shown on every view of a tiny-profile run (live view, plain lines, report.html): its images and
+# the VLM's words are meaningless by design, and a newcomer must not take them for a fault.
+NOTE = ("tiny profile: random weights, so the images are noise and the VLM's text is random; this shows the "
+        "loop working, not results. For real images: `localora models` lists the profiles, `localora pull "
+        "PROFILE` fetches one, then `localora compose --profile PROFILE ...`")
+
+
 def root() -> Path:
     return paths.home() / "tiny" / f"v{VERSION}"
 
 
 def is_built(name: str) -> bool:
     return (root() / name / ".complete").exists()
+
+
+def unbuilt(sources: list[str], arch: str) -> list[str]:
+    """The tiny parts that `sources` ("tiny:NAME" model sources) and their demo LoRAs still need built."""
+    names = [s.removeprefix("tiny:") for s in sources if s.startswith("tiny:")]
+    if any(n in KINDS["diffusion"] for n in names):
+        names.append(f"loras-{arch}")
+    return [n for n in dict.fromkeys(names) if n in BUILDERS and not is_built(n)]
 
 
 def ensure(name: str) -> Path:

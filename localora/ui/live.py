@@ -1,9 +1,11 @@
 """What a compose run shows while it works: a Rich live view, or one plain line per event.
 
-    LiveUI     few-shot ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 9/9
+    LiveUI     (a tiny profile: a note that its weights are random)
+               few-shot ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 9/9
                iterations ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 1/2
+               images   ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 12/21   (every image, cached ones too)
                ...  the current candidates, the latest feedback
-               GPU: diffusion, clip  1.2 GiB   elapsed 00:41   ETA 00:37
+               GPU: diffusion, clip  1.2 GiB   elapsed 00:41   ETA 00:37   (CPU: diffusion, clip)
                ⠹ VLM generating, 37 tokens (at most 2405)      always something moving
     PlainUI    localora: run runs/x, profile tiny: ...            at once, before any model loads
                [00:00] start  3 LoRAs, 2 iterations x 3 candidates
@@ -104,11 +106,12 @@ def _short(value: Any, limit: int = 100) -> str:
 class PlainUI:
     """One line per event, for logs and pipes; a heartbeat line when a step is quiet for long."""
 
-    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic, note: str = ""):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.clock = clock
         self.started = clock()
         self.heartbeat = Heartbeat(clock=clock)
+        self.note = note  # e.g. tiny.NOTE: printed first, so the noise below is not taken for a fault
 
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
@@ -139,6 +142,8 @@ class PlainUI:
         self._timed(describe_placement(p))
 
     def __enter__(self):
+        if self.note:
+            self._print(f"note: {self.note}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,6 +176,8 @@ class _State:
     feedback: str = ""
     holder: str = "-"
     memory: int = 0
+    device: str = ""  # the models' device type, once a placement said it
+    table_title: str = "candidates (from iteration 1)"
     activity: str = ""  # a model being loaded or moved right now
     tokens: tuple[int, int] | None = None  # the VLM's answer being decoded: tokens so far, at most
     status: str = "starting …"  # what the run does when nothing else reports
@@ -234,13 +241,17 @@ class LiveUI:
     """The Rich live view: progress, the current candidates, the latest feedback, the GPU, and a
     spinner saying what is happening."""
 
-    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic, note: str = ""):
         from rich.live import Live
 
         self.console = console or Console()
         self.state = _State()
         self.clock = clock
         self.started = clock()
+        self.note = note  # e.g. tiny.NOTE, shown above everything
+        # One spinner for the whole run: a Spinner draws its frame from the time since its first
+        # render, so a new one per refresh would show its first frame for ever.
+        self.spinner = Spinner("dots")
         # get_renderable: every refresh draws the current state, so the spinner and the clocks
         # move while a model loads or the VLM decodes, and a token costs an assignment, no redraw.
         self.live = Live(console=self.console, refresh_per_second=8, transient=False, get_renderable=self.view)
@@ -265,6 +276,7 @@ class LiveUI:
         elif kind == events.ITERATION:
             s.iteration = event["iteration"]
             s.table = []
+            s.table_title = f"iteration {s.iteration} candidates"
         elif kind == events.RENDER:
             s.renders_done += 1
             s.grid_done += event.get("role") == "grid"
@@ -284,6 +296,8 @@ class LiveUI:
         elif kind == events.SCORES:
             s.score_label = "objective" if "objective" in event else "CLIP-T"
             s.table = list(zip(event["candidates"], event.get("objective") or event["clip_t"]))
+            if event.get("id") == events.FINAL_SCORES:  # the refined image of each round, not candidates
+                s.table_title = "refined picks (one per iteration)"
         elif kind == events.STATE:  # a black-box round is done (they have no refined render)
             s.iterations_done = max(s.iterations_done, event["iteration"])
         elif kind == events.VLM:
@@ -311,6 +325,7 @@ class LiveUI:
         s = self.state
         s.holder = ", ".join(p.resident) or "-"
         s.memory = p.memory_bytes
+        s.device = p.device or s.device
         s.activity = "" if p.done else placement_phrase(p)
         if p.done:
             s.model(p.component, p.action, p.seconds)
@@ -329,10 +344,10 @@ class LiveUI:
         if s.grid:
             bar("few-shot", s.grid_done, s.grid)
         bar("iterations", s.iterations_done, s.iterations)
-        bar("renders", s.renders_done, s.renders_planned)
-        bar("denoising", *s.step)
-        title = f"iteration {s.iteration} candidates" if s.iteration else "candidates (from iteration 1)"
-        cands = Table(title=title, expand=False, title_justify="left")
+        bar("images", s.renders_done, s.renders_planned)
+        if s.step[1]:  # a run served from the cache denoises nothing: no "0/0" bar
+            bar("denoising", *s.step)
+        cands = Table(title=s.table_title, expand=False, title_justify="left")
         cands.add_column("#", justify="right")
         cands.add_column("weights")
         cands.add_column(s.score_label, justify="right")
@@ -340,9 +355,14 @@ class LiveUI:
             cands.add_row(str(i), _weights(w), "" if score is None else f"{score:.3f}")
         elapsed = self.clock() - self.started
         eta = s.eta()
-        status = Text(f"GPU: {s.holder}  {s.memory / 2**30:.1f} GiB   elapsed {_clock(elapsed)}   "
-                      f"ETA {'-' if eta is None else _clock(eta)}")
+        # On the CPU nothing is "on the GPU" and accelerator memory is meaningless.
+        where = {"": f"models: {s.holder}", "cpu": f"CPU: {s.holder}"}.get(
+            s.device, f"GPU: {s.holder}  {s.memory / 2**30:.1f} GiB")
+        status = Text(f"{where}   elapsed {_clock(elapsed)}   ETA {'-' if eta is None else _clock(eta)}")
         parts = [bars, cands, Panel(s.feedback or "(no feedback yet)", title="latest feedback", expand=True), status]
+        if self.note:
+            parts.insert(0, Text(self.note, style="bold yellow"))
         if not s.finished:  # a load takes tens of seconds on a real card: show that something is happening
-            parts.append(Spinner("dots", text=s.doing()))
+            self.spinner.update(text=s.doing())
+            parts.append(self.spinner)
         return Group(*parts, Text(s.last, style="dim"))
