@@ -141,10 +141,11 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
     parts = session.components(p.profile, progress)  # model loads, steps and VLM tokens show too
     have = {(r["set_id"], r["seed"], r["method"]): r for r in store.results()}
     calls = 0
-    for row in rows(p, work, parts, progress, store.start_session(sys.argv[1:]), have):
-        store.add(row.table, row.values, row.children)
-        progress.finished(row.line)
-        calls += row.values["vlm_calls"]
+    with parts.renderer:  # pending render-cache writes finish (or raise) however the bench ends
+        for row in rows(p, work, parts, progress, store.start_session(sys.argv[1:]), have):
+            store.add(row.table, row.values, row.children)
+            progress.finished(row.line)
+            calls += row.values["vlm_calls"]
     stats = parts.renderer.stats
     return Summary(total, skipped, stats.renders, stats.hits, calls)
 
@@ -216,6 +217,7 @@ class _Runner:
         each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
         category = {x.id: x.category for x in case.combo}
         rel = self._save(source, case, method)
+        self.renderer.flush()  # every image the row names is on disk (or its write's error raised) before it is stored
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
         vlm = None
         if calls:  # which VLM answered this row's search

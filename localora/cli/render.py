@@ -65,10 +65,12 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     job.sampling.resolved(prof.diffusion)  # the renderer checks it too; here --width 65 fails before torch loads
     from localora.diffusion.render import Renderer
 
-    result = Renderer(prof).render(job)
+    with Renderer(prof) as renderer:  # its cache write is done (or its error raised) when generate ends
+        result = renderer.render(job)
+        cached = result.path  # a failed cache write is its own error line, not --out's
     try:
         if out_path.suffix.lower() == ".png":  # the cached PNG as it is: its pixels and its metadata
-            atomic_write(out_path, lambda p: shutil.copyfile(result.path, p))
+            atomic_write(out_path, lambda p: shutil.copyfile(cached, p))
         else:  # another format: Pillow encodes it, without the PNG's metadata
             out_path.parent.mkdir(parents=True, exist_ok=True)
             result.image.save(out_path)

@@ -11,6 +11,17 @@ before is read back from the cache instead of denoised again.
 The chunks name the LoRA files as the render at hand called them; a hit through files of other
 names (same contents, same key) rewrites the chunks, never the pixels, before the image is
 served. The chunks are not part of the key, so adding them needed no new cache format.
+
+Writing is off the denoising path (diffusion/writer.py): each image goes to a background writer
+as soon as it is denoised, and render_many returns without waiting for the files.
+
+    denoise 1 ─ denoise 2 ─ denoise 3 ─ ...                     the caller's thread
+         └─ PNG encode + chunks + KEY.png, KEY.json (atomic) ─  the writer's thread (<= 4 pending)
+    Rendered.path   waits for its file (and raises its write's error): every reader uses it
+    Renderer.close  (or `with renderer:`) waits for all, where a command's use of it ends
+
+LOCALORA_SYNC_WRITES=1 (or Renderer(sync_writes=True)) writes before render_many returns, as
+before; the files are byte for byte the same either way.
 """
 
 from __future__ import annotations
@@ -18,10 +29,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +55,7 @@ from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipelin
 from localora.diffusion import metadata
 from localora.diffusion.metadata import png
 from localora.diffusion.metadata.info import RenderInfo, render_info
+from localora.diffusion.writer import Writer
 from localora.profiles import Profile
 
 # 2: Composite on Euler-type schedulers drew its starting noise from the previous render's
@@ -54,9 +68,18 @@ log = logging.getLogger(__name__)
 class Rendered:
     image: Image.Image
     key: str
-    path: Path
+    file: Path  # the cache PNG; it may still be being written: read it through `path`
     cached: bool
     seconds: float
+    written: Future | None = field(default=None, repr=False, compare=False)  # its background write
+    writer: Writer | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        """The cache PNG, once it is on disk; a failed write raises its error here."""
+        if self.writer is not None:
+            self.writer.wait(self.written)
+        return self.file
 
 
 @dataclass
@@ -75,9 +98,14 @@ class Renderer:
     batch: int = 0  # images per UNet batch for several Merge renders; 0: from free and measured working memory
     stats: RenderStats = field(default_factory=RenderStats)
     memory: OutOfMemory = field(default_factory=OutOfMemory)  # what fits, learned at the first OOM
+    # Write each cache entry before render_many returns (as before the background writer); the
+    # side-by-side script and the byte-identity test use it.
+    sync_writes: bool = field(default_factory=lambda: os.environ.get("LOCALORA_SYNC_WRITES", "") not in ("", "0"))
     _identity: dict | None = None
+    _writer: Writer | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self._writer = Writer(depth=0 if self.sync_writes else WRITES_PENDING)
         if self.devices is None:
             self.devices = DeviceManager.for_profile(self.profile)
         retire_old_entries(self.cache_dir)
@@ -146,22 +174,54 @@ class Renderer:
             else:
                 misses.setdefault(key, []).append(i)
         todo = [jobs[positions[0]] for positions in misses.values()]
+        written: list[Future] = []
+
+        def store(one: RenderJob, image: Image.Image) -> None:
+            # Handed to the writer as soon as it is denoised: its encoding overlaps the next denoise.
+            written.append(self._writer.submit(self.key(one), self._writing(one, image)))
+            self.stats.renders += 1
+
         denoise_start = time.perf_counter()
-        images = self._denoise_all(todo)
+        images = self._denoise_all(todo, store)
         # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable.
         each = (time.perf_counter() - denoise_start) / max(len(todo), 1)
-        for one, image in zip(todo, images):
+        for one, image, done in zip(todo, images, written):
             key = self.key(one)
-            path = self.cache_path(key)
-            data = self._png(image, one)
-            atomic_write(path, lambda p: p.write_bytes(data))
-            atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(self._describe(one), indent=1)))
-            self.stats.renders += 1
             for n, i in enumerate(misses[key]):
-                out[i] = Rendered(image, key, path, n > 0, each)
+                out[i] = Rendered(image, key, self.cache_path(key), n > 0, each, done, self._writer)
         return [out[i] for i in range(len(jobs))]
 
+    def _writing(self, job: RenderJob, image: Image.Image) -> Callable[[], None]:
+        """The cache entry's write: PNG encode, text chunks, KEY.png then KEY.json, each atomic.
+        What it says of the job is worked out here, on the caller's thread; only bytes and files
+        are left to the writer's."""
+        path = self.cache_path(self.key(job))
+        info, described = self.info(job), json.dumps(self._describe(job), indent=1)
+
+        def write() -> None:
+            data = encode_png(image, info)
+            atomic_write(path, lambda p: p.write_bytes(data))
+            atomic_write(path.with_suffix(".json"), lambda p: p.write_text(described))
+
+        return write
+
+    def flush(self) -> None:
+        """Wait until every render's cache files are written; a failed write raises its error."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """flush(), and end the writer's thread (a later render starts it again)."""
+        self._writer.close()
+
+    def __enter__(self) -> Renderer:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        # With an error in flight the pending writes still finish; a failed one is only logged then.
+        self._writer.settle(failing=kind is not None)
+
     def _cached(self, key: str) -> Image.Image | None:
+        self._writer.wait(self._writer.pending(key))  # a render of this key still being written
         path = self.cache_path(key)
         if not path.is_file():
             return None
@@ -176,11 +236,6 @@ class Renderer:
         """What the exports say of this render (job resolved)."""
         return render_info(job.prompt, [lora.path for lora in job.loras], list(job.weights), job.method,
                            job.sampling, self.profile, self.devices.device.type, job.blocks)
-
-    def _png(self, image: Image.Image, job: RenderJob) -> bytes:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return metadata.annotate(buf.getvalue(), self.info(job))
 
     def _label(self, path: Path, job: RenderJob) -> None:
         """Give a cached PNG this job's text chunks if it lacks them (made before localora wrote
@@ -198,18 +253,27 @@ class Renderer:
     def batchable(self, job: RenderJob) -> bool:
         return job.method == "merge" and self.profile.diffusion.scheduler not in STOCHASTIC_SCHEDULERS
 
-    def _denoise_all(self, jobs: list[RenderJob]) -> list[Image.Image]:
-        if len(jobs) < 2 or not self.batchable(jobs[0]):
-            return [self._denoise(one) for one in jobs]
+    def _denoise_all(self, jobs: list[RenderJob],
+                     done: Callable[[RenderJob, Image.Image], None] = lambda job, image: None) -> list[Image.Image]:
+        """The jobs' images in order; `done(job, image)` is told of each as soon as it is made."""
         images: list[Image.Image] = []
+        if len(jobs) < 2 or not self.batchable(jobs[0]):
+            for one in jobs:
+                images.append(self._denoise(one))
+                done(one, images[-1])
+            return images
         while len(images) < len(jobs):
             size = self.memory.merge_batch(self.batch or self._auto_batch(jobs[0].sampling))
             chunk = jobs[len(images):len(images) + size]
             try:
                 with self._measuring(chunk[0].sampling, len(chunk)):
-                    images += self._denoise_batch(chunk)
+                    made = self._denoise_batch(chunk)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 self.memory.shrink_merge(len(chunk), e)  # kept for the run; re-raises all but an OOM
+                continue
+            images += made
+            for one, image in zip(chunk, made):
+                done(one, image)
         return images
 
     def _auto_batch(self, s: Sampling) -> int:
@@ -328,6 +392,17 @@ def _check_finite(latents: torch.Tensor, job: RenderJob) -> None:
         raise RuntimeFailure(f"render failed: NaN/Inf in the latents with the LoRAs {files}; one may hold NaN/Inf "
                             f"weights (check each alone with `localora generate`), or half precision overflowed")
 
+
+def encode_png(image: Image.Image, info: RenderInfo) -> bytes:
+    """The cache PNG's bytes: the image and its text chunks (diffusion/metadata)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return metadata.annotate(buf.getvalue(), info)
+
+
+# Cache writes pending at most (each holds one decoded image): the writer keeps up with the
+# denoiser as long as one encode is shorter than one render.
+WRITES_PENDING = 4
 
 # Ancestral samplers draw fresh noise at every step, and a batch draws it differently from single
 # renders: their renders are never batched, so a batch and a single render stay equal.

@@ -136,8 +136,11 @@ class RunFolder:
         back an image a resumed run is missing; returns the path relative to the run."""
         rel = rel or f"images/{rendered.key[:20]}.png"
         target = self.path / rel
+        # Waits for the cache file (written in the background) and raises its write's error, so
+        # the event the caller logs next names an image that is on disk.
+        source = rendered.path
         if not target.is_file():
-            atomic_write(target, lambda p: shutil.copyfile(rendered.path, p))
+            atomic_write(target, lambda p: shutil.copyfile(source, p))
         return rel
 
     def image(self, rel: str) -> Image.Image:

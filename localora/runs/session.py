@@ -164,7 +164,9 @@ def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch
         if run.completed:
             steps.event(events.resume_summary(list(run.completed.values())))
         try:
-            final = STRATEGIES[cfg.search].run(cfg, steps)
+            # Every pending render-cache write finishes (or raises) before the run ends, however it ends.
+            with parts.renderer:
+                final = STRATEGIES[cfg.search].run(cfg, steps)
         except BaseException:
             try:
                 report.write(run)  # what was done so far, for the user to look at
