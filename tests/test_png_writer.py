@@ -22,7 +22,7 @@ from localora.diffusion import render
 from localora.diffusion.render import Renderer, RenderJob
 from localora.diffusion.sampling import Sampling
 from localora.runs.folder import RunFolder
-from support import ctrl_c_works, signal_after
+from support import ctrl_c_works
 
 
 def job(loras, method="merge", seed=5):
@@ -123,18 +123,31 @@ def _named(run: Path) -> list[str]:
            [i for e in events for i in e.get("images", []) if isinstance(i, str)]
 
 
+def _signal_at_candidate(proc: subprocess.Popen, run: Path, sig) -> None:
+    """Send `sig` once the first candidate's render event is in events.jsonl (checked at each
+    line the run prints, so no timing is guessed), then wait for the process to end."""
+    for _ in proc.stdout:
+        log = run / "events.jsonl"
+        if log.is_file() and any(e.get("type") == "render" and e.get("role") == "candidate"
+                                 for e in map(json.loads, log.read_text().splitlines()[:-1] or ["{}"])):
+            proc.send_signal(sig)
+            break
+    proc.communicate(timeout=120)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_run_killed_while_writes_are_pending_names_only_images_on_disk_and_resumes(demo_loras, localora_home,
                                                                                     tmp_path, sig):
     # A home of its own: an empty render cache, so the candidates are denoised and written in the background.
     home = tmp_path / "home"
-    (home / "tiny").symlink_to(localora_home / "tiny")
+    home.mkdir()
+    (home / "tiny").symlink_to(localora_home / "tiny", target_is_directory=True)
     run = tmp_path / "run"
     # Killed once the first candidate's event is logged: its batch's other writes may still be pending.
     proc = _compose(home, "a girl", "-l", "demo-character", "-l", "demo-style", "-n", "1", "-c", "3",
                     "--fewshot-levels", "1.0", "--seed", "21", "--plain", "--out", run)
-    signal_after(proc, 1, sig)  # the first "[" line: an event already in events.jsonl
+    _signal_at_candidate(proc, run, sig)
     assert proc.returncode != 0
     assert not (run / "final.json").exists()
     named = _named(run)
