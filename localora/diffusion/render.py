@@ -178,7 +178,8 @@ class Renderer:
 
         def store(one: RenderJob, image: Image.Image) -> None:
             # Handed to the writer as soon as it is denoised: its encoding overlaps the next denoise.
-            written.append(self._writer.submit(self.key(one), self._writing(one, image)))
+            key = self.key(one)
+            written.append(self._writer.submit(key, self._writing(key, one, image)))
             self.stats.renders += 1
 
         denoise_start = time.perf_counter()
@@ -191,11 +192,11 @@ class Renderer:
                 out[i] = Rendered(image, key, self.cache_path(key), n > 0, each, done, self._writer)
         return [out[i] for i in range(len(jobs))]
 
-    def _writing(self, job: RenderJob, image: Image.Image) -> Callable[[], None]:
+    def _writing(self, key: str, job: RenderJob, image: Image.Image) -> Callable[[], None]:
         """The cache entry's write: PNG encode, text chunks, KEY.png then KEY.json, each atomic.
         What it says of the job is worked out here, on the caller's thread; only bytes and files
         are left to the writer's."""
-        path = self.cache_path(self.key(job))
+        path = self.cache_path(key)
         info, described = self.info(job), json.dumps(self._describe(job), indent=1)
 
         def write() -> None:
