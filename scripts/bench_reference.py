@@ -217,6 +217,11 @@ def run(args) -> dict:
                            "ratio_reference_over_localora": ref_s / loc, "max_abs_diff": diff,
                            "equal": diff == 0, "close": diff <= CLOSE,
                            "localora_all": seconds[method]["localora"], "reference_all": seconds[method]["reference"]}
+    # The methods' images differ from each other (on localora's side): the LoRAs act, and the
+    # Switch switched, so equal images above say more than "both did nothing".
+    between = {f"{a}-{b}": int(np.abs(np.asarray(images[a, "localora"], dtype=np.int16)
+                                      - np.asarray(images[b, "localora"], dtype=np.int16)).max())
+               for i, a in enumerate(METHOD_NAMES) for b in METHOD_NAMES[i + 1:]}
     return {
         "reference": {"dir": str(ref_dir), "commit": commit_of(ref_dir), "url": REPO_URL,
                       "files": [CALLBACKS, PIPELINE],
@@ -228,6 +233,7 @@ def run(args) -> dict:
         "negative_prompt": s.negative_prompt, "seed": s.seed, "steps": s.steps, "size": [s.width, s.height],
         "guidance": s.guidance, "switch_every": s.switch_every, "scheduler": "DPMSolverMultistep dpmsolver++",
         "repeats": args.repeats, "close_tolerance": CLOSE, "methods": results,
+        "max_abs_diff_between_methods": between,
         "torch_threads": torch.get_num_threads(),
         "versions": {p: package_version(p) for p in ("localora", "torch", "diffusers", "peft")},
     }
