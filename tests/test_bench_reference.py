@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_reference.py"
 CLONE = "git clone https://github.com/maszhongming/Multi-LoRA-Composition"
-METHOD_FIELDS = {"localora_seconds", "reference_seconds", "ratio_reference_over_localora", "max_abs_diff",
+METHOD_FIELDS = {"localora_seconds", "reference_seconds", "ratio_reference_over_localora",
+                 "ratio_best_reference_over_localora", "max_abs_diff",
                  "equal", "close", "localora_all", "reference_all"}
 
 
