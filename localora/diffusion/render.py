@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from localora import estimates, paths, profiles
-from localora.diffusion import methods
+from localora.diffusion import compiling, methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
 from localora.memory import OutOfMemory
@@ -64,6 +64,8 @@ class RenderStats:
     renders: int = 0  # denoised
     hits: int = 0  # served from the cache
     steps: int = 0  # denoising steps run
+    compiles: int = 0  # --compile: denoiser graphs compiled (the first and each recompile)
+    compile_seconds: float = 0.0  # --compile: their warm-up, not counted in any render's seconds
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Renderer:
     batch: int = 0  # images per UNet batch for several Merge renders; 0: from free and measured working memory
     stats: RenderStats = field(default_factory=RenderStats)
     memory: OutOfMemory = field(default_factory=OutOfMemory)  # what fits, learned at the first OOM
+    compile: bool = False  # --compile: torch.compile the denoiser where it loads (diffusion/compiling.py)
     _identity: dict | None = None
 
     def __post_init__(self) -> None:
@@ -85,9 +88,19 @@ class Renderer:
         spec = self.profile.diffusion
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
         size = estimates.diffusion_bytes(spec, dtype)
-        self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
+        self.devices.register("diffusion", self._load, source=repr(spec),
                               describe=lambda: f"{spec.name} ({dtype})", estimate=size,
                               key=estimates.diffusion_key(spec, dtype))
+
+    def _load(self, device: torch.device):
+        pipe = load_pipeline(self.profile.diffusion, device)
+        if self.compile:
+            note = compiling.unavailable(device)
+            if note:
+                log.warning("--compile: %s; rendering without it", note)
+            else:
+                compiling.compile_denoiser(pipe, self.profile.diffusion.arch)
+        return pipe
 
     # ------------------------------------------------------------ the cache
 
@@ -146,10 +159,12 @@ class Renderer:
             else:
                 misses.setdefault(key, []).append(i)
         todo = [jobs[positions[0]] for positions in misses.values()]
-        denoise_start = time.perf_counter()
-        images = self._denoise_all(todo)
-        # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable.
-        each = (time.perf_counter() - denoise_start) / max(len(todo), 1)
+        denoise_start, warmup = time.perf_counter(), self.stats.compile_seconds
+        with compiling.counted(self.stats):
+            images = self._denoise_all(todo)
+        # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable;
+        # --compile's warm-up is not a render's time (RenderStats.compile_seconds).
+        each = (time.perf_counter() - denoise_start - (self.stats.compile_seconds - warmup)) / max(len(todo), 1)
         for one, image in zip(todo, images):
             key = self.key(one)
             path = self.cache_path(key)
