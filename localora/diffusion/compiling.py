@@ -13,7 +13,8 @@ on that changes later recompiles (dynamo's guards): a new batch size, other acti
 LoRA scales (set_adapters), hooks added or removed (Composite's per-row weights). Past dynamo's
 recompile limit a call runs eagerly: slower, never wrong. The warm-up is timed by dynamo's
 compile callbacks (torch._dynamo.callback.on_compile_start/end, documented in torch.compiler's
-docs), one start and end per compiled frame, so RenderStats counts each compile and its seconds.
+docs), one start and end per compiled frame, so RenderStats counts each compile and its seconds;
+they are put back at each use, since torch.compiler.reset() clears them.
 """
 
 from __future__ import annotations
@@ -50,29 +51,30 @@ class _Tally:
 
 _tally = _Tally()
 _lock = threading.Lock()
-_installed = False
+_used = False  # a denoiser was compiled in this process
+
+
+def _start(args=None) -> None:
+    _tally.started = time.perf_counter()
+
+
+def _end(args=None) -> None:
+    if _tally.started is not None:
+        _tally.seconds += time.perf_counter() - _tally.started
+        _tally.compiles += 1
+        _tally.started = None
 
 
 def _install() -> None:
-    """Dynamo's compile callbacks, once per process: they add each compile's wall time to _tally."""
-    global _installed
+    """Dynamo's compile callbacks, which add each compile's wall time to _tally. Checked at every
+    use: torch._dynamo.reset() (torch.compiler.reset()) clears every callback."""
+    from torch._dynamo.callback import callback_handler, on_compile_end, on_compile_start
+
     with _lock:
-        if _installed:
-            return
-        from torch._dynamo.callback import on_compile_end, on_compile_start
-
-        def start(args=None) -> None:
-            _tally.started = time.perf_counter()
-
-        def end(args=None) -> None:
-            if _tally.started is not None:
-                _tally.seconds += time.perf_counter() - _tally.started
-                _tally.compiles += 1
-                _tally.started = None
-
-        on_compile_start(start)
-        on_compile_end(end)
-        _installed = True
+        if _start not in callback_handler.start_callbacks:
+            on_compile_start(_start)
+        if _end not in callback_handler.end_callbacks:
+            on_compile_end(_end)
 
 
 def unavailable(device: torch.device) -> str:
@@ -91,13 +93,17 @@ def unavailable(device: torch.device) -> str:
 
 def compile_denoiser(pipe, arch: str) -> None:
     """Compile the pipeline's denoiser in place (lazily: at its first call)."""
+    global _used
     _install()
+    _used = True
     getattr(pipe, archs.arch(arch).denoiser).compile()
 
 
 @contextmanager
 def counted(stats: CompileCounts) -> Iterator[None]:
     """Add the compiles that happen inside the block (and their seconds) to `stats`."""
+    if _used:
+        _install()
     compiles, seconds = _tally.compiles, _tally.seconds
     try:
         yield
