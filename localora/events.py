@@ -179,7 +179,7 @@ class VlmEvent(TypedDict):
 class ModelEvent(TypedDict):
     type: Literal["model"]
     model: str  # diffusion, vlm, clip
-    action: str  # load, to-device, offload, drop
+    action: str  # load, to-device, offload, drop; compile: --compile's warm-up (seconds), in no render's seconds
     seconds: float
     bytes: int  # the model's own size (parameters and buffers, as stored: 4-bit weights count 4 bits)
     memory: int  # accelerator memory allocated after the action (0 on a CPU)

@@ -65,6 +65,7 @@ class BenchConfig:
     reference_seeds: tuple[int, ...] = DEFAULT_REFERENCE_SEEDS  # CLIP-I references, never a search seed
     vlm: str | None = None  # --vlm: a [vlm.NAME] instead of the profile's VLM (the searches' and the judge's)
     judges: tuple[str, ...] = ()  # --judges: VLMs that each judge every pair (the first one's scores fill `pairs`)
+    compiled: bool = False  # --compile: torch.compile the denoiser; same images, so not in settings()
 
     def temperature(self) -> float | None:
         """The judge's sampling temperature; None is greedy (one repeat, or 0 asked for)."""

@@ -75,6 +75,7 @@ class Summary:
     cache_hits: int
     vlm_calls: int
     retried: int = 0  # --ray: tasks given to another worker after theirs died
+    compile_seconds: float = 0.0  # --compile: the warm-up, apart from the renders' seconds
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
 
     from localora.runs import session
 
-    parts = session.components(p.profile, progress)  # model loads, steps and VLM tokens show too
+    parts = session.components(p.profile, progress, compiled=cfg.compiled)  # model loads, steps and VLM tokens show too
     have = {(r["set_id"], r["seed"], r["method"]): r for r in store.results()}
     calls = 0
     with parts.renderer:  # pending render-cache writes finish (or raise) however the bench ends
@@ -147,7 +148,7 @@ def run(cfg: BenchConfig, progress: Progress) -> Summary:
             progress.finished(row.line)
             calls += row.values["vlm_calls"]
     stats = parts.renderer.stats
-    return Summary(total, skipped, stats.renders, stats.hits, calls)
+    return Summary(total, skipped, stats.renders, stats.hits, calls, compile_seconds=stats.compile_seconds)
 
 
 def rows(p: Plan, work: list[Work], parts: Components, progress: Progress, session: int,

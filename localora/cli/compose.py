@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from localora import verbosity
-from localora.cli.options import (batch_option, catalog_option, check_ray_options, complete_profiles, emit, float_list, json_option, lora_dir_option,
+from localora.cli.options import (batch_option, catalog_option, compile_option, check_ray_options, complete_profiles, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
                                   vlm_option,
                                   ray_options, sampling_options, weight_bounds)
@@ -34,6 +34,7 @@ class _Watch:
         self.done: dict[str, Any] | None = None
         self.images = 0  # every image of the run, cached and recalled ones too: the live view's "images"
         self.stages: dict[str, list[float]] = {}  # stage -> [count, seconds]
+        self.warmup = [0, 0.0]  # --compile: warm-ups logged, and their seconds (in no render's)
 
     def _add(self, stage: str, seconds: float) -> None:
         count_seconds = self.stages.setdefault(stage, [0, 0.0])
@@ -50,6 +51,9 @@ class _Watch:
             self._add(f"render {event['role']}" + (" (cached)" if event.get("cached") else ""), event["seconds"])
         elif event["type"] == "vlm":
             self._add(f"vlm {event['step']}", event["seconds"])
+        elif event["type"] == "model" and event["action"] == "compile":
+            self._add("compile warm-up", event["seconds"])
+            self.warmup = [self.warmup[0] + 1, self.warmup[1] + event["seconds"]]
         self.ui.event(event)
 
     def step(self, i: int, total: int) -> None:
@@ -119,38 +123,43 @@ def summary_lines(d: dict[str, Any], images: int | None = None) -> list[str]:
     # image of the run as the live view does, so the two numbers are told apart, not contradicted.
     spent = "" if d["renders"] is None else f", {d['renders']} search renders"
     spent += f" of {images} images" if images and d["renders"] is not None else ""
+    warmup = [f"compile warm-up: {d['compile_warmup_seconds']:.1f}s, apart from the render times"] \
+        if d.get("compile_warmup_seconds") else []
     return ["final weights: " + ", ".join(f"{k}={v:.2f}" for k, v in d["weights"].items())
             + f" (round {d['iteration']}{spent})",
-            f"run folder: {d['run_folder']}   image: {d['image']}   report: {d['report']}"]
+            f"run folder: {d['run_folder']}   image: {d['image']}   report: {d['report']}", *warmup]
 
 
-def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False, compiled: bool = False) -> None:
     from localora.runs import session
 
     ui = _Watch(_ui(plain, as_json, prof))
     try:
         with ui:
-            final = session.compose(cfg, prof, run, ui, batch=batch)
+            final = session.compose(cfg, prof, run, ui, batch=batch, compiled=compiled)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the run folder is intact. Continue with: localora compose --resume {run.path}", err=True)
         sys.exit(INTERRUPTED)
     data = summary(final, run, ui.done.get("renders") if ui.done else None)
+    if ui.warmup[0]:
+        data["compile_warmup_seconds"] = round(ui.warmup[1], 3)
     emit(as_json, data, summary_lines(data, ui.images))
     if verbosity.verbose():
         for line in ui.timing_lines():
             click.echo(line, err=True)
 
 
-def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False) -> None:
+def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False,
+           compiled: bool = False) -> None:
     cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
-    _run(cfg, prof, run, plain, batch, as_json)
+    _run(cfg, prof, run, plain, batch, as_json, compiled)
 
 
 # Options that a resumed run takes from its run.json, so giving them with --resume is an error.
-_RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs", "profile", "as_json")
+_RESUME_KEEPS = ("resume", "plain", "batch", "compiled", "lora_specs", "catalog", "lora_dirs", "profile", "as_json")
 # (a resumed run keeps its VLM too: run.json names it, so --vlm is refused with --resume)
 
 
@@ -208,10 +217,11 @@ _RESUME_KEEPS = ("resume", "plain", "batch", "lora_specs", "catalog", "lora_dirs
 @ray_options
 @plain_option
 @batch_option
+@compile_option
 @json_option
 def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, candidates, bounds, search, budget, final_judge,
             method, sampling, blocks, temperature, no_fewshot, fewshot_levels, fewshot_budget, fewshot_threshold, prompts,
-            prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, as_json):
+            prompts_dir, out, resume, ray, workers, worker_cpus, plain, batch, compiled, as_json):
     """Search weights for combining LoRAs: render, let the local VLM look, refine.
 
     Runs GPT4LoRA's loop (few-shot selection, then N rounds of generate -> feedback -> refine,
@@ -261,7 +271,7 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         from localora.runs import session
 
         run, cfg, prof = session.reopen(Path(resume), given)
-        _run(cfg, prof, run, plain, batch, as_json)
+        _run(cfg, prof, run, plain, batch, as_json, compiled)
         return
     if jsonl and prompt:
         raise LocaloraError(f"give a PROMPT or --prompts {jsonl} (its lines are the prompts), not both")
@@ -277,10 +287,10 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         if lora_specs:
             raise LocaloraError(f"--lora does not go with --prompts {jsonl}: give each line's LoRAs in its "
                                 f"\"loras\" (or as <lora:NAME:START> tags in its prompt)")
-        _batch(jsonl, prof, catalog, lora_dirs, options, out, batch, as_json, (ray, workers, worker_cpus))
+        _batch(jsonl, prof, catalog, lora_dirs, options, out, batch, as_json, (ray, workers, worker_cpus), compiled)
         return
     cfg = compose_config(prof, prompt, lora_specs, catalog, lora_dirs, **options)
-    _start(cfg, prof, out, plain, batch, as_json)
+    _start(cfg, prof, out, plain, batch, as_json, compiled)
 
 
 def _prompts_option(prompts: str | None, templates: str | None) -> tuple[Path | None, str | None, str]:
@@ -332,10 +342,13 @@ def compose_config(prof, prompt: str, lora_specs: tuple[str, ...], catalog: tupl
 
 
 def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: str | None, batch: int,
-           as_json: bool, ray: tuple[str | None, int | None, int]) -> None:
+           as_json: bool, ray: tuple[str | None, int | None, int], compiled: bool = False) -> None:
     """compose --prompts FILE.jsonl: every line checked first, then run one after another, or
     on the workers of a Ray cluster (`ray`: --ray, --workers, --worker-cpus)."""
     from localora.runs import batch as batches
+
+    if compiled and ray[0] is not None:
+        raise LocaloraError("--compile is not passed on to Ray workers; drop --compile or --ray")
 
     def make_config(line: dict[str, Any]):
         sampling = options["sampling"] if line["seed"] is None else replace(options["sampling"], seed=line["seed"])
@@ -354,7 +367,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
                 from localora.runs import distributed
 
                 execute = distributed.executor(ray[0], prof, folder, ui, ray[1], ray[2], batch)
-            records = batches.run(items, folder, ui, execute, source=path, batch=batch, profile=prof)
+            records = batches.run(items, folder, ui, execute, source=path, batch=batch, profile=prof, compiled=compiled)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the finished lines stay in {folder} and the interrupted line's run folder "
                    f"is resumable. Continue with {again}", err=True)
@@ -384,7 +397,8 @@ DEMO_LORAS = ("demo-character", "demo-clothing", "demo-style")
 @click.option("--profile", "-p", "profile_name", default="tiny", show_default=True, shell_complete=complete_profiles,
               help="A tiny profile: tiny (SDXL), tiny-sd15, tiny-flux (Flux.1), tiny-zimage (Z-Image).")
 @plain_option
-def demo(out, profile_name, plain):
+@compile_option
+def demo(out, profile_name, plain, compiled):
     """Compose the three demo LoRAs on a tiny profile: 2 iterations, 3 candidates.
 
     Everything is built offline on first use; it shows every step of the real loop in about a
@@ -401,7 +415,7 @@ def demo(out, profile_name, plain):
     loras = tuple(c.lora for c in resolve_loras(prof, DEMO_LORAS, ()))
     cfg = ComposeConfig(prompt=DEMO_PROMPT, loras=loras, iterations=2, candidates=3,
                         fewshot_threshold=prof.clip.fewshot_threshold)
-    _start(cfg, prof, out, plain)
+    _start(cfg, prof, out, plain, compiled=compiled)
 
 
 @click.command("open")

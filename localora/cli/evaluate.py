@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from localora.bench.plan import DEFAULT_METHODS, DEFAULT_REFERENCE_SEEDS, METHODS
-from localora.cli.options import (complete_profiles, complete_testbeds, complete_vlms, check_ray_options, emit,
+from localora.cli.options import (compile_option, complete_profiles, complete_testbeds, complete_vlms, check_ray_options, emit,
                                   json_option, ray_options, vlm_option)
 from localora.scoring import judge as judging
 from localora.vlm.prompts import check_dir
@@ -171,12 +171,14 @@ def _csv(text: str, option: str, kind: type = str) -> tuple:
               "this refuses to start a new one).")
 @ray_options
 @click.option("--plain", is_flag=True, help="One line per finished row instead of the progress bar.")
+@compile_option
 @json_option
 def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: str | None, baseline: str,
           lora_dir: str | None, repeats: int, judge_temperature: float | None, iterations: int, candidates: int,
           no_fewshot: bool, switch_every: str | None, cache_interval: int | None, drop_triggers: str | None, reference_seeds: str, profile_name: str | None,
           vlm: str | None, judges: str | None, out: Path,
-          resume: bool, ray: str | None, workers: int | None, worker_cpus: int, plain: bool, as_json: bool) -> None:
+          resume: bool, ray: str | None, workers: int | None, worker_cpus: int, plain: bool, compiled: bool,
+          as_json: bool) -> None:
     """Run every method on a testbed's composition sets: CLIP-I, CLIP-T and the pairwise judge.
 
     Results go to OUT/bench.sqlite, one row per (set, seed, method) and one per judged pair, each
@@ -198,13 +200,15 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
         no_fewshot=no_fewshot, drop_triggers=drop_triggers,
         switch_every=_csv(switch_every, "--switch-every", int) if switch_every is not None else (),
         cache_interval=cache_interval, reference_seeds=_csv(reference_seeds, "--reference-seeds", int), vlm=vlm,
-        judges=_csv(judges, "--judges") if judges is not None else (),
+        judges=_csv(judges, "--judges") if judges is not None else (), compiled=compiled,
     )
     if as_json or verbosity.quiet():  # stdout is the summary alone: progress, if any, goes to stderr
         ui = PlainProgress(lambda line: None if verbosity.quiet() else click.echo(line, err=True))
     else:
         ui = PlainProgress(click.echo) if plain or not sys.stdout.isatty() else LiveProgress()
     check_ray_options(ray, workers, worker_cpus)
+    if compiled and ray is not None:
+        raise LocaloraError("--compile is not passed on to Ray workers; drop --compile or --ray")
     if resume and not (out / DB_FILE).is_file():
         raise LocaloraError(f"--resume {out}: no {DB_FILE} there to go on with; drop --resume to start a new bench")
     try:
@@ -222,9 +226,12 @@ def bench(testbed: str, methods: str, elements: int, limit: int | None, seeds: s
     data = {"out": str(out), "store": str(out / DB_FILE), "rows_made": summary.made, "rows_skipped": summary.skipped,
             "renders": summary.renders, "cache_hits": summary.cache_hits, "vlm_calls": summary.vlm_calls}
     retried = ""
+    if summary.compile_seconds:
+        data["compile_warmup_seconds"] = round(summary.compile_seconds, 3)
+        retried = f"; compile warm-up {summary.compile_seconds:.1f}s apart from the renders"
     if ray is not None:
         data["retried"] = summary.retried
-        retried = f"; {summary.retried} rows retried after their worker died" if summary.retried else ""
+        retried += f"; {summary.retried} rows retried after their worker died" if summary.retried else ""
     emit(as_json, data, [f"bench: {summary.made} rows made, {summary.skipped} already done; {summary.renders} renders "
                          f"({summary.cache_hits} from the cache), {summary.vlm_calls} VLM calls{retried}. Report: "
                          f"localora report {out}"])

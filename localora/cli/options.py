@@ -7,6 +7,7 @@
     @lora_dir_option         --lora-dir DIR (repeatable)  ->  lora_dirs
     @plain_option            --plain
     @batch_option            --batch N
+    @compile_option          --compile  ->  compiled (torch.compile the denoiser; diffusion/compiling.py)
     @sampling_options        --seed --steps --guidance --width --height --negative  ->  sampling=Sampling(...)
     @json_option             --json  ->  as_json; then emit(as_json, data, human_lines)
 
@@ -162,6 +163,11 @@ plain_option = click.option("--plain", is_flag=True, help="One log line per even
 batch_option = click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
                             help="Merge renders per UNet batch (0: as many as free memory holds; an "
                                  "out-of-memory batch is split and retried). Results are the same.")
+compile_option = click.option(
+    "--compile", "compiled", is_flag=True,
+    help="torch.compile the denoiser (UNet or transformer) where it loads: the first render pays a warm-up "
+         "(minutes on a CPU; again for each new batch shape or LoRA set), shown apart from render times. "
+         "Images equal eager ones up to float rounding. Needs a C++ compiler on a CPU, Triton on a GPU.")
 
 
 def lora_option(help: str, required: bool = False, metavar: str = "NAME_OR_PATH[:WEIGHT][:lbw=BLOCKS]"):

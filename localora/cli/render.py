@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from localora import verbosity
-from localora.cli.options import (catalog_option, lora_dir_option, lora_option, lora_sources, profile_option,
+from localora.cli.options import (catalog_option, compile_option, lora_dir_option, lora_option, lora_sources, profile_option,
                                   resolve_request, sampling_options)
 from localora.diffusion.methods import METHODS
 from localora.errors import LocaloraError
@@ -44,7 +44,9 @@ _FROM_TAKES = ("prompt", "lora_specs", "method", "seed", "steps", "guidance", "w
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="The image file (default render.png, or render-2.png and so on beside an existing one).")
 @click.option("--force", is_flag=True, help="Overwrite --out when that file exists.")
-def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, from_image, out, force):
+@compile_option
+def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, no_triggers, from_image, out, force,
+             compiled):
     """Render PROMPT with several LoRAs combined by one method (merge, switch or composite).
 
     LoRAs come from --lora and from A1111-style <lora:NAME:WEIGHT> tags in PROMPT (removed from the
@@ -65,7 +67,7 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     job.sampling.resolved(prof.diffusion)  # the renderer checks it too; here --width 65 fails before torch loads
     from localora.diffusion.render import Renderer
 
-    with Renderer(prof) as renderer:  # its cache write is done (or its error raised) when generate ends
+    with Renderer(prof, compile=compiled) as renderer:  # its cache write is done (or its error raised) when generate ends
         result = renderer.render(job)
         cached = result.path  # a failed cache write is its own error line, not --out's
     try:
@@ -77,6 +79,8 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     except OSError as e:
         raise LocaloraError(f"{out_path}: cannot write the image ({e.strerror}); choose another --out") from None
     source = "cache" if result.cached else f"rendered in {result.seconds:.1f}s"
+    if renderer.stats.compiles:  # --compile: the warm-up, which result.seconds leaves out
+        source += f", compile warm-up {renderer.stats.compile_seconds:.1f}s"
     click.echo(f"{out_path}  ({job.method}, seed {job.sampling.seed}, {source})")
 
 

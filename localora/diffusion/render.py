@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from localora import estimates, paths, profiles
-from localora.diffusion import methods
+from localora.diffusion import compiling, methods
 from localora.devices import DeviceManager
 from localora.errors import LocaloraError, RuntimeFailure
 from localora.memory import OutOfMemory
@@ -87,6 +87,8 @@ class RenderStats:
     renders: int = 0  # denoised
     hits: int = 0  # served from the cache
     steps: int = 0  # denoising steps run
+    compiles: int = 0  # --compile: denoiser graphs compiled (the first and each recompile)
+    compile_seconds: float = 0.0  # --compile: their warm-up, not counted in any render's seconds
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Renderer:
     # Write each cache entry before render_many returns (as before the background writer); the
     # side-by-side script and the byte-identity test use it.
     sync_writes: bool = field(default_factory=lambda: os.environ.get("LOCALORA_SYNC_WRITES", "") not in ("", "0"))
+    compile: bool = False  # --compile: torch.compile the denoiser where it loads (diffusion/compiling.py)
     _identity: dict | None = None
     _writer: Writer | None = field(default=None, repr=False)
 
@@ -113,9 +116,19 @@ class Renderer:
         spec = self.profile.diffusion
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
         size = estimates.diffusion_bytes(spec, dtype)
-        self.devices.register("diffusion", lambda device: load_pipeline(spec, device), source=repr(spec),
+        self.devices.register("diffusion", self._load, source=repr(spec),
                               describe=lambda: f"{spec.name} ({dtype})", estimate=size,
                               key=estimates.diffusion_key(spec, dtype))
+
+    def _load(self, device: torch.device):
+        pipe = load_pipeline(self.profile.diffusion, device)
+        if self.compile:
+            note = compiling.unavailable(device)
+            if note:
+                log.warning("--compile: %s; rendering without it", note)
+            else:
+                compiling.compile_denoiser(pipe, self.profile.diffusion.arch)
+        return pipe
 
     # ------------------------------------------------------------ the cache
 
@@ -182,10 +195,12 @@ class Renderer:
             written.append(self._writer.submit(key, self._writing(key, one, image)))
             self.stats.renders += 1
 
-        denoise_start = time.perf_counter()
-        images = self._denoise_all(todo, store)
-        # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable.
-        each = (time.perf_counter() - denoise_start) / max(len(todo), 1)
+        denoise_start, warmup = time.perf_counter(), self.stats.compile_seconds
+        with compiling.counted(self.stats):
+            images = self._denoise_all(todo, store)
+        # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable;
+        # --compile's warm-up is not a render's time (RenderStats.compile_seconds).
+        each = (time.perf_counter() - denoise_start - (self.stats.compile_seconds - warmup)) / max(len(todo), 1)
         for one, image, done in zip(todo, images, written):
             key = self.key(one)
             for n, i in enumerate(misses[key]):

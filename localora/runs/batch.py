@@ -155,10 +155,11 @@ def _by_content(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0, profile: Any = None) -> dict[str, Any]:
+def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0, profile: Any = None,
+             compiled: bool = False) -> dict[str, Any]:
     """Start (or resume) the compose of `item` in `folder`; returns folder.result's dict, as
     `localora compose --json` prints it (cli/compose.summary). Writes only inside `folder`. The models stay loaded in
-    this process for its next item (release() lets them go); `batch` is --batch. `profile`: the
+    this process for its next item (release() lets them go); `batch` is --batch, `compiled` --compile. `profile`: the
     Profile to start the run with instead of item.profile's entry in this machine's models.toml
     (a cluster worker runs the driver's)."""
     from localora.profiles import load_profile
@@ -175,7 +176,7 @@ def run_item(item: Item, folder: Path, ui: Any, *, batch: int = 0, profile: Any 
         cfg, profile = item.cfg, profile or load_profile(item.profile)
         run = session.start(cfg, profile, folder)
     try:
-        parts = _models(profile, batch)
+        parts = _models(profile, batch, compiled)
     except BaseException:
         run.close()
         raise
@@ -199,13 +200,13 @@ def _renders(folder: Path) -> int | None:
 _held: dict[str, Any] = {}
 
 
-def _models(profile: Any, batch: int) -> Any:
+def _models(profile: Any, batch: int, compiled: bool = False) -> Any:
     from localora.runs import session
 
-    key = json.dumps([asdict(profile), batch], sort_keys=True, default=str)
+    key = json.dumps([asdict(profile), batch, compiled], sort_keys=True, default=str)
     if key not in _held:
         _held.clear()
-        _held[key] = session.components(profile, batch=batch)
+        _held[key] = session.components(profile, batch=batch, compiled=compiled)
     return _held[key]
 
 
@@ -220,7 +221,7 @@ Execute = Callable[[list[tuple[Item, Path]]], Iterable[tuple[Item, Any]]]
 
 
 def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *,
-        source: Path | None = None, batch: int = 0, profile: Any = None) -> list[dict[str, Any]]:
+        source: Path | None = None, batch: int = 0, profile: Any = None, compiled: bool = False) -> list[dict[str, Any]]:
     """The batch: skip the finished lines, run the rest in order, rewrite DIR/batch.json after
     each; returns its per-line records. Every folder already there is checked first, so a changed
     line is one error before anything renders.
@@ -239,7 +240,7 @@ def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *
     _write(out, source, records)
     todo = [(item, out / item.name) for item in items if states[item.line] != "done"]
     try:
-        for item, result in (execute or (lambda pairs: _here(pairs, ui, batch, profile)))(todo):
+        for item, result in (execute or (lambda pairs: _here(pairs, ui, batch, profile, compiled)))(todo):
             records[item.line] = _record(item, out, result)
             _write(out, source, records)
     finally:
@@ -248,12 +249,13 @@ def run(items: list[Item], out: Path, ui: Any, execute: Execute | None = None, *
     return list(records.values())
 
 
-def _here(todo: list[tuple[Item, Path]], ui: Any, batch: int, profile: Any = None) -> Iterator[tuple[Item, Any]]:
+def _here(todo: list[tuple[Item, Path]], ui: Any, batch: int, profile: Any = None,
+          compiled: bool = False) -> Iterator[tuple[Item, Any]]:
     for number, (item, folder) in enumerate(todo, 1):
         if hasattr(ui, "status"):
             ui.status(f"batch: line {item.line} ({number} of {len(todo)} to do) in {folder}")
         try:
-            yield item, run_item(item, folder, ui, batch=batch, profile=profile)
+            yield item, run_item(item, folder, ui, batch=batch, profile=profile, compiled=compiled)
         except RuntimeFailure as e:  # this line's work failed (NaN latents, ...): the others may not
             yield item, e
 

@@ -224,7 +224,7 @@ def _models(run: RunFolder, log: list[dict[str, Any]]) -> str:
         if e.get("type") == events.MODEL:
             if e["action"] == "load" and e["model"] not in loads:
                 loads[e["model"]] = e
-            else:
+            elif e["action"] != "compile":  # --compile's warm-up is no move
                 moves.setdefault(e["model"], []).append(e.get("seconds", 0.0))
     rows = ["<table><tr><th>model</th><th>name</th><th>source</th><th>loaded as</th><th>size</th>"
             "<th>first load</th><th>moves, offloads, reloads</th></tr>"]

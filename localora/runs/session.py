@@ -55,12 +55,13 @@ def model_names(profile: Profile) -> dict[str, str]:
     return {"diffusion": profile.diffusion.name, "vlm": profile.vlm.name, "clip": profile.clip.name}
 
 
-def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, batch: int = 0) -> Components:
+def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, batch: int = 0,
+               compiled: bool = False) -> Components:
     """Renderer, VLM and CLIP scorer for `profile`, sharing one device under its placement.
 
     Every load, move and drop of a model is shown by `ui` and, with a `run`, logged in its events;
     `ui` also sees each denoising step and each token the VLM decodes, where it has a method for
-    them (`step`, `generating`, `placement`: a bench's progress may lack some).
+    them (`step`, `generating`, `placement`: a bench's progress may lack some). `compiled`: --compile.
     """
     from localora.scoring.clip import ClipScorer
     from localora.vlm.model import VLM
@@ -79,7 +80,7 @@ def components(profile: Profile, ui: Any = None, run: RunFolder | None = None, b
             show(p if p.done else replace(p, detail=names.get(p.component, "")))
 
     devices = DeviceManager.for_profile(profile, log=placement)
-    renderer = Renderer(profile, devices, batch=batch)
+    renderer = Renderer(profile, devices, batch=batch, compile=compiled)
     vlm = VLM(profile.vlm, devices=devices)
     parts = Components(devices, renderer, vlm, ClipScorer.load(profile.clip, devices))
     parts.attach(run, ui)
@@ -141,13 +142,13 @@ def _resume_settings(run: RunFolder, path: Path, loras: list | None) -> tuple[Co
 
 
 def compose(cfg: ComposeConfig, profile: Profile, run: RunFolder, ui: Any, batch: int = 0,
-            parts: Components | None = None) -> Final:
+            parts: Components | None = None, compiled: bool = False) -> Final:
     """Run (or finish) the search in `run`, then write report.html; the run's lock is released
     however this ends. `parts`: models already loaded for `profile` (a batch's earlier runs), used
     instead of loading them again."""
     try:
         if parts is None:
-            parts = components(profile, ui, run, batch)
+            parts = components(profile, ui, run, batch, compiled)
         else:
             if parts.renderer.profile != profile:
                 raise ValueError(f"components of profile {parts.renderer.profile.name} given for a run "

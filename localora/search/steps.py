@@ -92,10 +92,19 @@ class Steps:
         lost = [i for i, step in enumerate(steps)
                 if self.recall(step) and not (self.run.path / self.recall(step)["image"]).is_file()]
         def draw(which: list[int]) -> list[Rendered]:
+            stats = self.renderer.stats
+            compiles, warmup = stats.compiles, stats.compile_seconds
             if expand is None:
-                return self.renderer.render_many(job, [vectors[i] for i in which])
-            args = [expand(vectors[i]) for i in which]
-            return self.renderer.render_many(job, [w for w, _ in args], [b for _, b in args])
+                outs = self.renderer.render_many(job, [vectors[i] for i in which])
+            else:
+                args = [expand(vectors[i]) for i in which]
+                outs = self.renderer.render_many(job, [w for w, _ in args], [b for _, b in args])
+            if stats.compiles > compiles:  # --compile's warm-up: logged apart, not in the renders' seconds
+                self.event(events.ModelEvent(
+                    type="model", model="diffusion", action="compile", seconds=round(stats.compile_seconds - warmup, 3),
+                    bytes=0, memory=0, resident=[], detail=f"torch.compile warm-up, {stats.compiles - compiles} "
+                                                           f"compile(s), not in render times"))
+            return outs
 
         for i, out in zip(lost, draw(lost)):
             self.run.save_image(out, rel=self.recall(steps[i])["image"])
