@@ -68,8 +68,10 @@ def _end(args=None) -> None:
 def _install() -> None:
     """Dynamo's compile callbacks, which add each compile's wall time to _tally. Checked at every
     use: torch._dynamo.reset() (torch.compiler.reset()) clears every callback."""
-    from torch._dynamo.callback import callback_handler, on_compile_end, on_compile_start
-
+    try:  # documented (torch.compiler's "callbacks" page) but under torch._dynamo: may move
+        from torch._dynamo.callback import callback_handler, on_compile_end, on_compile_start
+    except ImportError:
+        return  # compiling still works; its warm-up then stays inside the renders' seconds
     with _lock:
         if _start not in callback_handler.start_callbacks:
             on_compile_start(_start)
