@@ -207,6 +207,7 @@ def _clip_row(method, rows, categories):
     return [method, *cells, f"{sets} set{'s' * (sets != 1)} × {seeds} seed{'s' * (seeds != 1)}"]
 
 
+@pytest.mark.slow  # two whole benches and a report (the default run stays within 4 minutes)
 def test_report_table_matches_the_database(reported):
     out, _ = reported
     text = (out / "report.md").read_text()
@@ -239,6 +240,7 @@ def test_report_table_matches_the_database(reported):
     assert "#### 2 elements" in text and "#### 3 elements" in text
 
 
+@pytest.mark.slow  # two whole benches and a report (the default run stays within 4 minutes)
 def test_report_plots_are_png_files(reported):
     out, printed = reported
     for name in (bench_report.WINRATE_PNG, bench_report.BY_ELEMENTS_PNG):

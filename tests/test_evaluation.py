@@ -191,6 +191,7 @@ def ablated(tmp_path_factory, localora_home):
     return bench_and_report(tmp_path_factory, "ablated", ABLATED)
 
 
+@pytest.mark.slow  # a whole ablation bench (the default run stays within 4 minutes)
 def test_ablations_are_method_variants_in_one_folder(ablated):
     out, text = ablated
     results = {r["method"]: r for r in rows(out, "results")}
@@ -207,6 +208,7 @@ def test_ablations_are_method_variants_in_one_folder(ablated):
     assert [r[0] for r in md_table(text, "## CLIP scores")] == list(VARIANTS)
 
 
+@pytest.mark.slow  # a whole ablation bench (the default run stays within 4 minutes)
 def test_every_pair_is_judged_and_the_method_by_method_table_counts_them(ablated):
     out, text = ablated
     outcomes = rows(out, "outcomes")
@@ -225,6 +227,7 @@ def test_every_pair_is_judged_and_the_method_by_method_table_counts_them(ablated
             assert cell == " / ".join(f"{w / len(mine):.0%}" for w in wins) + f" ({len(mine)})"
 
 
+@pytest.mark.slow  # a whole ablation bench (the default run stays within 4 minutes)
 def test_the_report_has_the_image_grid(ablated):
     from PIL import Image
 

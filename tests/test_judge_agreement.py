@@ -77,6 +77,7 @@ def rows(out, table):
         return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
 
 
+@pytest.mark.slow  # a whole bench judged by two VLMs (the default run stays within 4 minutes)
 def test_both_judges_answer_the_same_questions_and_are_stored(bench):
     outcomes = rows(bench, "outcomes")
     keys = {j: sorted((o["method"], o["baseline"], o["repeat"], o["first"]) for o in outcomes if o["judge"] == j)
@@ -97,6 +98,7 @@ def test_both_judges_answer_the_same_questions_and_are_stored(bench):
     assert [j["name"] for j in settings["judges"]] == list(JUDGES)
 
 
+@pytest.mark.slow  # a whole bench judged by two VLMs (the default run stays within 4 minutes)
 def test_agreement_and_kappa_recomputed_from_the_stored_rows(bench):
     outcomes = rows(bench, "outcomes")
     by = {j: {(o["set_id"], o["seed"], o["method"], o["baseline"], o["repeat"], o["first"]): o
@@ -122,6 +124,7 @@ def test_agreement_and_kappa_recomputed_from_the_stored_rows(bench):
     assert "## Judges" in text and f"| {JUDGES[1]} | switch |" in text
 
 
+@pytest.mark.slow  # a whole bench judged by two VLMs (the default run stays within 4 minutes)
 def test_a_rerun_with_other_judges_is_refused(bench):
     result = cli("bench", "--testbed", "tiny", "--elements", "2", "--methods", "merge,switch,composite", "--limit", "1",
                  "--seeds", "0", "--repeats", "2", "--judges", JUDGES[0], "--out", bench)
@@ -137,6 +140,7 @@ def test_judges_must_be_vlms_of_models_toml(tmp_path):
 
 # ------------------------------------------------------------------ against people
 
+@pytest.mark.slow  # a whole bench judged by two VLMs (the default run stays within 4 minutes)
 def test_judge_agreement_with_labels(bench, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text(f"set_id,seed,method,baseline,composition,quality\n{SET},0,switch,merge,a,tie\n"
@@ -169,6 +173,7 @@ def test_judge_agreement_with_labels(bench, tmp_path):
      "winner 'maybe'"),
     ("set_id,seed,method,composition\n{SET},0,switch,a\n", ":1:", "no baseline column"),
 ])
+@pytest.mark.slow  # a whole bench judged by two VLMs (the default run stays within 4 minutes)
 def test_a_bad_labels_file_is_one_line_naming_file_and_line(bench, tmp_path, body, where, fragment):
     labels = tmp_path / "labels.csv"
     labels.write_text(body.replace("{SET}", SET))

@@ -144,6 +144,7 @@ def used(events: list[dict], hits_too: bool) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a whole 5-round compose run (the default run stays within 4 minutes)
 def test_a_real_run_uses_its_models_in_the_order_the_plan_assumes(recorded_run):
     manager, _, out = recorded_run
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -151,6 +152,7 @@ def test_a_real_run_uses_its_models_in_the_order_the_plan_assumes(recorded_run):
     assert planning.run_uses(5) == used(events, hits_too=True)  # the plan: every render new
 
 
+@pytest.mark.slow  # a whole 5-round compose run (the default run stays within 4 minutes)
 def test_a_real_run_on_a_simulated_12_gib_card_moves_as_the_plan_says(recorded_run):
     manager, card, _ = recorded_run
     profile = load_profile("sdxl-realistic")
