@@ -26,7 +26,7 @@ def generate_calls(run):
 @pytest.mark.parametrize("budget", [None, 5])
 def test_generate_shows_each_example_image_labelled_with_its_weights(tmp_path, monkeypatch, budget):
     if budget is not None:  # room for 5 tiny images: the current one, 2 references, 2 examples
-        per_image = 12544 // gpt4lora.TOKEN_PIXELS  # the tiny profile's max_pixels
+        per_image = 12544 // (28 * 28)  # the tiny profile's max_pixels, at Qwen2-VL's 28x28 pixels a token
         monkeypatch.setattr(gpt4lora, "GENERATE_VISUAL_TOKENS", budget * per_image)
     result = CliRunner().invoke(main, ["compose", *ARGS, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -43,3 +43,22 @@ def test_generate_shows_each_example_image_labelled_with_its_weights(tmp_path, m
             assert f"Picture {i}: weights {pairs} (prompt match" in call["prompt"]
         assert f"Picture {4 + len(shown)}:" not in call["prompt"]
         assert "this same composition" in call["prompt"]
+
+
+@pytest.mark.parametrize("vlm, per_image", [("tiny-qwen2-vl", 12544 // (28 * 28)), ("tiny-qwen3-vl", 16384 // (32 * 32)),
+                                            ("tiny-gemma-3", 256)])
+def test_the_example_budget_counts_the_vlm_familys_tokens_per_image(vlm, per_image):
+    """Generate's few-shot room is counted with each family's own visual tokens per image (Qwen3-VL
+    merges 32x32 pixels a token, Gemma 3 spends 256 on any image), not Qwen2-VL's 28x28 for all."""
+    from types import SimpleNamespace
+
+    from localora.profiles import load_profile
+    from localora.vlm.model import VLM
+
+    profile = load_profile("tiny", vlm=vlm)
+    model = VLM(profile.vlm)  # reads the family from the folder's config; loads no weights
+    assert model.image_tokens(profile.vlm.max_pixels) == per_image
+    steps = SimpleNamespace(vlm=model, renderer=SimpleNamespace(profile=profile))
+    loop = gpt4lora.GPT4LoRA.__new__(gpt4lora.GPT4LoRA)  # example_room needs only its steps
+    loop.steps = steps
+    assert loop.example_room(2) == gpt4lora.GENERATE_VISUAL_TOKENS // per_image - 3

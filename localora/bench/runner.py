@@ -96,6 +96,9 @@ class _CountingVLM:
         self.calls += 1
         return self.model.chat(*args, **kwargs)
 
+    def image_tokens(self, pixels: int) -> int:
+        return self.model.image_tokens(pixels)
+
 
 def todo(p: Plan, store: Store) -> list[Work]:
     """The rows of the plan that the store does not hold yet."""

@@ -41,10 +41,10 @@ Weights = tuple[float, ...]
 # The second ask for candidates samples, so that it can differ from the first (greedy) answer.
 AGAIN_TEMPERATURE = 0.7
 # Visual tokens the images of one Generate call may take, counted at the profile's per-image cap
-# (max_pixels / 28^2 tokens): the current image and the references first, then as many few-shot
-# examples as still fit. 8192 leaves a 32k-context Qwen2-VL room for the text and the answer.
+# by the VLM family's rule (Qwen2/2.5-VL: one token per 28x28 pixels, Qwen3-VL per 32x32, Gemma 3
+# a fixed 256): the current image and the references first, then as many few-shot examples as
+# still fit. 8192 leaves a 32k-context Qwen2-VL room for the text and the answer.
 GENERATE_VISUAL_TOKENS = 8192
-TOKEN_PIXELS = 28 * 28  # Qwen2-VL: one visual token per 28x28 pixels after merging
 # The final pick's reason: one short sentence for report.html, not an essay to decode.
 SELECT_REASON_CHARS = 200
 
@@ -161,7 +161,7 @@ class GPT4LoRA:
     def example_room(self, n_refs: int) -> int:
         """How many example images fit GENERATE_VISUAL_TOKENS beside the current image and the
         references, at the profile's visual tokens per image."""
-        per_image = max(1, self.steps.renderer.profile.vlm.max_pixels // TOKEN_PIXELS)
+        per_image = max(1, self.steps.vlm.image_tokens(self.steps.renderer.profile.vlm.max_pixels))
         return max(0, GENERATE_VISUAL_TOKENS // per_image - 1 - n_refs)
 
     def generate(self, r: int, weights: Weights, current: str, refs: list[str],

@@ -23,3 +23,7 @@ class ChatModel(Protocol):
 
     def chat(self, system: str | None, images: list, text: str, schema: Any = ..., temperature: float | None = ...,
              seed: int | None = ...) -> Answer: ...
+
+    def image_tokens(self, pixels: int) -> int:
+        """Visual tokens one image of about `pixels` pixels takes in a prompt (its family's rule)."""
+        ...

@@ -173,6 +173,10 @@ class VLM:
         """Which model answers (see `identity`)."""
         return identity(self.spec)
 
+    def image_tokens(self, pixels: int) -> int:
+        """Visual tokens an image of about `pixels` pixels takes in a prompt (the family's rule)."""
+        return self.family.visual_tokens(pixels)
+
     def _load(self, device: torch.device) -> torch.nn.Module:
         if self._vision is not None:  # features of other weights (a reload) are not reused
             self._vision.clear()
