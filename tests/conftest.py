@@ -18,6 +18,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """-n auto (pyproject.toml): one worker per core, but a run that selects the fullsize tests
+    gets one worker, since two full-size builds at once (10-15 GB of RAM each) exceed a 24 GB machine."""
+    import re
+
+    if re.search(r"(?<!not )\bfullsize\b", config.getoption("markexpr") or ""):
+        return 1
+    return None  # xdist's own count
+
+
 @pytest.fixture(scope="session", autouse=True)
 def localora_home(tmp_path_factory):
     """A private $LOCALORA_HOME and an empty $LOCALORA_CONFIG: a developer's own cache,
