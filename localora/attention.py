@@ -8,7 +8,8 @@
 
 How each library says what it runs:
   diffusers     each attention module's processor. The attention dispatcher's processors (Flux,
-                Z-Image) run its backend: "native" and torch's other "_native_*" backends are SDPA.
+                Z-Image) run its default backend, DIFFUSERS_ATTN_BACKEND: "native" and torch's
+                other "_native_*" backends are SDPA.
                 AttnProcessor2_0 and the other "..2_0" processors (the UNet's) call SDPA themselves;
                 AttnProcessor is the eager one.
   transformers  config._attn_implementation of each innermost PreTrainedModel (the VLM's vision
@@ -77,12 +78,8 @@ def used(model: Any) -> dict[str, str]:
 
 def _processor_implementation(processor: Any) -> str:
     name = type(processor).__name__
-    if hasattr(processor, "_attention_backend"):  # the dispatcher's processors; no public getter
-        from diffusers.utils.constants import DIFFUSERS_ATTN_BACKEND
-
-        backend = processor._attention_backend or DIFFUSERS_ATTN_BACKEND  # None: the default backend
-        backend = str(getattr(backend, "value", backend))
-        return SDPA if backend == "native" or backend.startswith("_native") else backend
+    if hasattr(type(processor), "_attention_backend"):  # a dispatcher processor declares it (its value: private)
+        return _dispatcher_implementation()
     if name.endswith("2_0"):
         return SDPA
     if "XFormers" in name:
@@ -90,6 +87,16 @@ def _processor_implementation(processor: Any) -> str:
     if name == "AttnProcessor":
         return "eager"
     return name  # a processor this module does not know: named as it is
+
+
+def _dispatcher_implementation() -> str:
+    """What the attention dispatcher's processors (Flux's, Z-Image's) run: the process's default
+    backend, DIFFUSERS_ATTN_BACKEND ("native": torch's SDPA). A model's set_attention_backend()
+    would override it per processor; localora never calls it, and diffusers has no public getter."""
+    from diffusers.utils.constants import DIFFUSERS_ATTN_BACKEND
+
+    return SDPA if DIFFUSERS_ATTN_BACKEND == "native" or DIFFUSERS_ATTN_BACKEND.startswith("_native") \
+        else DIFFUSERS_ATTN_BACKEND
 
 
 def prefer_sdpa(model: Any) -> Any:
