@@ -13,7 +13,7 @@ from support import heavy_imports
 ROOT = Path(localora.__file__).parent
 # Lowest first. A module may import from its own layer's package and from lower layers only.
 LAYERS = [
-    {"errors", "paths", "files", "events", "verbosity", "__init__", "archs"},
+    {"errors", "paths", "files", "events", "verbosity", "__init__", "archs", "attention"},
     {"profiles", "devices", "tiny", "estimates", "hub", "cluster", "kohya", "memory", "planning"},
     {"diffusion"}, {"export"}, {"vlm"}, {"scoring"}, {"search"}, {"runs"}, {"bench"}, {"ui"}, {"cli"}, {"__main__"},
 ]

@@ -128,7 +128,60 @@ def _doctor_data(profile: profiles.Profile, vram: float | None = None) -> dict[s
         },
         "plans": plans,
         "plan": _placement_line(plans[0]) if len(plans) == 1 else f"see the plans for {_cards(plans)}",
+        "attention": _attention(profile),
     }
+
+
+def _attention(profile: profiles.Profile) -> dict[str, dict[str, Any]]:
+    """Which attention each model of the profile runs, from its config built on the meta device (no
+    weights read; seconds at most): denoiser, text encoders, vlm, clip -> implementation and the
+    classes that run it. A model whose config is not here (not pulled, a tiny one not built yet, a
+    single-file checkpoint) is NOT_HERE."""
+    from localora import archs, attention
+    from localora.diffusion.pipeline import empty_models
+    from localora.scoring.clip import empty_model as empty_clip
+    from localora.vlm.model import empty_model as empty_vlm
+
+    def build(source: str, empty: Any) -> Any:
+        if profiles.availability(source) != "ok":  # never builds a tiny model nor looks further
+            return None
+        try:
+            return empty()
+        except LocaloraError:
+            return None
+
+    def of(*models: Any) -> dict[str, Any]:
+        if not models or models[0] is None:
+            return attention.Attention(attention.NOT_HERE).as_dict()
+        return attention.summary({k: v for m in models for k, v in attention.used(m).items()}).as_dict()
+
+    denoiser = archs.arch(profile.diffusion.arch).denoiser
+    pipeline = build(profile.diffusion.source, lambda: empty_models(profile.diffusion)) or {}
+    encoders = [pipeline[n] for n in archs.arch(profile.diffusion.arch).text_encoders if n in pipeline]
+    return {
+        "denoiser": {"model": denoiser, **of(pipeline.get(denoiser))},
+        "text_encoders": of(*encoders),
+        "vlm": of(build(profile.vlm.source, lambda: empty_vlm(profile.vlm))),
+        "clip": of(build(profile.clip.source, lambda: empty_clip(profile.clip))),
+    }
+
+
+def _attention_line(found: dict[str, dict[str, Any]]) -> str:
+    """`attention: unet sdpa (AttnProcessor2_0), text encoders sdpa, vlm sdpa, clip sdpa (...)`: the
+    classes are named where they say more than the implementation (diffusers processors, open_clip's
+    modules) and wherever implementations differ."""
+    from localora.attention import Attention
+
+    def said(part: dict[str, Any], classes: bool) -> str:
+        found = Attention(part["implementation"], part["via"])
+        return str(found) if classes or found.implementation == "mixed" else found.implementation
+
+    return "attention: " + ", ".join([
+        f"{found['denoiser']['model']} {said(found['denoiser'], True)}",
+        f"text encoders {said(found['text_encoders'], False)}",
+        f"vlm {said(found['vlm'], False)}",
+        f"clip {said(found['clip'], True)}",
+    ])
 
 
 def _plans(profile: profiles.Profile, gpu: dict[str, Any], vram: float | None) -> list:
@@ -185,6 +238,7 @@ def _doctor_lines(d: dict[str, Any]) -> list[str]:
         f"  basis: {est['basis']}",
         f"placement {d['placement']}: {d['plan']}",
         *plans,
+        _attention_line(d["attention"]),
     ]
 
 
@@ -196,9 +250,9 @@ def _doctor_lines(d: dict[str, Any]) -> list[str]:
 @vlm_option
 @json_option
 def doctor(profile_name, vram, vlm, as_json) -> None:
-    """Versions, GPU, which weights of a profile are here, its estimated peak GPU memory, and what
+    """Versions, GPU, which weights of a profile are here, its estimated peak GPU memory, what
     placement does with its models in a 5-iteration run: on this GPU, on a --vram GB card, or
-    (no GPU here) on 12, 16 and 24 GiB cards."""
+    (no GPU here) on 12, 16 and 24 GiB cards, and which attention each model runs (SDPA or not)."""
     profile = profiles.load_profile(profile_name, vlm=vlm)
     data = _doctor_data(profile, vram)
     emit(as_json, data, _doctor_lines(data))

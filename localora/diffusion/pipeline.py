@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localora.diffusion import loras as loralib
-from localora import archs, profiles, verbosity
+from localora import archs, attention, profiles, verbosity
 from localora.errors import LocaloraError
 from localora.profiles import DiffusionSpec
 
@@ -89,9 +89,40 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         ) from None
     pipe.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    for name in base.text_encoders:  # diffusers passes no attn_implementation to them
+        attention.prefer_sdpa(getattr(pipe, name, None))
     # On a CPU a quantized pipeline stays where bitsandbytes put its layers at load (nothing to
     # move); on a GPU it is moved as any other (diffusers moves 4-bit pipelines; untested here).
     return pipe if quantized is not None and device.type == "cpu" else pipe.to(device)
+
+
+def empty_models(spec: DiffusionSpec) -> dict[str, Any]:
+    """The spec's denoiser and text encoders by pipeline attribute ("unet", "text_encoder", ...),
+    built from their configs on the meta device, no weights read, with the attention load_pipeline
+    gives them: what doctor asks "which attention?". A MissingError when the model is not here, a
+    LocaloraError for a single-file checkpoint (its configs are not files)."""
+    import importlib
+    import json
+
+    from accelerate import init_empty_weights
+
+    base = archs.arch(spec.arch)
+    path = profiles.locate(spec.source, f"diffusion model '{spec.name}'")
+    if path.is_file():
+        raise LocaloraError(f"{path}: a single-file checkpoint has no config files to build its models from")
+    index = json.loads((path / "model_index.json").read_text())
+    models: dict[str, Any] = {}
+    with verbosity.hushed(), init_empty_weights():
+        for name in (base.denoiser, *base.text_encoders):
+            library, class_name = index[name]
+            cls = getattr(importlib.import_module(library), class_name)
+            if library == "diffusers":
+                models[name] = cls.from_config(cls.load_config(path / name))
+            else:
+                from transformers import AutoConfig
+
+                models[name] = attention.prefer_sdpa(cls(AutoConfig.from_pretrained(path / name, local_files_only=True)))
+    return models
 
 
 def _from_pretrained(cls, path: Path, what: str, **kwargs):

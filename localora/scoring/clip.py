@@ -66,6 +66,17 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> torch.nn.Modul
     return model.to(getattr(torch, dtype)).eval().requires_grad_(False)
 
 
+def empty_model(spec: ClipSpec) -> torch.nn.Module:
+    """The CLIP model built from its open_clip config on the meta device, no weights read: what
+    doctor asks "which attention?". A MissingError when it is not here."""
+    import open_clip
+
+    from localora import verbosity
+
+    with verbosity.hushed(""), torch.device("meta"):  # "": open_clip warns on the root logger that no weights load
+        return open_clip.create_model(f"local-dir:{model_dir(spec)}", load_weights=False, device="meta")
+
+
 class ClipScorer:
     """Embeds images and texts with one open_clip model and scores them by cosine.
 

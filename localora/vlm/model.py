@@ -46,6 +46,8 @@ from localora.vlm.vision import DEFAULT_CAPACITY, VisionCache, settings_key
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
+# Asked for by name so that no family falls back to eager attention unseen (all four support it).
+ATTENTION = "sdpa"
 # Qwen2-VL's image processor refuses more extreme shapes.
 _MAX_ASPECT = 200
 
@@ -135,6 +137,18 @@ def identity(spec: VLMSpec) -> dict[str, str | None]:
             "family": family_of(path, f"VLM '{spec.name}'").name}
 
 
+def empty_model(spec: VLMSpec) -> torch.nn.Module:
+    """The VLM built from its config on the meta device, no weights read, with the attention a
+    load asks for: what doctor asks "which attention?". A MissingError when it is not here."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = profiles.locate(spec.source, f"VLM '{spec.name}'")
+    with init_empty_weights():
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                       attn_implementation=ATTENTION)
+
+
 class VLM:
     """A VLM of a family in vlm/families.py, described by a VLMSpec, loaded on first use.
 
@@ -196,7 +210,8 @@ class VLM:
 
         dtype = getattr(torch, self._dtype_name)
         # use_safetensors: a folder that holds only pickled .bin weights fails instead of being unpickled.
-        common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True, use_safetensors=True)
+        common = dict(dtype=dtype, device_map={"": str(device)}, local_files_only=True, use_safetensors=True,
+                      attn_implementation=ATTENTION)
         if self.spec.quantization != "none":
             try:
                 model = AutoModelForImageTextToText.from_pretrained(
