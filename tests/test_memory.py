@@ -236,8 +236,8 @@ def test_an_oom_on_the_first_composite_render_is_retried_once_in_the_whole_run(t
     raised = []
     original = session.components
 
-    def components(profile, ui=None, run=None, batch=0):
-        parts = original(profile, ui, run, batch)
+    def components(profile, ui=None, run=None, batch=0, compiled=False):
+        parts = original(profile, ui, run, batch, compiled)
         unet = parts.renderer.pipeline().unet
 
         def too_many_rows(module, args):

@@ -237,7 +237,7 @@ class Renderer:
         self._writer.settle(failing=kind is not None)
 
     def _cached(self, key: str) -> Image.Image | None:
-        self._writer.wait(self._writer.pending(key))  # a render of this key still being written
+        self._writer.settled(key)  # a render of this key still being written, by this renderer or another
         path = self.cache_path(key)
         if not path.is_file():
             return None

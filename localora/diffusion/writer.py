@@ -3,12 +3,15 @@
     writer = Writer(depth=4)            # at most 4 writes pending: submit() waits for a free place
     done = writer.submit(key, write)    # write() runs on the worker thread; a Future of it
     writer.wait(done)                   # its file is on disk, or its error is raised here
-    writer.pending(key)                 # the Future of a write of `key` not yet waited on, or None
+    writer.settled(key)                 # no write of `key` pending in this process, by any writer
     writer.flush()                      # every write done; the first error nobody saw is raised
     writer.close()                      # flush, then the thread ends (a later submit starts one)
 
     Writer(depth=0)                     # synchronous: submit() writes before it returns and
                                         # raises its error itself (what the renderer did before)
+
+Pending writes are known process-wide by key, so a second Renderer on the same cache (a bench's,
+a test's) waits for a file the first is still writing instead of rendering it again.
 
 A write that fails is never lost: its error is raised at the first wait() of its Future, or else
 at flush()/close(). Readers of a file (run folder copies, cache hits) wait for it first, and a
@@ -22,8 +25,19 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 log = logging.getLogger(__name__)
+
+# Every writer's writes not yet done, by key; a write removes itself when done.
+_IN_FLIGHT: dict[str, Future] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _landed(key: str, future: Future) -> None:
+    with _IN_FLIGHT_LOCK:
+        if _IN_FLIGHT.get(key) is future:
+            del _IN_FLIGHT[key]
 
 
 class Writer:
@@ -51,12 +65,24 @@ class Writer:
         except BaseException:
             self._room.release()
             raise
-        future.add_done_callback(lambda _: self._room.release())
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT[key] = future
+        future.add_done_callback(lambda f: (_landed(key, f), self._room.release()))
         self._pending[key] = future
         return future
 
-    def pending(self, key: str) -> Future | None:
-        return self._pending.get(key)
+    def settled(self, key: str) -> None:
+        """Until no write of `key` is pending in this process. This writer's own raises its error
+        here (as wait() does); another writer's error is left for that writer to raise, and the
+        file is then simply not there."""
+        with _IN_FLIGHT_LOCK:
+            future = _IN_FLIGHT.get(key)
+        if future is None:
+            return
+        if self._pending.get(key) is future:
+            self.wait(future)
+        else:
+            futures_wait([future])
 
     def wait(self, future: Future | None) -> None:
         """Until `future`'s file is written; raises its error (once: flush() does not raise it again)."""
