@@ -28,6 +28,20 @@ def pytest_xdist_auto_num_workers(config):
     return None  # xdist's own count
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Units of work for xdist (pyproject.toml: --dist loadgroup): each test file is one, so its
+    module fixtures are built once; the files whose tests read the session's `demo` runs are one
+    together, so those two end-to-end runs (about 35 s) happen once, not once per worker."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    for path, tests in files.items():
+        group = "demo" if any("demo" in t.fixturenames for t in tests) else path.name
+        for t in tests:
+            t.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def localora_home(tmp_path_factory):
     """A private $LOCALORA_HOME and an empty $LOCALORA_CONFIG: a developer's own cache,

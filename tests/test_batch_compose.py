@@ -92,6 +92,7 @@ def batch(tmp_path_factory, templates):
     return source, root / "out", built, singles, result.output
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_a_batch_writes_a_run_folder_per_line_and_batch_json(batch, templates):
     source, out, _, _, output = batch
     folders = [out / "002-a-cat", out / "dog"]  # line 2 (after the blank line) is unnamed: NNN-slug
@@ -113,6 +114,7 @@ def test_a_batch_writes_a_run_folder_per_line_and_batch_json(batch, templates):
     assert config["prompts_dir"] == str(templates.resolve())
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_batch_lines_end_like_single_compose_runs(batch):
     _, out, _, singles, _ = batch
     for folder, single in zip((out / "002-a-cat", out / "dog"), singles):
@@ -120,6 +122,7 @@ def test_batch_lines_end_like_single_compose_runs(batch):
         assert (folder / "final.png").read_bytes() == (single / "final.png").read_bytes()
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_the_models_load_once_for_the_whole_batch(batch):
     _, out, built, _, _ = batch
     assert built == ["tiny"]  # one set of components for both lines
@@ -128,6 +131,7 @@ def test_the_models_load_once_for_the_whole_batch(batch):
     assert sorted(loads[0]) == ["clip", "diffusion", "vlm"] and loads[1] == []
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_templates_and_prompts_dir_both_reach_the_vlm(batch):
     _, out, _, singles, _ = batch
     for folder in (out / "002-a-cat", out / "dog", *singles):
@@ -135,6 +139,7 @@ def test_templates_and_prompts_dir_both_reach_the_vlm(batch):
         assert feedback and all(MARK in e["prompt"] for e in feedback), folder
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_rerunning_the_same_command_skips_finished_lines(batch, templates):
     source, out, _, _, _ = batch
     runs = [out / "002-a-cat", out / "dog"]
@@ -147,6 +152,7 @@ def test_rerunning_the_same_command_skips_finished_lines(batch, templates):
     assert [r["status"] for r in doc["lines"]] == ["done", "done"]
 
 
+@pytest.mark.slow  # a whole 2-line batch and its single runs (the default run stays within 4 minutes)
 def test_a_changed_line_with_a_finished_folder_needs_a_new_out(batch, templates, tmp_path):
     source, out, _, _, _ = batch
     copy = tmp_path / "out"

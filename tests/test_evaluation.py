@@ -54,6 +54,7 @@ def bench(tmp_path_factory, localora_home):
     return bench_and_report(tmp_path_factory, "eval", ARGS)
 
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_each_pair_and_seed_stores_both_orders_of_every_repeat(bench):
     out, _ = bench
     pairs, outcomes = rows(out, "pairs"), rows(out, "outcomes")
@@ -74,6 +75,7 @@ def test_each_pair_and_seed_stores_both_orders_of_every_repeat(bench):
             assert p[f"{d}_a"] == pytest.approx(sum(o[f"{d}_a"] for o in mine) / len(mine))
 
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_the_reports_win_rates_are_a_count_over_stored_outcomes(bench):
     out, text = bench
     outcomes = rows(out, "outcomes")
@@ -90,6 +92,7 @@ def test_the_reports_win_rates_are_a_count_over_stored_outcomes(bench):
     assert "### Averaged verdicts" in text
 
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_the_report_shows_position_bias_per_judge_model(bench):
     out, text = bench
     outcomes = rows(out, "outcomes")
@@ -122,6 +125,7 @@ def test_bad_judge_settings_are_one_line(tmp_path, extra, fragment):
 
 # ------------------------------------------------------------------ CLIP-I against unseen references
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_clip_i_references_are_rendered_at_seeds_no_search_used(bench):
     out, _ = bench
     results = rows(out, "results")
@@ -139,6 +143,7 @@ def test_clip_i_references_are_rendered_at_seeds_no_search_used(bench):
     assert searched == set(SEEDS)
 
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_clip_i_is_reported_per_element_and_as_their_mean(bench):
     out, text = bench
     results = rows(out, "results")
@@ -155,6 +160,7 @@ def test_clip_i_is_reported_per_element_and_as_their_mean(bench):
         assert row[-1] == "1 set × 2 seeds"
 
 
+@pytest.mark.slow  # a whole judged bench and its report (the default run stays within 4 minutes)
 def test_report_clipscore_sets_clipscore_beside_the_cosine(bench, tmp_path):
     import shutil
 
