@@ -64,3 +64,32 @@ def test_compiled_merge_and_composite_equal_eager(tmp_path, demo_loras):
         assert warmup > 0, job.method
         assert got.seconds <= wall - warmup + 0.05, (job.method, got.seconds, wall, warmup)
     assert compiled.stats.compiles >= 2 and eager.stats.compiles == 0
+
+
+@pytest.mark.own_pipelines  # compiling changes the pipeline it is given
+def test_a_compile_that_fails_while_rendering_is_one_error_line(monkeypatch, tmp_path, demo_loras):
+    """A backend that fails (as inductor does without headers, or on an op it cannot lower) ends
+    the render with one RuntimeFailure line naming --compile, not dynamo's traceback."""
+    import torch
+
+    from localora.diffusion.render import Renderer
+    from localora.errors import RuntimeFailure
+    from localora.profiles import load_profile
+
+    def failing(graph, example_inputs):
+        raise RuntimeError("no kernel for this op")
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend=failing, **kw))
+    r = Renderer(load_profile("tiny"), cache_dir=tmp_path, compile=True)
+    job = RenderJob(prompt="a girl", loras=tuple(demo_loras["sdxl"][:1]), weights=(1.0,), method="merge",
+                    sampling=Sampling(seed=0, steps=1, width=32, height=32))
+    try:
+        with pytest.raises(RuntimeFailure) as raised:
+            r.render(job)
+    finally:
+        torch.compiler.reset()  # nothing compiled stays for later tests
+    message = str(raised.value)
+    assert "\n" not in message and "--compile" in message and "no kernel for this op" in message
+    assert "render without --compile" in message
+    assert not list(tmp_path.rglob("*.png"))  # nothing cached

@@ -4,6 +4,7 @@
     compiling.compile_denoiser(pipe, arch)     # pipe.unet / pipe.transformer compiled in place
     with compiling.counted(stats):             # stats.compiles / stats.compile_seconds += this block's
         ...                                    # compiles: the warm-up, apart from the render time
+    with compiling.failures(): ...             # a failed compile: one error line, not a traceback
 
 The module is compiled in place (nn.Module.compile), so it stays the same object: peft's
 set_adapters, the per-row forward hooks (rows.py), block weights and `pipe.unet.device` work as
@@ -99,6 +100,25 @@ def compile_denoiser(pipe, arch: str) -> None:
     _install()
     _used = True
     getattr(pipe, archs.arch(arch).denoiser).compile()
+
+
+@contextmanager
+def failures() -> Iterator[None]:
+    """A compile that fails while rendering (inductor, a backend, dynamo itself) is one error line
+    saying to render without --compile, not a torch traceback; other errors pass as they are."""
+    from localora.errors import RuntimeFailure
+
+    try:
+        yield
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        root = e  # what the backend or dynamo itself raised, under dynamo's wrappers
+        while root.__cause__ is not None:
+            root = root.__cause__
+        said = " ".join(str(root).split())[:300]
+        raise RuntimeFailure(f"--compile: torch.compile failed while rendering ({type(root).__name__}: {said}); "
+                             f"render without --compile") from None
 
 
 @contextmanager

@@ -196,7 +196,7 @@ class Renderer:
             self.stats.renders += 1
 
         denoise_start, warmup = time.perf_counter(), self.stats.compile_seconds
-        with compiling.counted(self.stats):
+        with compiling.counted(self.stats), compiling.failures():
             images = self._denoise_all(todo, store)
         # A batch's time is shared by its images, so per-render times (and the ETA) stay comparable;
         # --compile's warm-up is not a render's time (RenderStats.compile_seconds).
