@@ -5,6 +5,9 @@
     summary(used(model))    Attention("sdpa", {...}); str() is "sdpa (AttnProcessor2_0)", or each
                             class with its implementation when they differ ("mixed")
     prefer_sdpa(model)      a transformers model switched to SDPA where it supports it and runs another
+    remembered(store, key, find)   find()'s report, kept in the JSON file `store` under `key`: doctor
+                            builds the models (importing diffusers takes seconds) once per state of
+                            their files and libraries
 
 How each library says what it runs:
   diffusers     each attention module's processor. The attention dispatcher's processors (Flux,
@@ -23,7 +26,11 @@ Nothing here loads weights or imports torch at import time.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SDPA = "sdpa"
@@ -113,3 +120,24 @@ def prefer_sdpa(model: Any) -> Any:
             pass  # not supported by this architecture: doctor reports what it runs instead
     return model
 
+
+
+def remembered(store: Path, key: str, find: Callable[[], dict]) -> dict:
+    """find()'s result for `key`, from `store` when it holds one; otherwise found and kept there
+    (one entry: a newer state of the models or libraries replaces it). A damaged or read-only
+    store only costs the finding."""
+    try:
+        kept = json.loads(store.read_text(encoding="utf-8"))
+        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("report"), dict):
+            return kept["report"]
+    except (OSError, ValueError):
+        pass
+    report = find()
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".tmp-{os.getpid()}-{store.name}")
+        tmp.write_text(json.dumps({"key": key, "report": report}, indent=1), encoding="utf-8")
+        tmp.replace(store)
+    except OSError:
+        pass
+    return report

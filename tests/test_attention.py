@@ -92,3 +92,24 @@ def test_doctor_says_not_here_for_models_whose_configs_are_not_here():
     assert {reported[r]["implementation"] for r in ("denoiser", "text_encoders", "vlm", "clip")} == {"not here"}
     human = CliRunner().invoke(main, ["doctor", "--profile", "sdxl-realistic"]).stdout
     assert "attention: unet not here, text encoders not here, vlm not here, clip not here" in human
+
+
+def test_doctor_keeps_the_report_until_a_models_files_change(monkeypatch):
+    """The second doctor reads the report doctor kept in the home instead of building the models
+    again (the builds, and importing diffusers for them, are most of doctor's time); a changed
+    config file is a new state, found again."""
+    from localora.cli import vlm as doctor_cli
+
+    config = profiles.locate("tiny:sdxl", "tiny") / "unet" / "config.json"  # built here if it was not
+    first = doctor()[1]
+    assert first["denoiser"]["implementation"] == SDPA
+    built = []
+    real = doctor_cli._find_attention
+    monkeypatch.setattr(doctor_cli, "_find_attention", lambda profile: built.append(profile.name) or real(profile))
+    assert doctor()[1] == first and built == []
+    text = config.read_text()
+    try:
+        config.write_text(text + " ")  # same config, another size: the key changes
+        assert doctor()[1] == first and built == ["tiny"]  # found again once, then kept for --json
+    finally:
+        config.write_text(text)

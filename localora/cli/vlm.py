@@ -133,10 +133,51 @@ def _doctor_data(profile: profiles.Profile, vram: float | None = None) -> dict[s
 
 
 def _attention(profile: profiles.Profile) -> dict[str, dict[str, Any]]:
+    """_find_attention's report, kept in the home for this state of the models' files and the
+    libraries: building them means importing diffusers and transformers' model code (about 10 s of
+    a 13 s doctor), which a second doctor skips."""
+    from localora import attention, paths
+
+    return attention.remembered(paths.home() / "attention.json", _attention_key(profile),
+                                lambda: _find_attention(profile))
+
+
+def _attention_key(profile: profiles.Profile) -> str:
+    """What decides the report: each model's source, whether it is here, and its config files (the
+    folder, a snapshot's commit, their times and sizes), how localora loads them, and the versions
+    and attention backend of the libraries."""
+    import os
+
+    import torch
+
+    from localora.files import stable_hash
+    from localora.vlm import model as vlm_model
+
+    models = []
+    for source in (profile.diffusion.source, profile.vlm.source, profile.clip.source):
+        state, files = profiles.availability(source), []
+        if state == "ok":
+            try:
+                folder = profiles.locate(source, source)
+            except LocaloraError:
+                folder = None
+            if folder is not None and folder.is_dir():
+                files = sorted((str(f.relative_to(folder)), f.stat().st_mtime_ns, f.stat().st_size)
+                               for f in [*folder.glob("*.json"), *folder.glob("*/config.json")])
+            files = [str(folder), files]
+        models.append([source, state, files])
+    return stable_hash({
+        "models": models, "profile": [repr(profile.diffusion), repr(profile.vlm), repr(profile.clip)],
+        "vlm_attention": vlm_model.ATTENTION, "backend": os.environ.get("DIFFUSERS_ATTN_BACKEND"),
+        "packages": [torch.__version__] + [package_version(p) for p in ("diffusers", "transformers", "open_clip_torch")],
+    })
+
+
+def _find_attention(profile: profiles.Profile) -> dict[str, dict[str, Any]]:
     """Which attention each model of the profile runs, from its config built on the meta device (no
-    weights read; seconds at most): denoiser, text encoders, vlm, clip -> implementation and the
-    classes that run it. A model whose config is not here (not pulled, a tiny one not built yet, a
-    single-file checkpoint) is NOT_HERE."""
+    weights read): denoiser, text encoders, vlm, clip -> implementation and the classes that run
+    it. A model whose config is not here (not pulled, a tiny one not built yet, a single-file
+    checkpoint) is NOT_HERE."""
     from localora import archs, attention
     from localora.diffusion.pipeline import empty_models
     from localora.scoring.clip import empty_model as empty_clip
