@@ -37,10 +37,60 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vlm", default=None, help="A [vlm.NAME] of models.toml instead of the profile's.")
     p.add_argument("--smoke", action="store_true", help="64x64, 1 step, N=1, M=2, Qwen2-VL-2B (for a CPU).")
     p.add_argument("--quick", action="store_true", help="N=2, M=2, 10 steps.")
-    p.add_argument("--vram", type=float, default=None, help="Cap accelerator memory at this many GB (12, 16, 24).")
+    p.add_argument("--vram", type=caps, default=[], help="Cap accelerator memory at this many GB (12, 16, 24); "
+                   "several (24,12): one run per cap, each in its own process, on models built once.")
     p.add_argument("--models", default=None, help="Folder for the random models (default: a temporary one).")
     p.add_argument("--out", default="bench_gpu.json")
     return p.parse_args(argv)
+
+
+def caps(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vram {text}: GB as numbers, e.g. 24 or 24,12") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--vram {text}: GB as positive numbers, e.g. 24 or 24,12")
+    return values
+
+
+def commit() -> str | None:
+    """The localora commit the numbers belong to (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def matrix(argv: list[str], args: argparse.Namespace) -> None:
+    """--vram A,B,...: this script once per cap, in a process of its own (a cap is per process, and
+    each run starts from an empty card), on the models the first one builds; one JSON of them all."""
+    folder = Path(args.models or tempfile.mkdtemp(prefix="localora-fullsize-models-"))
+    rest, skip = [], False
+    for a in argv:  # the arguments without --vram/--models/--out, which each run gets its own of
+        if skip:
+            skip = False
+        elif a in ("--vram", "--models", "--out"):
+            skip = True
+        elif not a.startswith(("--vram=", "--models=", "--out=")):
+            rest.append(a)
+    runs, code = [], 0
+    for cap in args.vram:
+        out = folder / f"bench-{cap:g}gb.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "bench_gpu.py"), *rest,
+                               "--vram", f"{cap:g}", "--models", str(folder), "--out", str(out)],
+                              stdout=subprocess.DEVNULL)
+        code = code or proc.returncode
+        runs.append(json.loads(out.read_text()) if out.is_file() else {"vram_cap_gb": cap, "fits": False,
+                                                                         "error": f"exit {proc.returncode}"})
+    report = {"commit": commit(), "caps_gb": args.vram, "runs": runs,
+              "total_seconds": round(sum(r.get("total_seconds", 0) for r in runs), 3)}
+    text = json.dumps(report, indent=1)
+    Path(args.out).write_text(text + "\n")
+    print(text)
+    sys.exit(code)
 
 
 class Meter:
@@ -117,6 +167,9 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     if args.smoke and args.quick:
         sys.exit("bench_gpu.py: --smoke and --quick are exclusive")
+    if len(args.vram) > 1:
+        matrix(argv, args)
+    args.vram = args.vram[0] if args.vram else None
     os.environ.setdefault("LOCALORA_HOME", tempfile.mkdtemp(prefix="localora-fullsize-home-"))
     import torch
 
@@ -183,6 +236,7 @@ def main(argv: list[str]) -> None:
         fits, error = False, str(e).splitlines()[0]
         advice = ADVICE.format(gb=args.vram or "this card's", profile=args.profile) if (cuda or args.vram) else None
     report = {
+        "commit": commit(),
         "profile": profile.name, "base_profile": args.profile, "vlm": profile.vlm.name,
         "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
