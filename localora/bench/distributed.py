@@ -21,7 +21,8 @@ are whole, and a rerun makes only the rows that are not stored. A worker's unfin
 resumes from its scratch folder when the task comes back to that node.
 
 Each worker appends one line per finished task to LOCALORA_HOME/cluster/logs/BENCH/worker-PID.jsonl
-on its node (what it made, its renders and cache hits): what ran where, and proof of what ran twice.
+on its node (what it made, its renders and cache hits, the bench session it worked for): what ran
+where, and proof of what ran twice.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class BenchWorker:
         self.scratch = cluster.scratch_dir(bench)
         self.log = cluster.log_dir(bench) / f"worker-{os.getpid()}.jsonl"
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.session = session
         p = replace(p, cfg=replace(p.cfg, out=self.scratch), loras=here, profile=cluster.worker_profile(p.profile))
         parts = sessions.components(p.profile)
         self.runner = runner._Runner(p, _Quiet(), parts.renderer, runner._CountingVLM(parts.vlm), parts.scorer,
@@ -110,7 +112,8 @@ class BenchWorker:
         with open(self.log, "a") as f:
             f.write(json.dumps({"row": [task[0], case.set_id, case.seed, *task[2:4 if task[0] == "pair" else 3]],
                                 "renders": row.values.get("renders", 0), "cache_hits": row.values.get("cache_hits", 0),
-                                "vlm_calls": row.values["vlm_calls"], "finished": time.time()}) + "\n")
+                                "vlm_calls": row.values["vlm_calls"], "session": self.session,
+                                "finished": time.time()}) + "\n")
         return Made(row, files, folders)
 
     def clean(self) -> None:

@@ -214,8 +214,8 @@ class _Runner:
         start, before = time.perf_counter(), self._work()
         variant = self.plan.variants[method]
         prompt = self._prompt(case, variant)
-        source, weights, budget = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
-                                   else (*self._baseline(case, variant), None))
+        source, weights, budget, asked = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
+                                          else (*self._baseline(case, variant), None, False))
         image = open_image(source)
         refs = self._references(case)
         each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
@@ -224,7 +224,7 @@ class _Runner:
         self.renderer.flush()  # every image the row names is on disk (or its write's error raised) before it is stored
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
         vlm = None
-        if calls:  # which VLM answered this row's search
+        if asked:  # which VLM answered this row's search: now, or in the log a resumed search replayed
             from localora.vlm.model import identity
 
             vlm = json.dumps(identity(self.plan.profile.vlm))
@@ -299,9 +299,9 @@ class _Runner:
                         method=variant.base, sampling=sampling)
         return self.renderer.render(job).path, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float], int]:
-        """The method's search on the case, in its own run folder; the image's file, the weights
-        and the number of candidate renders it was given."""
+    def _search(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float], int, bool]:
+        """The method's search on the case, in its own run folder; the image's file, the weights,
+        the number of candidate renders it was given, and whether the VLM answered any step."""
         from localora.runs import session
         from localora.runs.folder import RunFolder
         from localora.search import STRATEGIES
@@ -334,7 +334,8 @@ class _Runner:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         finally:
             run.close()
-        return run.path / final.image, final.weights, c.iterations * (c.candidates + 1)
+        asked = any(e.get("type") == "vlm" for e in run.completed.values())
+        return run.path / final.image, final.weights, c.iterations * (c.candidates + 1), asked
 
     def _references(self, case: Case) -> dict[str, list[tuple[int | None, Path | Image.Image, str]]]:
         """Per LoRA of the case: (seed, image, path in the folder) of each CLIP-I reference.
