@@ -40,16 +40,20 @@ def test_without_a_cpp_compiler_it_says_so_and_renders_eagerly(monkeypatch, tmp_
 
 @pytest.mark.slow  # inductor compiles the tiny UNet in one to two minutes per graph on 2 shared cores
 @pytest.mark.own_pipelines  # compiling changes the pipeline it is given
-def test_compiled_merge_and_composite_equal_eager(tmp_path, demo_loras):
+@pytest.mark.parametrize("profile, arch", [("tiny", "sdxl"), ("tiny-flux", "flux"), ("tiny-zimage", "zimage")])
+def test_compiled_merge_and_composite_equal_eager(tmp_path, localora_home, profile, arch):
+    """The UNet, and the flow-matching transformers of Flux.1 and Z-Image behind the same seam."""
+    from localora import tiny
+    from localora.diffusion import loras as lora_files
     from localora.diffusion.render import Renderer
     from localora.profiles import load_profile
 
-    loras = tuple(demo_loras["sdxl"][:2])
+    loras = tuple(lora_files.read_catalog(tiny.ensure(f"loras-{arch}") / "catalog.toml").values())[:2]
     s = Sampling(seed=0, steps=2, width=32, height=32)
     jobs = [RenderJob(prompt="a girl", loras=loras, weights=(1.0, 0.6), method=m, sampling=s)
             for m in ("merge", "composite")]
-    eager = Renderer(load_profile("tiny"), cache_dir=tmp_path / "eager")
-    compiled = Renderer(load_profile("tiny"), cache_dir=tmp_path / "compiled", compile=True)
+    eager = Renderer(load_profile(profile), cache_dir=tmp_path / "eager")
+    compiled = Renderer(load_profile(profile), cache_dir=tmp_path / "compiled", compile=True)
     for job in jobs:
         want = np.asarray(eager.render(job).image, dtype=np.int16)
         before = compiled.stats.compile_seconds
