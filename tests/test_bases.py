@@ -409,3 +409,30 @@ def test_a_bench_runs_on_the_tiny_flux_base(localora_home, tmp_path):
 
     with sqlite3.connect(out / "bench.sqlite") as db:
         assert db.execute("select count(*) from results").fetchone()[0] == 4  # 2 sets x (merge, composite)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_base_on_a_cpu_loads_unquantized_says_so_and_keys_its_renders_so(localora_home, tmp_path, caplog,
+                                                                                       quantization):
+    """flux1-dev and zimage-turbo ship in nf4 for 12 GB cards; diffusers' bitsandbytes quantizer
+    needs a GPU (diffusers 0.42 quantizers/bitsandbytes/bnb_quantizer.py validate_environment:
+    "No GPU found"), which on a CPU was a traceback. Now such a run loads the weights in its dtype,
+    says so once, and its renders are the unquantized ones, under their cache key."""
+    import logging
+
+    from localora.diffusion.job import RenderJob
+
+    plain = load_profile("tiny-flux")
+    quantized = replace(plain, diffusion=replace(plain.diffusion, quantization=quantization))
+    job = RenderJob(PROMPT, tuple(demo("flux")[:2]), (1.0, 0.6), "merge", Sampling(seed=0, steps=2, width=32, height=32))
+    want = Renderer(plain, cache_dir=tmp_path / "cache").render(job)
+    with caplog.at_level(logging.WARNING):
+        fresh = Renderer(quantized, cache_dir=tmp_path / "fresh")
+        got = fresh.render(job)
+    assert not got.cached and np.array_equal(np.asarray(got.image), np.asarray(want.image))
+    notes = [m for m in caplog.messages if "tiny-flux" in m and "needs a GPU" in m]
+    assert len(notes) == 1 and quantization in notes[0] and "loading float32 weights on the CPU" in notes[0]
+    loads = [e.detail for e in fresh.devices.history if e.component == "diffusion" and e.action == "load"]
+    assert loads == ["tiny-flux (float32)"]  # the load event names what was loaded
+    shared = Renderer(quantized, cache_dir=tmp_path / "cache")
+    assert shared.key(job) == want.key and shared.render(job).cached

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +14,8 @@ from localora.profiles import DiffusionSpec
 
 if TYPE_CHECKING:  # torch loads with the first pipeline, so that commands without a model start fast
     import torch
+
+log = logging.getLogger(__name__)
 
 
 def _scheduler(name: str, config: Any):
@@ -33,6 +37,15 @@ def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
     import torch
 
     return getattr(torch, profiles.run_dtype(spec.dtype, device.type))
+
+
+def as_loaded(spec: DiffusionSpec, device: torch.device) -> DiffusionSpec:
+    """The spec as a load on `device` gets it. diffusers' bitsandbytes quantizer refuses to run
+    without a GPU (quantizers/bitsandbytes: "No GPU found"), so on a CPU a quantized spec loads
+    unquantized, in its dtype: what the render cache key, the memory estimate and the load say."""
+    if spec.quantization != "none" and device.type == "cpu":
+        return replace(spec, quantization="none")
+    return spec
 
 
 def quantization_config(spec: DiffusionSpec, dtype: torch.dtype):
@@ -65,7 +78,11 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if spec.arch == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    quantized = quantization_config(spec, dtype)
+    loaded = as_loaded(spec, device)
+    if loaded.quantization != spec.quantization:
+        log.warning("diffusion model '%s': %s quantization needs a GPU (diffusers' bitsandbytes quantizer); "
+                    "loading %s weights on the CPU instead", spec.name, spec.quantization, str(dtype).removeprefix("torch."))
+    quantized = quantization_config(loaded, dtype)
     if quantized is not None:
         kwargs["quantization_config"] = quantized
     if path.is_file() and path.suffix.lower() != ".safetensors":
@@ -210,6 +227,7 @@ def model_identity(spec: DiffusionSpec, device: torch.device) -> dict[str, str]:
     """What makes renders of this model reproducible: for the render cache key."""
     from localora import tiny
 
+    spec = as_loaded(spec, device)  # the images of the weights as loaded there
     ident = {"arch": spec.arch, "source": spec.source, "vae": spec.vae or "", "scheduler": spec.scheduler,
              "dtype": str(dtype_for(spec, device)), "device": device.type}
     if spec.quantization != "none":  # a key of its own only when set, so older cache keys stay valid

@@ -51,7 +51,7 @@ from localora.files import atomic_write, clean_temporaries, file_hash, stable_ha
 from localora.diffusion.job import RenderJob  # defined torch-free, so commands build jobs before torch loads
 from localora.diffusion.loras import Lora
 from localora.diffusion.sampling import Sampling
-from localora.diffusion.pipeline import adapter_name, load_adapter, load_pipeline, model_identity
+from localora.diffusion.pipeline import adapter_name, as_loaded, load_adapter, load_pipeline, model_identity
 from localora.diffusion import metadata
 from localora.diffusion.metadata import png
 from localora.diffusion.metadata.info import RenderInfo, render_info
@@ -113,11 +113,12 @@ class Renderer:
             self.devices = DeviceManager.for_profile(self.profile)
         retire_old_entries(self.cache_dir)
         clean_temporaries(self.cache_dir)  # left by renders killed mid-write; the cache is shared, so only old ones
-        spec = self.profile.diffusion
+        spec = as_loaded(self.profile.diffusion, self.devices.device)
         dtype = profiles.run_dtype(spec.dtype, self.devices.device.type)
         size = estimates.diffusion_bytes(spec, dtype)
+        precision = dtype if spec.quantization == "none" else f"{spec.quantization}, {dtype}"
         self.devices.register("diffusion", self._load, source=repr(spec),
-                              describe=lambda: f"{spec.name} ({dtype})", estimate=size,
+                              describe=lambda: f"{spec.name} ({precision})", estimate=size,
                               key=estimates.diffusion_key(spec, dtype))
 
     def _load(self, device: torch.device):
