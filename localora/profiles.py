@@ -269,9 +269,11 @@ def locate(source: str, what: str) -> Path:
 
 
 def _not_cached(what: str, repo_id: str) -> MissingError:
+    # Here the profile is not known (require() names it): the repo's own command, and pull's form.
     return MissingError(
-        f"{what}: '{repo_id}' is not in the local Hugging Face cache; fetch the profile's models once with "
-        f"`localora pull PROFILE` (or `hf download {repo_id}`), or set `source` in models.toml to a local folder")
+        f"{what}: '{repo_id}' is not in the local Hugging Face cache; fetch it once with `hf download {repo_id}` "
+        f"(or with `localora pull` and the name of a profile that uses it), or set `source` in models.toml to a "
+        f"local folder")
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
@@ -308,6 +310,49 @@ def check_no_pickled_weights(path: Path, what: str) -> None:
 # folder, or the wrong one, would otherwise pass until the first load).
 MODEL_FILES = {"diffusion": "model_index.json", "vae": "config.json", "vlm": "config.json",
                "clip": "open_clip_config.json"}
+
+
+def model_sources(profile: Profile) -> list[tuple[str, str, str]]:
+    """(role, name, source) of each model of `profile`: diffusion, its separate VAE if any, vlm, clip."""
+    d = profile.diffusion
+    return [("diffusion", d.name, d.source), *([("vae", d.vae, d.vae)] if d.vae else []),
+            ("vlm", profile.vlm.name, profile.vlm.source), ("clip", profile.clip.name, profile.clip.source)]
+
+
+def pull_command(profile: Profile, vlm: str | None = None) -> str:
+    return f"localora pull {profile.name}" + (f" --vlm {vlm}" if vlm else "")
+
+
+def not_here_error(profile: Profile, names: list[str], vlm: str | None = None) -> MissingError:
+    return MissingError(f"{', '.join(names)} not here; fetch with `{pull_command(profile, vlm)}` "
+                        f"(on a connected machine, then copy the Hugging Face cache)")
+
+
+def require(profile: Profile, roles: tuple[str, ...] = ("diffusion", "vlm", "clip"), vlm: str | None = None) -> None:
+    """One line naming every model of `profile` in `roles` (a separate VAE goes with diffusion)
+    that is not here, and the command that fetches them: before a command writes anything. A
+    tiny model not built yet is fine (it is built on first use)."""
+    roles = (*roles, "vae") if "diffusion" in roles else roles
+    states = [(name, availability(source, role)) for role, name, source in model_sources(profile) if role in roles]
+    for name, state in states:  # a local folder that is not there or not a model: pulling would not help
+        if state.startswith("missing") and "not in the local Hugging Face cache" not in state:
+            raise MissingError(f"{name}: {state.removeprefix('missing: ')}")
+    missing = [name for name, state in states if state.startswith("missing")]
+    if missing:
+        listed = load_catalog().profiles.get(profile.name)
+        if vlm is None and listed is not None and listed.vlm.name != profile.vlm.name:  # --vlm NAME
+            vlm = profile.vlm.name
+        raise not_here_error(profile, missing, vlm)
+
+
+NOT_DOWNLOADED = "missing (not downloaded)"
+
+
+def listed_availability(source: str, kind: str | None = None) -> str:
+    """availability() for a list of models that ends with the profile's pull command: a model
+    not in the Hugging Face cache is two words there, not the whole sentence again."""
+    state = availability(source, kind)
+    return NOT_DOWNLOADED if "not in the local Hugging Face cache" in state else state
 
 
 def availability(source: str, kind: str | None = None) -> str:

@@ -392,7 +392,8 @@ def test_kohya_flux_names_of_every_full_size_block_map_onto_the_full_size_transf
 def test_doctor_plans_flux_on_12_16_and_24_gb_and_names_pull(localora_home):
     result = invoke("doctor", "--profile", "flux1-dev")
     assert result.exit_code == 3
-    assert "localora pull flux1-dev" in result.output
+    assert "localora pull flux1-dev" in result.output and "PROFILE" not in result.output
+    assert "  diffusion flux1-dev: missing (not downloaded)\n" in result.output  # the last line says how to fetch
     for card in (12, 16, 24):
         assert f"{card} GiB card (auto" in result.output
 

@@ -81,8 +81,38 @@ def test_missing_file_or_model_exits_3(tmp_path, demo_loras):
     # A profile whose weights are not downloaded: the render cannot start.
     lora = demo_loras["sdxl"][0].path
     r = run("generate", "x", "-p", "sdxl-realistic", "-l", lora, "-o", tmp_path / "x.png", *SMALL)
-    one_error_line(r, "not in the local Hugging Face cache", "localora pull")
-    assert r.exit_code == MISSING
+    one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix not here", "`localora pull sdxl-realistic`")
+    assert r.exit_code == MISSING and "PROFILE" not in r.output
+
+
+@pytest.mark.parametrize("command", ["compose", "compose --search random", "compose --vlm qwen3-vl-4b", "bench",
+                                     "compose --prompts"])
+def test_weights_not_here_are_one_line_naming_them_and_the_real_pull_command_before_anything_is_written(
+        tmp_path, demo_loras, command):
+    """The models a command needs, each by name, and the pull command with the profile's own name
+    (and --vlm), before a run folder or bench folder exists: not the first model's load error
+    with a PROFILE placeholder after the folder was made."""
+    lora = [str(lo.path) for lo in demo_loras["sdxl"][:2]]
+    name, *options = command.split()
+    args = {"compose": ["a girl", "-p", "sdxl-realistic", "-l", lora[0], "-l", lora[1], "--out", tmp_path / "run"],
+            "bench": ["--testbed", "tiny", "--profile", "sdxl-realistic", "--methods", "merge,reflect", "--out", tmp_path / "run"]}
+    if options == ["--prompts"]:
+        lines = tmp_path / "lines.jsonl"
+        lines.write_text(json.dumps({"prompt": "a girl", "loras": lora}) + "\n")
+        args[name] = ["-p", "sdxl-realistic", "--out", tmp_path / "run", "--prompts", lines]
+        options = []
+    r = run(name, *args[name], *options)
+    assert r.exit_code == MISSING and "PROFILE" not in r.output
+    if "--vlm" in options:
+        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen3-vl-4b, clip-vit-l-14 not here",
+                       "`localora pull sdxl-realistic --vlm qwen3-vl-4b`")
+    elif "random" in options:  # a CLIP-scored search: the VLM is not needed
+        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, clip-vit-l-14 not here", "`localora pull sdxl-realistic`")
+    else:
+        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14 not here",
+                       "`localora pull sdxl-realistic`")
+    assert not (tmp_path / "run").exists() or name == "bench"  # a bench folder holds its settings only
+    assert name != "bench" or not list((tmp_path / "run").glob("images/**/*.png"))
 
 
 def test_nan_latents_exit_4_and_library_warnings_stay_hidden(tmp_path, demo_loras):

@@ -417,12 +417,21 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_same_command
     from localora import paths
 
     models = tmp_path / "models.toml"
-    models.write_text(paths.models_toml().read_text().replace('source = "tiny:qwen2-vl"', f'source = "{tmp_path}/gone"'))
     out = tmp_path / "r"
+    # A model that is not there at all is found before the run folder exists.
+    models.write_text(paths.models_toml().read_text().replace('source = "tiny:qwen2-vl"', f'source = "{tmp_path}/gone"'))
+    result = CliRunner().invoke(main, ["compose", "x", "-l", "demo-style", "-l", "demo-character", "--out", str(out)],
+                                env={"LOCALORA_MODELS": str(models)})
+    one_error_line(result, "tiny-qwen2-vl:", f"{tmp_path}/gone does not exist", "fix `source` in models.toml")
+    assert not out.exists()
+    # One that looks like a model but does not load fails at its load, in the run folder.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    models.write_text(paths.models_toml().read_text().replace('source = "tiny:qwen2-vl"', f'source = "{tmp_path}/broken"'))
     for _ in range(2):
         result = CliRunner().invoke(main, ["compose", "x", "-l", "demo-style", "-l", "demo-character", "--out", str(out)],
                                     env={"LOCALORA_MODELS": str(models)})
-        one_error_line(result, f"{tmp_path}/gone does not exist")
+        one_error_line(result, f"{tmp_path}/broken")
     assert (out / "run.json").is_file()
     # Once something was done in it, the folder is a run to resume, not to overwrite.
     (out / "events.jsonl").write_text('{"type": "start"}\n')

@@ -40,6 +40,7 @@ from PIL import Image
 from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
 from localora.bench.store import Store
 from localora.bench.variants import Variant
+from localora import profiles
 from localora.diffusion import methods
 from localora.diffusion.loras import Lora
 from localora.files import atomic_write, open_image
@@ -129,11 +130,23 @@ def check_templates(p: Plan, work: list[Work]) -> None:
         check_loop(None)
 
 
+def needs(p: Plan, work: list[Work]) -> tuple[str, ...]:
+    """The models the rows to make use: the VLM only for a judged pair or a search that asks it."""
+    from localora.search import STRATEGIES
+
+    asks = any(w.judged for w in work) or any(p.variants[m].base in SEARCH_STRATEGY and
+                                              STRATEGIES[SEARCH_STRATEGY[p.variants[m].base]].asks_vlm
+                                              for w in work for m in w.methods)
+    return ("diffusion", "clip", *(("vlm",) if asks else ()))
+
+
 def run(cfg: BenchConfig, progress: Progress) -> Summary:
     """Make every row of the bench that is not in its folder yet; the one writer of the store."""
     p = plan(cfg)
     store = Store.create_or_open(cfg.out, p.settings())
     work = todo(p, store)
+    if work:  # weights that are not here: one line naming them and the pull command, before any output
+        profiles.require(p.profile, needs(p, work))
     total, skipped = counts(p, work)
     progress.start(total, skipped)
     if not work:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from localora import verbosity
+from localora import profiles, verbosity
 from localora.cli.options import (batch_option, catalog_option, compile_option, check_ray_options, complete_profiles, emit, float_list, json_option, lora_dir_option,
                                   lora_option, plain_option, profile_option, resolve_loras, resolve_request, run_parent,
                                   vlm_option,
@@ -99,7 +99,7 @@ class _Silent:
 def _ui(plain: bool, as_json: bool, prof=None) -> Any:
     from rich.console import Console
 
-    from localora import profiles, tiny
+    from localora import tiny
     from localora.ui.live import LiveUI, PlainUI
 
     if verbosity.quiet():
@@ -149,9 +149,15 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False, com
             click.echo(line, err=True)
 
 
+def needs(cfg) -> tuple[str, ...]:
+    """The models a compose run uses: the VLM only for a search that asks it."""
+    return ("diffusion", "clip", *(("vlm",) if STRATEGIES[cfg.search].asks_vlm else ()))
+
+
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False,
            compiled: bool = False) -> None:
     cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
+    profiles.require(prof, needs(cfg))  # weights not here: one line with the pull command, before the run folder exists
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
@@ -271,6 +277,11 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
         from localora.runs import session
 
         run, cfg, prof = session.reopen(Path(resume), given)
+        try:
+            profiles.require(prof, needs(cfg))
+        except BaseException:
+            run.close()  # its lock: the same --resume works once the weights are here
+            raise
         _run(cfg, prof, run, plain, batch, as_json, compiled)
         return
     if jsonl and prompt:
@@ -357,6 +368,8 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
         return cfg, prof.name
 
     items = batches.load(path, make_config)
+    if ray[0] is None:  # the models load here (on a cluster, on each worker's node)
+        profiles.require(prof, needs(items[0].cfg) if items else ())
     folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
     ui = _ui(True, as_json, prof)  # one line per event: a live view is one run's
     again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch
@@ -404,7 +417,6 @@ def demo(out, profile_name, plain, compiled):
     Everything is built offline on first use; it shows every step of the real loop in about a
     minute on a laptop CPU (the tiny models are random, so the images are noise-like).
     """
-    from localora import profiles
     from localora.profiles import load_profile
     from localora.search.config import ComposeConfig
 

@@ -23,15 +23,10 @@ def models(as_json):
             "config": {"path": str(user.path), "exists": user.path.is_file(), "settings": user.settings()},
             "profiles": []}
     for p in cat.profiles.values():
-        parts = [(kind, spec.name, spec.source) for kind, spec in (("diffusion", p.diffusion), ("vlm", p.vlm), ("clip", p.clip))]
-        if p.diffusion.vae:
-            parts.insert(1, ("vae", p.diffusion.vae, p.diffusion.vae))
-        models = [{"role": role, "name": name, "source": source, "availability": profiles.availability(source, role)}
-                  for role, name, source in parts]
         # A model not in the Hugging Face cache is two words; the profile says once how to get them all.
-        uncached = [m for m in models if "not in the local Hugging Face cache" in m["availability"]]
-        for m in uncached:
-            m["availability"] = "missing (not downloaded)"
+        models = [{"role": role, "name": name, "source": source, "availability": profiles.listed_availability(source, role)}
+                  for role, name, source in profiles.model_sources(p)]
+        uncached = [m for m in models if m["availability"] == profiles.NOT_DOWNLOADED]
         data["profiles"].append({"name": p.name, "description": p.description, "models": models,
                                  "fetch": f"localora pull {p.name}" if uncached else None})
     sets = "; ".join(f"{k} = {v}" for k, v in user.settings().items())

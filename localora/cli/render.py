@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from localora import verbosity
+from localora import profiles, verbosity
 from localora.cli.options import (catalog_option, compile_option, lora_dir_option, lora_option, lora_sources, profile_option,
                                   resolve_request, sampling_options)
 from localora.diffusion.methods import METHODS
@@ -65,6 +65,7 @@ def generate(prompt, profile, lora_specs, catalog, lora_dirs, method, sampling, 
     for line in notes if not verbosity.quiet() else ():
         click.echo(f"note: {line}", err=True)
     job.sampling.resolved(prof.diffusion)  # the renderer checks it too; here --width 65 fails before torch loads
+    profiles.require(prof, ("diffusion",))  # weights not here: one line with the pull command
     from localora.diffusion.render import Renderer
 
     with Renderer(prof, compile=compiled) as renderer:  # its cache write is done (or its error raised) when generate ends

@@ -100,11 +100,8 @@ def _doctor_data(profile: profiles.Profile, vram: float | None = None) -> dict[s
     """What doctor reports, as values: the human lines and --json are both made from it."""
     import torch
 
-    sources = [("diffusion", profile.diffusion.name, profile.diffusion.source)]
-    if profile.diffusion.vae:
-        sources.append(("vae", profile.diffusion.vae, profile.diffusion.vae))
-    sources += [("vlm", profile.vlm.name, profile.vlm.source), ("clip", profile.clip.name, profile.clip.source)]
-    found = [{"role": role, "name": name, "availability": profiles.availability(source)} for role, name, source in sources]
+    found = [{"role": role, "name": name, "availability": profiles.listed_availability(source)}
+             for role, name, source in profiles.model_sources(profile)]  # the last line says how to fetch them
     sizes = estimate_gib(profile)
     known = {n: s for n, s in sizes.items() if s is not None}
     weights = [b for b in estimates.weights(profile).values() if b is not None]
@@ -298,9 +295,7 @@ def doctor(profile_name, vram, vlm, as_json) -> None:
     data = _doctor_data(profile, vram)
     emit(as_json, data, _doctor_lines(data))
     if data["missing"]:
-        pull = f"localora pull {profile.name}" + (f" --vlm {vlm}" if vlm else "")
-        raise MissingError(f"{', '.join(data['missing'])} not here; fetch with `{pull}` "
-                           f"(on a connected machine, then copy the Hugging Face cache)")
+        raise profiles.not_here_error(profile, data["missing"], vlm)
 
 
 COMMANDS = [ask, doctor]

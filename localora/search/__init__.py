@@ -26,6 +26,7 @@ class Strategy:
     entry: str  # "module:function", a run(cfg, steps) -> Final
     checks: str | None = None  # "module:function", a check(cfg) -> None that raises LocaloraError
     budgeted: bool = False  # spends --budget renders (black-box strategies)
+    asks_vlm: bool = False  # the VLM answers some of its steps (its weights must be here)
 
     def run(self, cfg, steps):
         return _load(self.entry)(cfg, steps)
@@ -42,11 +43,11 @@ def _load(entry: str):
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("vlm", "GPT4LoRA's loop: the local VLM proposes, critiques and refines weights",
-             "localora.search.gpt4lora:run", "localora.search.gpt4lora:check"),
+             "localora.search.gpt4lora:run", "localora.search.gpt4lora:check", asks_vlm=True),
     Strategy("random", "uniform random weights in the bounds, best by a CLIP objective, at the same render budget",
              "localora.search.blackbox:run_random", "localora.search.blackbox:check", budgeted=True),
     Strategy("cmaes", "CMA-ES (pycma) maximizing a CLIP objective, at the same render budget",
              "localora.search.blackbox:run_cmaes", "localora.search.blackbox:check", budgeted=True),
     Strategy("hybrid", "CMA-ES whose population each round is the VLM's candidates plus one sample of its own",
-             "localora.search.blackbox:run_hybrid", "localora.search.blackbox:check", budgeted=True),
+             "localora.search.blackbox:run_hybrid", "localora.search.blackbox:check", budgeted=True, asks_vlm=True),
 )}
