@@ -437,3 +437,37 @@ def test_a_quantized_base_on_a_cpu_loads_unquantized_says_so_and_keys_its_render
     assert loads == ["tiny-flux (float32)"]  # the load event names what was loaded
     shared = Renderer(quantized, cache_dir=tmp_path / "cache")
     assert shared.key(job) == want.key and shared.render(job).cached
+
+
+def test_no_host_sync_inside_the_transformer_nor_per_step(base, monkeypatch):
+    """.nonzero() / .item() / .tolist() wait for the accelerator. None may run inside the
+    transformer's forward for batched Merge, Composite or Switch, and the few outside it (the
+    scheduler's sigma range, Z-Image's prompt lengths) are per render, not per step: as many at
+    4 steps as at 2."""
+    arch, renderer, pipe, names = base
+    inside, calls = [False], []
+    for attr in ("nonzero", "item", "tolist"):
+        original = getattr(torch.Tensor, attr)
+
+        def counted(self, *a, _original=original, _attr=attr, **k):
+            calls.append((_attr, inside[0]))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, attr, counted)
+    pre = pipe.transformer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    post = pipe.transformer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    runs = {"merge": lambda s: methods.merge_many(pipe, names, [[0.7, 0.0, 1.1], [0.3, 0.9, 0.6]], PROMPT, s),
+            "composite": lambda s: methods.composite(pipe, names, WEIGHTS, PROMPT, s),
+            "switch": lambda s: methods.switch(pipe, names, WEIGHTS, PROMPT, s)}
+    counts = {}
+    try:
+        for method, render in runs.items():
+            for steps in (2, 4):
+                calls.clear()
+                render(sampling(renderer.profile.diffusion, steps=steps))
+                assert not [c for c in calls if c[1]], (method, steps, calls)
+                counts[method, steps] = len(calls)
+    finally:
+        pre.remove()
+        post.remove()
+    assert all(counts[m, 2] == counts[m, 4] for m in runs), counts
