@@ -268,10 +268,13 @@ def locate(source: str, what: str) -> Path:
         raise _not_cached(what, source) from None
 
 
+NOT_CACHED = "is not in the local Hugging Face cache"  # how availability() says a model was not downloaded
+
+
 def _not_cached(what: str, repo_id: str) -> MissingError:
     # Here the profile is not known (require() names it): the repo's own command, and pull's form.
     return MissingError(
-        f"{what}: '{repo_id}' is not in the local Hugging Face cache; fetch it once with `hf download {repo_id}` "
+        f"{what}: '{repo_id}' {NOT_CACHED}; fetch it once with `hf download {repo_id}` "
         f"(or with `localora pull` and the name of a profile that uses it), or set `source` in models.toml to a "
         f"local folder")
 
@@ -323,36 +326,48 @@ def pull_command(profile: Profile, vlm: str | None = None) -> str:
     return f"localora pull {profile.name}" + (f" --vlm {vlm}" if vlm else "")
 
 
-def not_here_error(profile: Profile, names: list[str], vlm: str | None = None) -> MissingError:
-    return MissingError(f"{', '.join(names)} not here; fetch with `{pull_command(profile, vlm)}` "
-                        f"(on a connected machine, then copy the Hugging Face cache)")
+def missing_error(profile: Profile, states: list[tuple[str, str]], vlm: str | None = None,
+                  judges: list[tuple[str, str]] = ()) -> MissingError | None:
+    """The one line for the models of `profile` whose availability() state is missing, and for
+    extra VLMs (`judges`: name, state; each fetched with the profile's pull and --vlm NAME); None
+    when all are here. A local folder that is gone or not a model says to fix models.toml:
+    pulling would not help."""
+    for name, state in [*states, *judges]:
+        if state.startswith("missing") and NOT_CACHED not in state:
+            return MissingError(f"{name}: {state.removeprefix('missing: ')}")
+    names = [name for name, state in states if state.startswith("missing")]
+    extra = [name for name, state in judges if state.startswith("missing") and name not in names]
+    if not names and not extra:
+        return None
+    commands = ([pull_command(profile, vlm)] if names else []) + [pull_command(profile, j) for j in extra]
+    return MissingError(f"{', '.join(names + extra)} not here; fetch with "
+                        f"{' and '.join(f'`{c}`' for c in commands)} (on a connected machine, then copy the "
+                        f"Hugging Face cache)")
 
 
-def require(profile: Profile, roles: tuple[str, ...] = ("diffusion", "vlm", "clip"), vlm: str | None = None) -> None:
-    """One line naming every model of `profile` in `roles` (a separate VAE goes with diffusion)
-    that is not here, and the command that fetches them: before a command writes anything. A
-    tiny model not built yet is fine (it is built on first use)."""
+def require(profile: Profile, roles: tuple[str, ...] = ("diffusion", "vlm", "clip"), vlm: str | None = None,
+            judges: tuple[VLMSpec, ...] = ()) -> None:
+    """One line naming every model of `profile` in `roles` (a separate VAE goes with diffusion),
+    and every VLM of `judges`, that is not here, with the commands that fetch them: before a
+    command writes anything. A tiny model not built yet is fine (it is built on first use)."""
     roles = (*roles, "vae") if "diffusion" in roles else roles
     states = [(name, availability(source, role)) for role, name, source in model_sources(profile) if role in roles]
-    for name, state in states:  # a local folder that is not there or not a model: pulling would not help
-        if state.startswith("missing") and "not in the local Hugging Face cache" not in state:
-            raise MissingError(f"{name}: {state.removeprefix('missing: ')}")
-    missing = [name for name, state in states if state.startswith("missing")]
-    if missing:
-        listed = load_catalog().profiles.get(profile.name)
-        if vlm is None and listed is not None and listed.vlm.name != profile.vlm.name:  # --vlm NAME
-            vlm = profile.vlm.name
-        raise not_here_error(profile, missing, vlm)
+    judged = [(j.name, availability(j.source, "vlm")) for j in judges]
+    if missing_error(profile, states, vlm, judged) is None:
+        return
+    listed = load_catalog().profiles.get(profile.name)
+    if vlm is None and listed is not None and listed.vlm.name != profile.vlm.name:  # --vlm NAME: say it again
+        vlm = profile.vlm.name
+    raise missing_error(profile, states, vlm, judged)
 
 
 NOT_DOWNLOADED = "missing (not downloaded)"
 
 
-def listed_availability(source: str, kind: str | None = None) -> str:
-    """availability() for a list of models that ends with the profile's pull command: a model
-    not in the Hugging Face cache is two words there, not the whole sentence again."""
-    state = availability(source, kind)
-    return NOT_DOWNLOADED if "not in the local Hugging Face cache" in state else state
+def listed(state: str) -> str:
+    """An availability() state for a list of models that ends with the profile's pull command: a
+    model not in the Hugging Face cache is two words there, not the whole sentence again."""
+    return NOT_DOWNLOADED if NOT_CACHED in state else state
 
 
 def availability(source: str, kind: str | None = None) -> str:

@@ -85,8 +85,23 @@ def test_missing_file_or_model_exits_3(tmp_path, demo_loras):
     assert r.exit_code == MISSING and "PROFILE" not in r.output
 
 
-@pytest.mark.parametrize("command", ["compose", "compose --search random", "compose --vlm qwen3-vl-4b", "bench",
-                                     "compose --prompts"])
+NOT_HERE = {  # command -> (the models it names, the commands it gives)
+    "compose": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14", "`localora pull sdxl-realistic`"),
+    # a CLIP-scored search does not need the VLM, unless its final pick is the VLM's (--final-judge)
+    "compose --search random": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, clip-vit-l-14", "`localora pull sdxl-realistic`"),
+    "compose --search random --final-judge": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14",
+                                              "`localora pull sdxl-realistic`"),
+    "compose --vlm qwen3-vl-4b": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen3-vl-4b, clip-vit-l-14",
+                                  "`localora pull sdxl-realistic --vlm qwen3-vl-4b`"),
+    "compose --prompts": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14", "`localora pull sdxl-realistic`"),
+    "bench": ("sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14", "`localora pull sdxl-realistic`"),
+    # the tiny models are here; a judge that is not is fetched as that profile's --vlm
+    "bench --profile tiny --methods merge,switch --judges qwen3-vl-4b,qwen3-vl-8b": (
+        "qwen3-vl-4b, qwen3-vl-8b", "`localora pull tiny --vlm qwen3-vl-4b` and `localora pull tiny --vlm qwen3-vl-8b`"),
+}
+
+
+@pytest.mark.parametrize("command", list(NOT_HERE))
 def test_weights_not_here_are_one_line_naming_them_and_the_real_pull_command_before_anything_is_written(
         tmp_path, demo_loras, command):
     """The models a command needs, each by name, and the pull command with the profile's own name
@@ -94,25 +109,20 @@ def test_weights_not_here_are_one_line_naming_them_and_the_real_pull_command_bef
     with a PROFILE placeholder after the folder was made."""
     lora = [str(lo.path) for lo in demo_loras["sdxl"][:2]]
     name, *options = command.split()
-    args = {"compose": ["a girl", "-p", "sdxl-realistic", "-l", lora[0], "-l", lora[1], "--out", tmp_path / "run"],
-            "bench": ["--testbed", "tiny", "--profile", "sdxl-realistic", "--methods", "merge,reflect", "--out", tmp_path / "run"]}
+    out = tmp_path / "run"
+    args = {"compose": ["a girl", "-p", "sdxl-realistic", "-l", lora[0], "-l", lora[1], "--out", out],
+            "bench": ["--testbed", "tiny", "--methods", "merge,reflect", "--out", out,
+                      *([] if "--profile" in options else ["--profile", "sdxl-realistic"])]}
     if options == ["--prompts"]:
         lines = tmp_path / "lines.jsonl"
         lines.write_text(json.dumps({"prompt": "a girl", "loras": lora}) + "\n")
-        args[name] = ["-p", "sdxl-realistic", "--out", tmp_path / "run", "--prompts", lines]
+        args[name] = ["-p", "sdxl-realistic", "--out", out, "--prompts", lines]
         options = []
     r = run(name, *args[name], *options)
     assert r.exit_code == MISSING and "PROFILE" not in r.output
-    if "--vlm" in options:
-        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen3-vl-4b, clip-vit-l-14 not here",
-                       "`localora pull sdxl-realistic --vlm qwen3-vl-4b`")
-    elif "random" in options:  # a CLIP-scored search: the VLM is not needed
-        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, clip-vit-l-14 not here", "`localora pull sdxl-realistic`")
-    else:
-        one_error_line(r, "sdxl-base, madebyollin/sdxl-vae-fp16-fix, qwen2-vl-7b, clip-vit-l-14 not here",
-                       "`localora pull sdxl-realistic`")
-    assert not (tmp_path / "run").exists() or name == "bench"  # a bench folder holds its settings only
-    assert name != "bench" or not list((tmp_path / "run").glob("images/**/*.png"))
+    models, commands = NOT_HERE[command]
+    one_error_line(r, f"{models} not here; fetch with {commands} (")
+    assert not out.exists()
 
 
 def test_nan_latents_exit_4_and_library_warnings_stay_hidden(tmp_path, demo_loras):

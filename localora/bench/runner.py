@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from localora.bench.plan import SEARCH_STRATEGY, BenchConfig, Case, Plan, plan, run_folder
-from localora.bench.store import Store
+from localora.bench.store import DB_FILE, Store
 from localora.bench.variants import Variant
 from localora import profiles
 from localora.diffusion import methods
@@ -101,6 +101,11 @@ class _CountingVLM:
         return self.model.image_tokens(pixels)
 
 
+def everything(p: Plan) -> list[Work]:
+    """Every row of the plan, as todo() gives them for an empty store."""
+    return [Work(c, p.methods_for(c), p.pairs_for(c)) for c in p.cases if p.methods_for(c) or p.pairs_for(c)]
+
+
 def todo(p: Plan, store: Store) -> list[Work]:
     """The rows of the plan that the store does not hold yet."""
     have = {(r["set_id"], r["seed"], r["method"]) for r in store.results()}
@@ -130,23 +135,33 @@ def check_templates(p: Plan, work: list[Work]) -> None:
         check_loop(None)
 
 
-def needs(p: Plan, work: list[Work]) -> tuple[str, ...]:
-    """The models the rows to make use: the VLM only for a judged pair or a search that asks it."""
+def require_models(p: Plan, work: list[Work]) -> None:
+    """One line naming the weights the rows to make need that are not here, and how to fetch
+    them: the diffusion model and CLIP; the profile's VLM for a search that asks it (or a judged
+    pair it judges); each --judges VLM for a judged pair."""
     from localora.search import STRATEGIES
 
-    asks = any(w.judged for w in work) or any(p.variants[m].base in SEARCH_STRATEGY and
-                                              STRATEGIES[SEARCH_STRATEGY[p.variants[m].base]].asks_vlm
-                                              for w in work for m in w.methods)
-    return ("diffusion", "clip", *(("vlm",) if asks else ()))
+    judged = any(w.judged for w in work)
+    asks = any(p.variants[m].base in SEARCH_STRATEGY and STRATEGIES[SEARCH_STRATEGY[p.variants[m].base]].asks_vlm
+               for w in work for m in w.methods)
+    judges = p.judge_specs() if judged else ()
+    profile_vlm = asks or any(j.name == p.profile.vlm.name for j in judges)
+    profiles.require(p.profile, ("diffusion", "clip", *(("vlm",) if profile_vlm else ())),
+                     judges=tuple(j for j in judges if j.name != p.profile.vlm.name))
 
 
 def run(cfg: BenchConfig, progress: Progress) -> Summary:
     """Make every row of the bench that is not in its folder yet; the one writer of the store."""
     p = plan(cfg)
+    # Weights that are not here: one line naming them and the pull command, before any output, and
+    # for a new bench before its folder holds a store (a rerun may then change its settings).
+    new = not (cfg.out / DB_FILE).exists()
+    if new:
+        require_models(p, everything(p))
     store = Store.create_or_open(cfg.out, p.settings())
     work = todo(p, store)
-    if work:  # weights that are not here: one line naming them and the pull command, before any output
-        profiles.require(p.profile, needs(p, work))
+    if work and not new:
+        require_models(p, work)
     total, skipped = counts(p, work)
     progress.start(total, skipped)
     if not work:
@@ -227,8 +242,8 @@ class _Runner:
         start, before = time.perf_counter(), self._work()
         variant = self.plan.variants[method]
         prompt = self._prompt(case, variant)
-        source, weights, budget, asked = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
-                                          else (*self._baseline(case, variant), None, False))
+        source, weights, budget, vlm = (self._search(case, variant) if variant.base in SEARCH_STRATEGY
+                                        else (*self._baseline(case, variant), None, None))
         image = open_image(source)
         refs = self._references(case)
         each = {i: float(self.scorer.clip_i(image, [im for _, im, _ in images])) for i, images in refs.items()}
@@ -236,11 +251,6 @@ class _Runner:
         rel = self._save(source, case, method)
         self.renderer.flush()  # every image the row names is on disk (or its write's error raised) before it is stored
         renders, hits, calls = (a - b for a, b in zip(self._work(), before))
-        vlm = None
-        if asked:  # which VLM answered this row's search: now, or in the log a resumed search replayed
-            from localora.vlm.model import identity
-
-            vlm = json.dumps(identity(self.plan.profile.vlm))
         row = {
             "set_id": case.set_id, "elements": len(case.combo), "seed": case.seed, "method": method,
             "loras": json.dumps([x.id for x in case.combo]), "weights": json.dumps(weights), "prompt": prompt,
@@ -251,7 +261,8 @@ class _Runner:
             "clip_i_elements": json.dumps({category[i]: v for i, v in each.items()}),
             "clip_i_references": json.dumps({i: [{"seed": seed, "image": rel} for seed, _, rel in images]
                                              for i, images in refs.items()}),
-            "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget, "vlm": vlm,
+            "renders": renders, "cache_hits": hits, "vlm_calls": calls, "budget": budget,
+            "vlm": None if vlm is None else json.dumps(vlm),
             "seconds": round(time.perf_counter() - start, 3), "session": self.session, "finished": time.time(),
         }
         line = (f"{case.set_id} seed {case.seed} {method:<9} CLIP-T {row['clip_t']:.4f} CLIP-I {row['clip_i']:.4f}  "
@@ -312,9 +323,11 @@ class _Runner:
                         method=variant.base, sampling=sampling)
         return self.renderer.render(job).path, {lo.name: scale for lo in loras}
 
-    def _search(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float], int, bool]:
+    def _search(self, case: Case, variant: Variant) -> tuple[Path, dict[str, float], int, dict | None]:
         """The method's search on the case, in its own run folder; the image's file, the weights,
-        the number of candidate renders it was given, and whether the VLM answered any step."""
+        the number of candidate renders it was given, and the VLM that answered its steps (None
+        when none did): as its run.json recorded it, so a search replayed whole from its log on
+        a rerun names the VLM that answered then."""
         from localora.runs import session
         from localora.runs.folder import RunFolder
         from localora.search import STRATEGIES
@@ -347,8 +360,14 @@ class _Runner:
             final = STRATEGIES[cfg.search].run(cfg, Steps(run, self.renderer, self.vlm, self.scorer, emit))
         finally:
             run.close()
-        asked = any(e.get("type") == "vlm" for e in run.completed.values())
-        return run.path / final.image, final.weights, c.iterations * (c.candidates + 1), asked
+        vlm = None
+        if any(e.get("type") == "vlm" for e in run.completed.values()):
+            vlm = run.settings.get("vlm")
+            if vlm is None:  # a folder from before run.json named its VLM
+                from localora.vlm.model import identity
+
+                vlm = identity(self.plan.profile.vlm)
+        return run.path / final.image, final.weights, c.iterations * (c.candidates + 1), vlm
 
     def _references(self, case: Case) -> dict[str, list[tuple[int | None, Path | Image.Image, str]]]:
         """Per LoRA of the case: (seed, image, path in the folder) of each CLIP-I reference.

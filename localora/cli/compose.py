@@ -149,15 +149,10 @@ def _run(cfg, prof, run, plain: bool, batch: int = 0, as_json: bool = False, com
             click.echo(line, err=True)
 
 
-def needs(cfg) -> tuple[str, ...]:
-    """The models a compose run uses: the VLM only for a search that asks it."""
-    return ("diffusion", "clip", *(("vlm",) if STRATEGIES[cfg.search].asks_vlm else ()))
-
-
 def _start(cfg, prof, out: str | None, plain: bool, batch: int = 0, as_json: bool = False,
            compiled: bool = False) -> None:
     cfg.check(prof.diffusion)  # session.start checks again; here a bad option is one line before torch loads
-    profiles.require(prof, needs(cfg))  # weights not here: one line with the pull command, before the run folder exists
+    profiles.require(prof, cfg.models())  # weights not here: one line with the pull command, before the run folder exists
     from localora.runs import session
 
     run = session.start(cfg, prof, Path(out) if out else session.default_out(cfg.prompt, run_parent()))
@@ -278,7 +273,7 @@ def compose(prompt, profile, vlm, lora_specs, catalog, lora_dirs, iterations, ca
 
         run, cfg, prof = session.reopen(Path(resume), given)
         try:
-            profiles.require(prof, needs(cfg))
+            profiles.require(prof, cfg.models())
         except BaseException:
             run.close()  # its lock: the same --resume works once the weights are here
             raise
@@ -369,7 +364,7 @@ def _batch(path: Path, prof, catalog, lora_dirs, options: dict[str, Any], out: s
 
     items = batches.load(path, make_config)
     if ray[0] is None:  # the models load here (on a cluster, on each worker's node)
-        profiles.require(prof, needs(items[0].cfg) if items else ())
+        profiles.require(prof, items[0].cfg.models() if items else ())
     folder = Path(out) if out else run_parent() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{path.stem}"
     ui = _ui(True, as_json, prof)  # one line per event: a live view is one run's
     again = "the same command" if out else f"the same command with --out {folder}"  # else a new batch

@@ -24,7 +24,7 @@ def models(as_json):
             "profiles": []}
     for p in cat.profiles.values():
         # A model not in the Hugging Face cache is two words; the profile says once how to get them all.
-        models = [{"role": role, "name": name, "source": source, "availability": profiles.listed_availability(source, role)}
+        models = [{"role": role, "name": name, "source": source, "availability": profiles.listed(profiles.availability(source, role))}
                   for role, name, source in profiles.model_sources(p)]
         uncached = [m for m in models if m["availability"] == profiles.NOT_DOWNLOADED]
         data["profiles"].append({"name": p.name, "description": p.description, "models": models,

@@ -11,7 +11,7 @@ from localora import estimates, package_version, profiles, verbosity
 from localora.estimates import BASIS, CUDA_CONTEXT_GIB, GIB, estimate_gib
 from localora.vlm import schemas
 from localora.cli.options import complete_profiles, emit, json_option, vlm_option
-from localora.errors import LocaloraError, MissingError
+from localora.errors import LocaloraError
 
 JSON_KINDS = ("weights", "candidates", "choice", "judge", "feedback", "refine")
 
@@ -100,8 +100,9 @@ def _doctor_data(profile: profiles.Profile, vram: float | None = None) -> dict[s
     """What doctor reports, as values: the human lines and --json are both made from it."""
     import torch
 
-    found = [{"role": role, "name": name, "availability": profiles.listed_availability(source)}
-             for role, name, source in profiles.model_sources(profile)]  # the last line says how to fetch them
+    states = [(role, name, profiles.availability(source)) for role, name, source in profiles.model_sources(profile)]
+    found = [{"role": role, "name": name, "availability": profiles.listed(state)}  # the last line says how to fetch them
+             for role, name, state in states]
     sizes = estimate_gib(profile)
     known = {n: s for n, s in sizes.items() if s is not None}
     weights = [b for b in estimates.weights(profile).values() if b is not None]
@@ -295,7 +296,8 @@ def doctor(profile_name, vram, vlm, as_json) -> None:
     data = _doctor_data(profile, vram)
     emit(as_json, data, _doctor_lines(data))
     if data["missing"]:
-        raise profiles.not_here_error(profile, data["missing"], vlm)
+        states = [(name, profiles.availability(source)) for _, name, source in profiles.model_sources(profile)]
+        raise profiles.missing_error(profile, states, vlm)
 
 
 COMMANDS = [ask, doctor]

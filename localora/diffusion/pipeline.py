@@ -39,11 +39,17 @@ def dtype_for(spec: DiffusionSpec, device: torch.device) -> torch.dtype:
     return getattr(torch, profiles.run_dtype(spec.dtype, device.type))
 
 
+# The devices diffusers' bitsandbytes quantizers run on (diffusers 0.42 quantizers/bitsandbytes/
+# bnb_quantizer.py validate_environment: 4-bit on CUDA, XPU or MPS, 8-bit on CUDA or XPU; else
+# "No GPU found").
+QUANTIZES_ON = {"nf4": ("cuda", "xpu", "mps"), "int8": ("cuda", "xpu")}
+
+
 def as_loaded(spec: DiffusionSpec, device: torch.device) -> DiffusionSpec:
-    """The spec as a load on `device` gets it. diffusers' bitsandbytes quantizer refuses to run
-    without a GPU (quantizers/bitsandbytes: "No GPU found"), so on a CPU a quantized spec loads
-    unquantized, in its dtype: what the render cache key, the memory estimate and the load say."""
-    if spec.quantization != "none" and device.type == "cpu":
+    """The spec as a load on `device` gets it: a quantization diffusers cannot do there (on a CPU,
+    any) loads unquantized, in its dtype. The render cache key, the memory estimate and the load
+    event say what was loaded."""
+    if spec.quantization != "none" and device.type not in QUANTIZES_ON[spec.quantization]:
         return replace(spec, quantization="none")
     return spec
 
@@ -80,8 +86,8 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     loaded = as_loaded(spec, device)
     if loaded.quantization != spec.quantization:
-        log.warning("diffusion model '%s': %s quantization needs a GPU (diffusers' bitsandbytes quantizer); "
-                    "loading %s weights on the CPU instead", spec.name, spec.quantization, str(dtype).removeprefix("torch."))
+        log.warning("diffusion model '%s': diffusers' bitsandbytes quantizer does no %s on %s; loading %s weights "
+                    "instead", spec.name, spec.quantization, device.type.upper(), str(dtype).removeprefix("torch."))
     quantized = quantization_config(loaded, dtype)
     if quantized is not None:
         kwargs["quantization_config"] = quantized

@@ -101,7 +101,7 @@ def start(cfg: ComposeConfig, profile: Profile, out: Path) -> RunFolder:
 
     cfg.check(profile.diffusion)  # every option, before the run folder exists: a bad one blocks no --out
     # "vlm": which VLM answers (name, source, revision, family); a resume uses it again (--vlm).
-    # Weights that are not here yet fail at their load, after the folder exists, as every model's do.
+    # The CLI checked the weights are here (profiles.require); a VLM that is not is recorded by name.
     try:
         vlm = identity(profile.vlm)
     except LocaloraError:

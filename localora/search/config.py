@@ -48,6 +48,13 @@ class ComposeConfig:
     # per group; () searches one weight per LoRA. Which blocks a group covers: blocks.from_groups.
     blocks: tuple[str, ...] = ()
 
+    def models(self) -> tuple[str, ...]:
+        """The profile's models a run with these settings uses: the VLM only for a search that
+        asks it, or for --final-judge."""
+        from localora.search import STRATEGIES
+
+        return ("diffusion", "clip", *(("vlm",) if STRATEGIES[self.search].asks_vlm or self.final_judge else ()))
+
     def check(self, spec: DiffusionSpec | None = None) -> None:
         """Every setting checked, before anything is written: `spec` (the profile's diffusion
         model) also checks the sampling as the renders will resolve it (--guidance nan, --width 65)."""
