@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import sqlite3
@@ -226,38 +227,29 @@ def outlived(session: int, within: float = 120) -> None:
     """Wait until no process of session `session` is left. Ray starts each worker in a process
     group of its own, so a SIGKILL of the driver's group leaves the workers running until they
     notice their raylet is gone (seconds; longer on a loaded machine), and one may finish, and
-    log, a row of the killed run while the rerun starts."""
+    log, a row of the killed run while the rerun starts. Waits on each process's pidfd, which
+    becomes readable when it exits (a zombie has exited already)."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        left = []
+    while True:
+        fds = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # gone meanwhile
                 fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session
                 if int(fields[3]) == session and fields[0] != "Z":
-                    left.append(stat.parent.name)
-        if not left:
+                    fds.append(os.pidfd_open(int(stat.parent.name)))
+        if not fds:
             return
-        time.sleep(0.2)
-    raise AssertionError(f"processes {left} of the killed bench were still running after {within:g} s")
-
-
-@pytest.mark.slow
-def test_a_search_finished_but_not_stored_is_stored_from_its_folder_as_it_was(single, tmp_path):
-    """A driver killed after a search's folder was complete but before its row was stored: the
-    rerun replays every step from the folder's log (no VLM call) and stores the row the search
-    made, the VLM that answered it included (the rerun above met this on 2 workers)."""
-    out = tmp_path / "bench"
-    shutil.copytree(single, out)
-    key = ("result", "demo-character_demo-clothing", 0, "reflect")
-    with sqlite3.connect(out / DB_FILE) as conn:
-        conn.execute("DELETE FROM results WHERE set_id = ? AND seed = ? AND method = ?", key[1:])
-        for table in ("pairs", "outcomes"):  # the pair stored with its judges' outcomes
-            conn.execute(f"DELETE FROM {table} WHERE set_id = ? AND seed = ? AND method = ?", key[1:])
-    summary = runner.run(BenchConfig(out=out, **CONFIG), Rows())
-    assert summary.made == 2  # the result and its pair
-    row = stored(out)[key]
-    assert row["vlm_calls"] == row["renders"] == 0 and json.loads(row["vlm"])["family"] == "Qwen2-VL"
-    assert contents(out) == contents(single)
+        try:
+            while fds:
+                ready, _, _ = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise AssertionError(f"{len(fds)} processes of the killed bench were still running after {within:g} s")
+                for fd in ready:
+                    fds.remove(fd)
+                    os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 def bench_cli(*args):

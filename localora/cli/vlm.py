@@ -296,8 +296,7 @@ def doctor(profile_name, vram, vlm, as_json) -> None:
     data = _doctor_data(profile, vram)
     emit(as_json, data, _doctor_lines(data))
     if data["missing"]:
-        states = [(name, profiles.availability(source)) for _, name, source in profiles.model_sources(profile)]
-        raise profiles.missing_error(profile, states, vlm)
+        profiles.require(profile, vlm=vlm)  # the line every command gives for the same models
 
 
 COMMANDS = [ask, doctor]
